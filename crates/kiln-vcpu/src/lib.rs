@@ -1,1 +1,85 @@
-//! placeholder
+//! vCPUs for Kiln VMs on x86_64 KVM.
+//!
+//! - [`cpuid`]: CPUID normalisation (hypervisor bit, APIC IDs, topology for N vCPUs);
+//! - [`regs`]: register, MSR, FPU and local-APIC state at the kernel entry of each boot
+//!   protocol;
+//! - [`exit`]: exit dispatch as a free function over the [`ExitHandler`] trait;
+//! - [`runner`]: the vCPU thread with its Running / Paused / Finished state machine;
+//! - [`BusExitHandler`]: an [`ExitHandler`] that routes exits through kiln-bus.
+#![warn(missing_docs)]
+
+pub mod cpuid;
+pub mod exit;
+pub mod regs;
+pub mod runner;
+// mod bus_handler;
+
+// pub use bus_handler::BusExitHandler;
+pub use exit::{handle_exit, ExitAction, ExitHandler, StopKind, StopReason};
+pub use regs::{BootMode, BootRegs, Segment};
+pub use runner::{Vcpu, VcpuHandle, VcpuState};
+
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+/// Errors of the vCPU layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A KVM ioctl failed.
+    #[error("{0} failed: {1}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// The vCPU count can't be described.
+    #[error("invalid vCPU count {count} (supported: 1..={max})")]
+    InvalidCpuCount {
+        /// Requested count.
+        count: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// Too many CPUID entries for KVM's container.
+    #[error("{0} CPUID entries exceed KVM's limit")]
+    CpuidTooLarge(usize),
+    /// Too many MSR entries for KVM's container.
+    #[error("too many MSR entries")]
+    MsrsTooLarge,
+    /// KVM refused to set an MSR.
+    #[error("KVM refused to set MSR {0:#x}")]
+    MsrRejected(u32),
+    /// Installing the kick signal handler failed.
+    #[error("installing the vCPU kick signal handler: errno {0}")]
+    SignalHandler(i32),
+    /// Spawning the vCPU thread failed.
+    #[error("spawning the vCPU thread: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Creates vCPU `index` of `count` in `vm` and gives it its CPUID, MSRs, FPU and local APIC
+/// wiring. Boot registers are set separately ([`regs::setup_boot_regs`]) on the boot vCPU;
+/// the others wait for INIT/SIPI.
+///
+/// `supported` is `KVM_GET_SUPPORTED_CPUID`, read once per VM.
+pub fn create_vcpu(
+    vm: &VmFd,
+    supported: &kvm_bindings::CpuId,
+    index: u32,
+    count: u32,
+) -> Result<VcpuFd> {
+    let fd = vm
+        .create_vcpu(u64::from(index))
+        .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+    let cpuid = cpuid::normalize(supported, index, count)?;
+    fd.set_cpuid2(&cpuid)
+        .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+    regs::setup_msrs(&fd)?;
+    regs::setup_fpu(&fd)?;
+    regs::setup_lapic(&fd)?;
+    Ok(fd)
+}
+
+/// `KVM_GET_SUPPORTED_CPUID` with KVM's maximum number of entries.
+pub fn supported_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId> {
+    kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))
+}

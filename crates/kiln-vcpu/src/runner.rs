@@ -1,0 +1,353 @@
+//! The vCPU thread: `KVM_RUN` in a loop, with an explicit Running / Paused / Finished state
+//! machine driven from other threads through a [`VcpuHandle`].
+//!
+//! Kicking a vCPU out of the guest uses a real-time signal whose handler sets the thread's
+//! `kvm_run.immediate_exit`: if the signal lands while the thread is in user space, the next
+//! `KVM_RUN` returns `EINTR` at once instead of entering the guest, so no kick is lost. The
+//! hot loop itself takes no lock: state requests are only looked at after `EINTR`.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::VcpuFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::exit::{handle_exit, ExitAction, ExitHandler, StopKind, StopReason};
+use crate::regs::dump_registers;
+use crate::{Error, Result};
+
+/// Lifecycle state of a vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum VcpuState {
+    /// In (or about to enter) `KVM_RUN`.
+    Running = 0,
+    /// Parked outside the guest until resumed; registers are stable and may be saved.
+    Paused = 1,
+    /// The thread has left its loop (or is about to).
+    Finished = 2,
+}
+
+impl VcpuState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => VcpuState::Running,
+            1 => VcpuState::Paused,
+            _ => VcpuState::Finished,
+        }
+    }
+}
+
+/// Shared between the vCPU thread and its handle.
+struct Control {
+    requested: Mutex<VcpuState>,
+    changed: Condvar,
+    current: AtomicU8,
+}
+
+impl Control {
+    fn set_current(&self, s: VcpuState) {
+        self.current.store(s as u8, Ordering::Release);
+        // Take the lock so a waiter between its check and its wait can't miss the wake-up.
+        let _guard = self.requested.lock();
+        self.changed.notify_all();
+    }
+}
+
+thread_local! {
+    // The kvm_run page of the vCPU this thread runs, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN.with(|p| {
+        let run = p.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is the mmap'd kvm_run page of the VcpuFd owned by this very
+            // thread; it is set after the VcpuFd is in place and cleared before it is dropped,
+            // and a signal handler runs on the thread it interrupts. A volatile byte store is
+            // async-signal-safe.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        }
+    });
+}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn install_kick_handler() -> Result<()> {
+    static ONCE: Once = Once::new();
+    static mut RESULT: i32 = 0;
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(kick_signal(), kick_handler) {
+            // SAFETY: written only inside call_once, read only after it, which orders both.
+            unsafe { RESULT = e.errno() };
+        }
+    });
+    // SAFETY: see above: call_once has completed, no concurrent writer exists.
+    let errno = unsafe { RESULT };
+    if errno != 0 {
+        return Err(Error::SignalHandler(errno));
+    }
+    Ok(())
+}
+
+/// One vCPU, configured and ready to run.
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u32,
+    handler: Arc<dyn ExitHandler>,
+}
+
+impl Vcpu {
+    /// Wraps a configured `VcpuFd` (index = APIC ID) with the exit handler it will use.
+    pub fn new(fd: VcpuFd, index: u32, handler: Arc<dyn ExitHandler>) -> Self {
+        Vcpu { fd, index, handler }
+    }
+
+    /// The vCPU's index (= APIC ID).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The KVM vCPU, for configuration before start.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Starts the vCPU on its own thread named `kiln-vcpu<N>`, in the Running state (or
+    /// Paused if `start_paused`).
+    pub fn start(self, start_paused: bool) -> Result<VcpuHandle> {
+        install_kick_handler()?;
+        let initial = if start_paused {
+            VcpuState::Paused
+        } else {
+            VcpuState::Running
+        };
+        let control = Arc::new(Control {
+            requested: Mutex::new(initial),
+            changed: Condvar::new(),
+            current: AtomicU8::new(initial as u8),
+        });
+        let thread_control = control.clone();
+        let index = self.index;
+        let thread = std::thread::Builder::new()
+            .name(format!("kiln-vcpu{index}"))
+            .spawn(move || self.run_loop(&thread_control))
+            .map_err(Error::Spawn)?;
+        Ok(VcpuHandle {
+            index,
+            thread: Some(thread),
+            control,
+        })
+    }
+
+    fn run_loop(mut self, control: &Control) -> StopReason {
+        KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let reason = self.run_until_stopped(control);
+        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+        self.handler.vcpu_stopped(self.index, &reason);
+        control.set_current(VcpuState::Finished);
+        reason
+    }
+
+    /// Honours the requested state; returns false when the vCPU must finish.
+    fn obey_requests(&mut self, control: &Control) -> bool {
+        let mut requested = match control.requested.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        loop {
+            match *requested {
+                VcpuState::Running => {
+                    control
+                        .current
+                        .store(VcpuState::Running as u8, Ordering::Release);
+                    control.changed.notify_all();
+                    return true;
+                }
+                VcpuState::Finished => return false,
+                VcpuState::Paused => {
+                    control
+                        .current
+                        .store(VcpuState::Paused as u8, Ordering::Release);
+                    control.changed.notify_all();
+                    requested = match control.changed.wait(requested) {
+                        Ok(g) => g,
+                        Err(p) => p.into_inner(),
+                    };
+                }
+            }
+        }
+    }
+
+    fn run_until_stopped(&mut self, control: &Control) -> StopReason {
+        if !self.obey_requests(control) {
+            return StopReason::Requested;
+        }
+        let mut eagain_backoff = Duration::from_micros(50);
+        loop {
+            let action = match self.fd.run() {
+                Ok(exit) => {
+                    eagain_backoff = Duration::from_micros(50);
+                    handle_exit(exit, &*self.handler)
+                }
+                Err(e) if e.errno() == libc::EINTR => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    if !self.obey_requests(control) {
+                        return StopReason::Requested;
+                    }
+                    continue;
+                }
+                // An AP waiting for INIT/SIPI: KVM_RUN returns EAGAIN until its SIPI arrives.
+                Err(e) if e.errno() == libc::EAGAIN => {
+                    std::thread::sleep(eagain_backoff);
+                    eagain_backoff = (eagain_backoff * 2).min(Duration::from_millis(2));
+                    if control.requested_state() != VcpuState::Running
+                        && !self.obey_requests(control)
+                    {
+                        return StopReason::Requested;
+                    }
+                    continue;
+                }
+                Err(e) => return StopReason::RunFailed { errno: e.errno() },
+            };
+            if let ExitAction::Stop(kind) = action {
+                return self.stop_reason(kind);
+            }
+        }
+    }
+
+    fn stop_reason(&mut self, kind: StopKind) -> StopReason {
+        match kind {
+            StopKind::PowerOff => StopReason::PowerOff,
+            StopKind::Reset => StopReason::Reset,
+            StopKind::GuestCrash => StopReason::GuestCrash,
+            StopKind::TripleFault => StopReason::TripleFault {
+                registers: dump_registers(&self.fd),
+            },
+            StopKind::InternalError => {
+                // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the exit
+                // union is the one KVM filled in.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                StopReason::InternalError {
+                    suberror,
+                    registers: dump_registers(&self.fd),
+                }
+            }
+            StopKind::FailEntry(reason) => StopReason::FailEntry {
+                reason,
+                registers: dump_registers(&self.fd),
+            },
+            StopKind::Unhandled(exit) => StopReason::Unhandled {
+                exit,
+                registers: dump_registers(&self.fd),
+            },
+        }
+    }
+}
+
+impl Control {
+    fn requested_state(&self) -> VcpuState {
+        match self.requested.lock() {
+            Ok(g) => *g,
+            Err(p) => *p.into_inner(),
+        }
+    }
+}
+
+/// Drives a running vCPU thread from elsewhere: pause, resume, stop, join.
+pub struct VcpuHandle {
+    index: u32,
+    thread: Option<JoinHandle<StopReason>>,
+    control: Arc<Control>,
+}
+
+impl VcpuHandle {
+    /// The vCPU's index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The state the thread is in now.
+    pub fn state(&self) -> VcpuState {
+        VcpuState::from_u8(self.control.current.load(Ordering::Acquire))
+    }
+
+    fn request(&self, state: VcpuState) {
+        let mut r = match self.control.requested.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        // Finished is final.
+        if *r != VcpuState::Finished {
+            *r = state;
+        }
+        self.control.changed.notify_all();
+        drop(r);
+        self.kick();
+    }
+
+    /// Forces the vCPU out of the guest so it looks at its requested state.
+    pub fn kick(&self) {
+        if let Some(t) = &self.thread {
+            if !t.is_finished() {
+                // An error means the thread is already gone, which is what a kick wants.
+                let _ = t.kill(kick_signal());
+            }
+        }
+    }
+
+    /// Asks the vCPU to pause and waits (up to `timeout`) until it is out of the guest.
+    /// Returns the state reached (Paused, or Finished if it stopped meanwhile).
+    pub fn pause(&self, timeout: Duration) -> VcpuState {
+        self.request(VcpuState::Paused);
+        self.wait_for(|s| s != VcpuState::Running, timeout)
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        self.request(VcpuState::Running);
+    }
+
+    /// Asks the vCPU to finish; it leaves the guest at once. Use [`VcpuHandle::join`] to wait.
+    pub fn stop(&self) {
+        self.request(VcpuState::Finished);
+    }
+
+    fn wait_for(&self, done: impl Fn(VcpuState) -> bool, timeout: Duration) -> VcpuState {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut guard = match self.control.requested.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        loop {
+            let s = self.state();
+            let now = std::time::Instant::now();
+            if done(s) || now >= deadline {
+                return s;
+            }
+            guard = match self.control.changed.wait_timeout(guard, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    /// Waits for the thread to end and returns why it stopped.
+    pub fn join(mut self) -> StopReason {
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(reason)) => reason,
+            // The thread panicked: report it as a failure rather than propagate.
+            _ => StopReason::Unhandled {
+                exit: "vCPU thread panicked",
+                registers: String::new(),
+            },
+        }
+    }
+}
