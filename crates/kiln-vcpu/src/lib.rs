@@ -12,9 +12,9 @@ pub mod cpuid;
 pub mod exit;
 pub mod regs;
 pub mod runner;
-// mod bus_handler;
+mod bus_handler;
 
-// pub use bus_handler::BusExitHandler;
+pub use bus_handler::{BusExitHandler, StopCallback};
 pub use exit::{handle_exit, ExitAction, ExitHandler, StopKind, StopReason};
 pub use regs::{BootMode, BootRegs, Segment};
 pub use runner::{Vcpu, VcpuHandle, VcpuState};
