@@ -1,1 +1,177 @@
-//! Shared helpers for the Kiln benchmarks.
+//! Shared pieces of the Kiln benchmarks: a minimal real-mode VM that loops on one kind of
+//! exit, the raw kvm-ioctls loop that is the floor, and the same loop through kiln-vcpu's
+//! exit dispatch and kiln-bus.
+#![warn(missing_docs)]
+
+use std::sync::Arc;
+
+use kiln_bus::{MmioAddress, MmioBus, PioAddress, PioBus};
+use kiln_legacy::ExitTestDevice;
+use kiln_vcpu::{handle_exit, BusExitHandler, ExitAction};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+/// Where the benchmark guest's code lives.
+const CODE_ADDR: u64 = 0x1000;
+/// The guest-physical address the MMIO loop writes to (unbacked, so every write exits).
+pub const BENCH_MMIO_ADDR: u64 = 0x10000;
+
+/// Which exit the guest loops on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    /// `out dx, al` to the exit-test port.
+    Pio,
+    /// `mov [0], al` with DS pointing at [`BENCH_MMIO_ADDR`].
+    Mmio,
+}
+
+impl ExitKind {
+    /// Real-mode code that loops forever on this exit.
+    pub fn code(self) -> &'static [u8] {
+        match self {
+            // mov dx, 0x700 ; l: out dx, al ; jmp l
+            ExitKind::Pio => &[0xba, 0x00, 0x07, 0xee, 0xeb, 0xfd],
+            // mov ax, 0x1000 ; mov ds, ax ; l: mov [0], al ; jmp l
+            ExitKind::Mmio => &[0xb8, 0x00, 0x10, 0x8e, 0xd8, 0xa2, 0x00, 0x00, 0xeb, 0xfb],
+        }
+    }
+
+    /// Name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitKind::Pio => "pio",
+            ExitKind::Mmio => "mmio",
+        }
+    }
+}
+
+/// A one-vCPU VM running an [`ExitKind`] loop, plus the kiln handler for the same exits.
+pub struct ExitVm {
+    _kvm: Kvm,
+    _vm: VmFd,
+    /// The vCPU.
+    pub vcpu: VcpuFd,
+    /// The guest memory mapping (one page), kept alive as long as the VM.
+    mem: *mut libc::c_void,
+    /// kiln's handler: kiln-bus with the exit-test device at the port and MMIO address.
+    pub handler: BusExitHandler,
+    /// The exit-test device, to check that exits arrived.
+    pub device: Arc<ExitTestDevice>,
+}
+
+// SAFETY: `mem` is a private anonymous mapping only the VM uses; moving the owner between
+// threads is fine.
+unsafe impl Send for ExitVm {}
+
+impl Drop for ExitVm {
+    fn drop(&mut self) {
+        // SAFETY: `mem` was returned by mmap with length 0x1000 and is unmapped once, here,
+        // after which the VM (dropped after this) no longer runs.
+        unsafe { libc::munmap(self.mem, 0x1000) };
+    }
+}
+
+impl ExitVm {
+    /// Builds the VM; `None` if KVM is unavailable (callers print why).
+    pub fn new(kind: ExitKind) -> Result<Self, String> {
+        let kvm = Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
+        let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+        // SAFETY: anonymous private mapping of one page; checked for MAP_FAILED below.
+        let mem = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                0x1000,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if mem == libc::MAP_FAILED {
+            return Err("mmap failed".into());
+        }
+        let code = kind.code();
+        // SAFETY: `mem` is a fresh 4 KiB writable mapping and `code` is a few bytes.
+        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), mem.cast::<u8>(), code.len()) };
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: CODE_ADDR,
+            memory_size: 0x1000,
+            userspace_addr: mem as u64,
+            flags: 0,
+        };
+        // SAFETY: the region maps memory owned by the returned ExitVm, which unmaps it only
+        // in Drop, after which the VM is not run again.
+        unsafe { vm.set_user_memory_region(region) }.map_err(|e| format!("memory: {e}"))?;
+        let vcpu = vm.create_vcpu(0).map_err(|e| format!("vCPU: {e}"))?;
+        let mut sregs = vcpu.get_sregs().map_err(|e| format!("sregs: {e}"))?;
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).map_err(|e| format!("sregs: {e}"))?;
+        let regs = kvm_bindings::kvm_regs {
+            rip: CODE_ADDR,
+            rflags: 2,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs).map_err(|e| format!("regs: {e}"))?;
+
+        let device = Arc::new(ExitTestDevice::default());
+        let mut pio = PioBus::new();
+        let mut mmio = MmioBus::new();
+        pio.insert(
+            PioAddress(kiln_legacy::EXIT_TEST_PORT),
+            kiln_legacy::EXIT_TEST_PORT_SIZE,
+            device.clone(),
+        )
+        .map_err(|e| e.to_string())?;
+        mmio.insert(MmioAddress(BENCH_MMIO_ADDR), 0x1000, device.clone())
+            .map_err(|e| e.to_string())?;
+        let handler = BusExitHandler::new(Arc::new(pio), Arc::new(mmio), None);
+        Ok(ExitVm {
+            _kvm: kvm,
+            _vm: vm,
+            vcpu,
+            mem,
+            handler,
+            device,
+        })
+    }
+
+    /// The floor: `n` exits through the thinnest possible kvm-ioctls loop.
+    pub fn run_raw(&mut self, n: u64) {
+        let mut done = 0;
+        while done < n {
+            match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(..)) | Ok(VcpuExit::MmioWrite(..)) => done += 1,
+                Ok(other) => panic!("unexpected exit {other:?}"),
+                Err(e) if e.errno() == libc::EINTR => {}
+                Err(e) => panic!("KVM_RUN: {e}"),
+            }
+        }
+    }
+
+    /// The kiln path: `n` exits through kiln-vcpu's `handle_exit`, kiln-bus and the
+    /// exit-test device.
+    pub fn run_kiln(&mut self, n: u64) {
+        for _ in 0..n {
+            match self.vcpu.run() {
+                Ok(exit) => {
+                    let action = handle_exit(exit, &self.handler);
+                    assert_eq!(action, ExitAction::Continue);
+                }
+                Err(e) if e.errno() == libc::EINTR => {}
+                Err(e) => panic!("KVM_RUN: {e}"),
+            }
+        }
+    }
+}
+
+/// User and system CPU time of the calling thread, in microseconds.
+pub fn thread_cpu_us() -> (u64, u64) {
+    // SAFETY: rusage is plain data, filled by getrusage.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage owned by this frame.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    (us(ru.ru_utime), us(ru.ru_stime))
+}

@@ -1,0 +1,53 @@
+//! Bus dispatch: one PIO or MMIO access routed to the right device among 1, 8 and 64.
+//! Target: under 50 ns per access.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use kiln_bus::{MmioAddress, MmioBus, PioAddress, PioBus};
+use kiln_legacy::ExitTestDevice;
+
+fn buses(n: u16) -> (PioBus, MmioBus) {
+    let mut pio = PioBus::new();
+    let mut mmio = MmioBus::new();
+    for i in 0..n {
+        let dev = Arc::new(ExitTestDevice::default());
+        pio.insert(PioAddress(0x1000 + i * 8), 4, dev.clone())
+            .expect("pio insert");
+        mmio.insert(
+            MmioAddress(0xd000_0000 + u64::from(i) * 0x1000),
+            0x1000,
+            dev,
+        )
+        .expect("mmio insert");
+    }
+    (pio, mmio)
+}
+
+fn dispatch(c: &mut Criterion) {
+    let mut g = c.benchmark_group("bus_dispatch");
+    for n in [1u16, 8, 64] {
+        let (pio, mmio) = buses(n);
+        // The last device: the deepest binary search path.
+        let port = PioAddress(0x1000 + (n - 1) * 8);
+        let addr = MmioAddress(0xd000_0000 + u64::from(n - 1) * 0x1000 + 0x10);
+        g.bench_with_input(BenchmarkId::new("pio_write", n), &n, |b, _| {
+            b.iter(|| pio.write(black_box(port), black_box(&[1, 0, 0, 0])))
+        });
+        g.bench_with_input(BenchmarkId::new("pio_read", n), &n, |b, _| {
+            let mut buf = [0u8; 4];
+            b.iter(|| pio.read(black_box(port), black_box(&mut buf)))
+        });
+        g.bench_with_input(BenchmarkId::new("mmio_write", n), &n, |b, _| {
+            b.iter(|| mmio.write(black_box(addr), black_box(&[1, 0, 0, 0])))
+        });
+        g.bench_with_input(BenchmarkId::new("mmio_miss", n), &n, |b, _| {
+            b.iter(|| mmio.write(black_box(MmioAddress(0x1234)), black_box(&[1])))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, dispatch);
+criterion_main!(benches);

@@ -1,0 +1,7 @@
+//! The `kiln` reference VMM as a library: a thin composition of the kiln-* crates. Logic
+//! another VMM would want lives in those crates, not here.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod guest;
+pub mod vm;

@@ -1,0 +1,704 @@
+//! Builds and runs one VM: KVM, memory, interrupt controller, devices, kernel, vCPUs; then
+//! waits for the guest to power off, reset or crash, or for a signal.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use kiln_bus::{MmioAddress, MmioBus, PioAddress, PioBus};
+use kiln_irq::IrqChip;
+use kiln_legacy as legacy;
+use kiln_memory::{Backing, GuestMemoryMmap, MemoryConfig};
+use kiln_vcpu::{BootMode, BootRegs, BusExitHandler, Segment, StopReason, Vcpu, VcpuHandle};
+
+use crate::config::{
+    parse_memory, BootProtocolArg, Cli, ConfigError, SerialArg, BUNDLED_GUEST_CMDLINE,
+};
+
+/// Exit status: the VMM failed (the message names the flag or resource).
+pub const EXIT_ERROR: u8 = 1;
+/// Exit status: the guest asked for a reset (kiln does not reboot in place).
+pub const EXIT_RESET: u8 = 3;
+/// Exit status: the guest crashed (triple fault, KVM internal error, entry failure).
+pub const EXIT_CRASH: u8 = 4;
+
+/// Where KVM may put its TSS (three pages just below the 4 GiB boundary's BIOS area; inside
+/// the MMIO hole so it never shadows RAM).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Errors building or running a VM; each names the flag or resource at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// A flag value is malformed.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The KVM device can't be used.
+    #[error("{path}: {source} (KVM must be available and this user allowed to open it)")]
+    Kvm {
+        /// The device path (`/dev/kvm`, or `$KILN_KVM_DEVICE`).
+        path: String,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// `--cpus` out of range.
+    #[error("--cpus {requested}: must be between 1 and {max} (KVM and APIC ID limit here)")]
+    Cpus {
+        /// What was asked.
+        requested: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// `--memory` rejected.
+    #[error("--memory {value}: {source}")]
+    Memory {
+        /// What was asked.
+        value: String,
+        /// Why.
+        #[source]
+        source: kiln_memory::Error,
+    },
+    /// `--kernel` or `--initrd` can't be opened.
+    #[error("{flag} {path}: {source}")]
+    Open {
+        /// The flag.
+        flag: &'static str,
+        /// The path.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Loading the kernel, initrd or command line failed.
+    #[error("{flag}: {source}")]
+    Boot {
+        /// The flag at fault.
+        flag: String,
+        /// Why.
+        #[source]
+        source: kiln_boot::Error,
+    },
+    /// The serial console's output can't be opened.
+    #[error("--serial file:{path}: {source}")]
+    SerialFile {
+        /// The path.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A KVM VM-level operation failed.
+    #[error("KVM {what}: {source}")]
+    VmSetup {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Interrupt controller setup failed.
+    #[error(transparent)]
+    Irq(#[from] kiln_irq::Error),
+    /// vCPU setup failed.
+    #[error("vCPU: {0}")]
+    Vcpu(#[from] kiln_vcpu::Error),
+    /// Device bus setup failed.
+    #[error("device bus: {0}")]
+    Bus(#[from] kiln_bus::Error),
+    /// A host OS call failed.
+    #[error("{what}: {source}")]
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The kernel to boot.
+#[derive(Debug, Clone)]
+pub enum KernelSource {
+    /// A file given with `--kernel`.
+    Path(PathBuf),
+    /// The bundled conformance guest.
+    Bundled,
+}
+
+/// A validated VM description.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Kernel.
+    pub kernel: KernelSource,
+    /// Initrd path.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// vCPU count (range-checked against KVM in [`run`]).
+    pub cpus: u32,
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// The `--memory` text, for error messages.
+    pub memory_arg: String,
+    /// Serial console.
+    pub serial: SerialArg,
+    /// Boot protocol.
+    pub protocol: BootProtocolArg,
+}
+
+impl VmSpec {
+    /// Validates the command line.
+    pub fn from_cli(cli: Cli) -> Result<Self, VmmError> {
+        let memory = parse_memory(&cli.memory)?;
+        let kernel = cli.kernel.map_or(KernelSource::Bundled, KernelSource::Path);
+        let cmdline = match (&kernel, cli.cmdline) {
+            (_, Some(c)) => c,
+            (KernelSource::Bundled, None) => BUNDLED_GUEST_CMDLINE.to_string(),
+            (KernelSource::Path(_), None) => "console=ttyS0".to_string(),
+        };
+        // The bundled guest checks the VM against what was asked for.
+        let cmdline = match kernel {
+            KernelSource::Bundled => format!("{cmdline} kiln.mem={memory} kiln.cpus={}", cli.cpus),
+            KernelSource::Path(_) => cmdline,
+        };
+        Ok(VmSpec {
+            kernel,
+            initrd: cli.initrd,
+            cmdline,
+            cpus: cli.cpus,
+            memory,
+            memory_arg: cli.memory,
+            serial: cli.serial,
+            protocol: cli.boot_protocol,
+        })
+    }
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest asked for a reset.
+    Reset,
+    /// The guest crashed; the report has the reason and registers.
+    Crashed(String),
+    /// Stopped by this signal.
+    Signal(i32),
+}
+
+impl Outcome {
+    /// The process exit status for this outcome (documented in `kiln --help`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::PowerOff => 0,
+            Outcome::Reset => EXIT_RESET,
+            Outcome::Crashed(_) => EXIT_CRASH,
+            Outcome::Signal(n) => 128u8.saturating_add(u8::try_from(*n).unwrap_or(0)),
+        }
+    }
+}
+
+const EVENT_NONE: u8 = 0;
+const EVENT_POWER_OFF: u8 = 1;
+const EVENT_RESET: u8 = 2;
+
+/// Guest power requests (from the power device and the i8042) and vCPU stops, funnelled to
+/// the main thread through one eventfd.
+struct VmEvents {
+    power: AtomicU8,
+    wake: EventFd,
+}
+
+impl VmEvents {
+    fn post(&self, event: u8) {
+        // Keep the first request: a reset after power-off changes nothing.
+        let _ = self
+            .power
+            .compare_exchange(EVENT_NONE, event, Ordering::AcqRel, Ordering::Acquire);
+        self.wake_main();
+    }
+
+    fn wake_main(&self) {
+        // Can only fail if the counter would overflow, in which case it's already readable.
+        let _ = self.wake.write(1);
+    }
+}
+
+impl legacy::PowerEvents for VmEvents {
+    fn power_off(&self) {
+        self.post(EVENT_POWER_OFF);
+    }
+    fn reset(&self) {
+        self.post(EVENT_RESET);
+    }
+}
+
+fn vm_setup<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmmError> {
+    r.map_err(|source| VmmError::VmSetup { what, source })
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and all threads it spawns after) and returns a
+/// signalfd that reads them, so signals are handled in the main loop, not in a handler.
+fn signal_fd() -> Result<OwnedFd, VmmError> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+    }
+    // SAFETY: valid set pointer; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(VmmError::Os {
+            what: "blocking SIGINT/SIGTERM",
+            source: io::Error::from_raw_os_error(rc),
+        });
+    }
+    // SAFETY: valid set pointer; -1 asks for a new fd.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(VmmError::Os {
+            what: "signalfd",
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: signalfd returned a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits until `wake` or `signals` is readable; returns the signal number if one arrived.
+fn wait_for_event(wake: &EventFd, signals: &OwnedFd) -> Result<Option<i32>, VmmError> {
+    let mut fds = [
+        libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: signals.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(VmmError::Os {
+                what: "poll",
+                source: e,
+            });
+        }
+        break;
+    }
+    if fds[1].revents & libc::POLLIN != 0 {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let len = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reading at most `len` bytes into `info`, which is `len` bytes long.
+        let n = unsafe {
+            libc::read(
+                signals.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                len,
+            )
+        };
+        if n == len as isize {
+            return Ok(Some(info.ssi_signo as i32));
+        }
+    }
+    let _ = wake.read();
+    Ok(None)
+}
+
+fn serial_output(serial: &SerialArg) -> Result<Box<dyn io::Write + Send>, VmmError> {
+    Ok(match serial {
+        SerialArg::Stdio => Box::new(io::stdout()),
+        SerialArg::Null => Box::new(io::sink()),
+        SerialArg::File(p) => Box::new(File::options().create(true).append(true).open(p).map_err(
+            |source| VmmError::SerialFile {
+                path: p.display().to_string(),
+                source,
+            },
+        )?),
+    })
+}
+
+/// Feeds stdin to the serial RX FIFO on its own thread; the thread dies with the process.
+fn spawn_stdin_reader(serial: Arc<legacy::SerialDevice>) -> Result<(), VmmError> {
+    std::thread::Builder::new()
+        .name("kiln-stdin".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut stdin = io::stdin().lock();
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let taken = serial.enqueue_input(rest);
+                    rest = rest.get(taken..).unwrap_or_default();
+                    if !rest.is_empty() {
+                        // The guest hasn't drained the FIFO yet.
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            }
+        })
+        .map_err(|source| VmmError::Os {
+            what: "spawning the stdin thread",
+            source,
+        })?;
+    Ok(())
+}
+
+struct Devices {
+    pio: PioBus,
+    mmio: MmioBus,
+    serial: Arc<legacy::SerialDevice>,
+}
+
+fn build_devices(
+    vm: &VmFd,
+    chip: &IrqChip,
+    serial_out: Box<dyn io::Write + Send>,
+    events: &Arc<VmEvents>,
+) -> Result<Devices, VmmError> {
+    let mut pio = PioBus::new();
+    let mut mmio = MmioBus::new();
+    let com1_irq = Arc::new(chip.legacy_line(vm, legacy::COM1_IRQ)?);
+    let serial = Arc::new(legacy::SerialDevice::new(com1_irq, serial_out));
+    pio.insert(
+        PioAddress(legacy::COM1_PORT),
+        legacy::COM1_PORT_SIZE,
+        serial.clone(),
+    )?;
+    let power: Arc<dyn legacy::PowerEvents> = events.clone();
+    let i8042 = Arc::new(legacy::I8042Device::new(power.clone()));
+    pio.insert(PioAddress(legacy::I8042_DATA_PORT), 1, i8042.clone())?;
+    pio.insert(PioAddress(legacy::I8042_COMMAND_PORT), 1, i8042)?;
+    pio.insert(
+        PioAddress(legacy::POST_PORT),
+        1,
+        Arc::new(legacy::PostDevice::default()),
+    )?;
+    pio.insert(
+        PioAddress(legacy::POWER_PORT),
+        legacy::POWER_PORT_SIZE,
+        Arc::new(legacy::PowerDevice::new(power)),
+    )?;
+    let exit_test = Arc::new(legacy::ExitTestDevice::default());
+    pio.insert(
+        PioAddress(legacy::EXIT_TEST_PORT),
+        legacy::EXIT_TEST_PORT_SIZE,
+        exit_test.clone(),
+    )?;
+    mmio.insert(
+        MmioAddress(legacy::EXIT_TEST_MMIO_BASE),
+        legacy::EXIT_TEST_MMIO_SIZE,
+        exit_test,
+    )?;
+    Ok(Devices { pio, mmio, serial })
+}
+
+/// The user's files, opened before anything else so a bad path is reported first.
+struct Inputs {
+    kernel: File,
+    kernel_flag: String,
+    initrd: Option<File>,
+    serial_out: Box<dyn io::Write + Send>,
+}
+
+fn open_inputs(spec: &VmSpec) -> Result<Inputs, VmmError> {
+    let open = |flag: &'static str, p: &PathBuf| {
+        let f = File::open(p).map_err(|source| VmmError::Open {
+            flag,
+            path: p.display().to_string(),
+            source,
+        })?;
+        // Opening a directory succeeds; reading it doesn't. Say so up front.
+        match f.metadata() {
+            Ok(m) if m.is_file() => Ok(f),
+            Ok(_) => Err(VmmError::Open {
+                flag,
+                path: p.display().to_string(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+            }),
+            Err(source) => Err(VmmError::Open {
+                flag,
+                path: p.display().to_string(),
+                source,
+            }),
+        }
+    };
+    let (kernel, kernel_flag) = match &spec.kernel {
+        KernelSource::Path(p) => (open("--kernel", p)?, format!("--kernel {}", p.display())),
+        KernelSource::Bundled => (memfd_with(crate::guest::ELF)?, "bundled guest".to_string()),
+    };
+    let initrd = spec
+        .initrd
+        .as_ref()
+        .map(|p| open("--initrd", p))
+        .transpose()?;
+    let serial_out = serial_output(&spec.serial)?;
+    Ok(Inputs {
+        kernel,
+        kernel_flag,
+        initrd,
+        serial_out,
+    })
+}
+
+fn load_kernel(
+    spec: &VmSpec,
+    mem: &GuestMemoryMmap,
+    kernel: File,
+    kernel_flag: &str,
+    initrd: Option<File>,
+) -> Result<kiln_boot::BootEntry, VmmError> {
+    let protocol = match spec.protocol {
+        BootProtocolArg::Auto => kiln_boot::Protocol::Auto,
+        BootProtocolArg::Linux => kiln_boot::Protocol::Linux,
+        BootProtocolArg::Pvh => kiln_boot::Protocol::Pvh,
+    };
+    let cfg = kiln_boot::BootConfig {
+        kernel,
+        initrd,
+        cmdline: spec.cmdline.clone(),
+        protocol,
+    };
+    kiln_boot::load(mem, cfg).map_err(|source| VmmError::Boot {
+        flag: boot_error_flag(&source, kernel_flag, spec),
+        source,
+    })
+}
+
+/// Which flag a boot error is about.
+fn boot_error_flag(e: &kiln_boot::Error, kernel_flag: &str, spec: &VmSpec) -> String {
+    use kiln_boot::Error as E;
+    match e {
+        E::CmdlineTooLong { .. } => "--cmdline".to_string(),
+        E::InitrdTooLarge { .. } | E::InitrdRead(..) => match &spec.initrd {
+            Some(p) => format!("--initrd {}", p.display()),
+            None => "--initrd".to_string(),
+        },
+        _ => kernel_flag.to_string(),
+    }
+}
+
+/// Puts `bytes` in an anonymous memory file so the loader reads it like any kernel file.
+fn memfd_with(bytes: &[u8]) -> Result<File, VmmError> {
+    use std::io::{Seek, Write};
+    // SAFETY: the name is a valid NUL-terminated string; flags are valid.
+    let fd = unsafe { libc::memfd_create(c"kiln-bundled-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(VmmError::Os {
+            what: "memfd_create for the bundled guest",
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: memfd_create returned a fresh fd that nothing else owns.
+    let mut f = unsafe { File::from_raw_fd(fd) };
+    f.write_all(bytes)
+        .and_then(|()| f.rewind())
+        .map_err(|source| VmmError::Os {
+            what: "writing the bundled guest",
+            source,
+        })?;
+    Ok(f)
+}
+
+fn segment(selector: u16, descriptor: u64) -> Segment {
+    let d = kiln_boot::decode_descriptor(descriptor);
+    Segment {
+        selector,
+        base: d.base,
+        limit: d.limit,
+        type_: d.type_,
+        present: d.present,
+        dpl: d.dpl,
+        db: d.db,
+        s: d.s,
+        l: d.l,
+        g: d.g,
+        avl: d.avl,
+    }
+}
+
+fn boot_regs(entry: &kiln_boot::BootEntry) -> BootRegs {
+    let gdt = &entry.gdt;
+    let pvh = entry.protocol == kiln_boot::Protocol::Pvh;
+    BootRegs {
+        mode: match entry.page_tables {
+            Some(pml4) if !pvh => BootMode::Long64 { pml4: pml4.0 },
+            _ => BootMode::Protected32,
+        },
+        rip: entry.entry.0,
+        rsp: entry.stack.0,
+        rsi: if pvh { 0 } else { entry.boot_info.0 },
+        rbx: if pvh { entry.boot_info.0 } else { 0 },
+        gdt: (gdt.base.0, gdt.limit),
+        idt: (entry.idt_base.0, 0),
+        code: segment(0x10, gdt.entries[2]),
+        data: segment(0x18, gdt.entries[3]),
+        tss: segment(0x20, gdt.entries[4]),
+    }
+}
+
+/// Builds the VM described by `spec`, runs it to the end and says how it ended.
+pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
+    let signals = signal_fd()?;
+    let inputs = open_inputs(&spec)?;
+    let kvm_path = std::env::var("KILN_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".to_string());
+    let kvm_err = |source| VmmError::Kvm {
+        path: kvm_path.clone(),
+        source,
+    };
+    let kvm_cpath = std::ffi::CString::new(kvm_path.clone()).map_err(|_| VmmError::Os {
+        what: "KILN_KVM_DEVICE contains a NUL byte",
+        source: io::ErrorKind::InvalidInput.into(),
+    })?;
+    let kvm = Kvm::new_with_path(&kvm_cpath).map_err(kvm_err)?;
+    let max_cpus = u32::try_from(kvm.get_max_vcpus())
+        .unwrap_or(u32::MAX)
+        .min(kiln_vcpu::cpuid::MAX_VCPUS);
+    if spec.cpus == 0 || spec.cpus > max_cpus {
+        return Err(VmmError::Cpus {
+            requested: spec.cpus,
+            max: max_cpus,
+        });
+    }
+    let mem_cfg = MemoryConfig {
+        size: spec.memory,
+        backing: Backing::Anonymous,
+    };
+    let memory_err = |source| VmmError::Memory {
+        value: spec.memory_arg.clone(),
+        source,
+    };
+    mem_cfg.validate().map_err(memory_err)?;
+
+    let vm = kvm.create_vm().map_err(kvm_err)?;
+    vm_setup("KVM_SET_TSS_ADDR", vm.set_tss_address(KVM_TSS_ADDRESS))?;
+    let chip = IrqChip::create(&vm)?;
+    let mem = kiln_memory::create_guest_memory(&mem_cfg).map_err(memory_err)?;
+    // SAFETY: `mem` outlives every vCPU run: the vCPU threads are joined before it drops.
+    unsafe { kiln_memory::register_memory(&vm, &mem) }.map_err(memory_err)?;
+    let entry = load_kernel(
+        &spec,
+        &mem,
+        inputs.kernel,
+        &inputs.kernel_flag,
+        inputs.initrd,
+    )?;
+
+    let events = Arc::new(VmEvents {
+        power: AtomicU8::new(EVENT_NONE),
+        wake: EventFd::new(EFD_NONBLOCK).map_err(|source| VmmError::Os {
+            what: "eventfd",
+            source,
+        })?,
+    });
+    let devices = build_devices(&vm, &chip, inputs.serial_out, &events)?;
+    if spec.serial == SerialArg::Stdio {
+        spawn_stdin_reader(devices.serial.clone())?;
+    }
+
+    let stops: Arc<Mutex<Vec<(u32, StopReason)>>> = Arc::default();
+    let handler = {
+        let events = events.clone();
+        let stops = stops.clone();
+        Arc::new(BusExitHandler::new(
+            Arc::new(devices.pio),
+            Arc::new(devices.mmio),
+            Some(Box::new(move |cpu, reason: &StopReason| {
+                if *reason != StopReason::Requested {
+                    if let Ok(mut s) = stops.lock() {
+                        s.push((cpu, reason.clone()));
+                    }
+                    events.wake_main();
+                }
+            })),
+        ))
+    };
+
+    let supported = kiln_vcpu::supported_cpuid(&kvm)?;
+    let mut vcpus = Vec::with_capacity(spec.cpus as usize);
+    for index in 0..spec.cpus {
+        let fd = kiln_vcpu::create_vcpu(&vm, &supported, index, spec.cpus)?;
+        if index == 0 {
+            kiln_vcpu::regs::setup_boot_regs(&fd, &boot_regs(&entry))?;
+        }
+        vcpus.push(Vcpu::new(fd, index, handler.clone()));
+    }
+    let handles: Vec<VcpuHandle> = vcpus
+        .into_iter()
+        .map(|v| v.start(false))
+        .collect::<Result<_, _>>()?;
+
+    let outcome = loop {
+        let signal = wait_for_event(&events.wake, &signals)?;
+        if let Some(sig) = signal {
+            break Outcome::Signal(sig);
+        }
+        match events.power.load(Ordering::Acquire) {
+            EVENT_POWER_OFF => break Outcome::PowerOff,
+            EVENT_RESET => break Outcome::Reset,
+            _ => {}
+        }
+        let first_stop = stops.lock().ok().and_then(|s| s.first().cloned());
+        if let Some((cpu, reason)) = first_stop {
+            break match reason {
+                StopReason::PowerOff => Outcome::PowerOff,
+                StopReason::Reset => Outcome::Reset,
+                other => Outcome::Crashed(format!("vCPU {cpu}: {}", describe(&other))),
+            };
+        }
+    };
+    for h in &handles {
+        h.stop();
+    }
+    for h in handles {
+        h.join();
+    }
+    drop(vm);
+    drop(mem);
+    Ok(outcome)
+}
+
+fn describe(reason: &StopReason) -> String {
+    match reason {
+        StopReason::TripleFault { registers } => format!("triple fault\n{registers}"),
+        StopReason::InternalError {
+            suberror,
+            registers,
+        } => {
+            format!("KVM internal error (suberror {suberror}): the host could not emulate a guest instruction\n{registers}")
+        }
+        StopReason::FailEntry { reason, registers } => {
+            format!("VM entry failed (hardware reason {reason:#x})\n{registers}")
+        }
+        StopReason::Unhandled { exit, registers } => format!("unhandled exit {exit}\n{registers}"),
+        StopReason::RunFailed { errno } => {
+            format!("KVM_RUN failed: {}", io::Error::from_raw_os_error(*errno))
+        }
+        StopReason::GuestCrash => "guest reported a crash (KVM_SYSTEM_EVENT_CRASH)".to_string(),
+        other => format!("{other:?}"),
+    }
+}
