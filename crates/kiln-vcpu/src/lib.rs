@@ -1,18 +1,11 @@
-//! vCPUs for Kiln VMs on x86_64 KVM.
-//!
-//! - [`cpuid`]: CPUID normalisation (hypervisor bit, APIC IDs, topology for N vCPUs);
-//! - [`regs`]: register, MSR, FPU and local-APIC state at the kernel entry of each boot
-//!   protocol;
-//! - [`exit`]: exit dispatch as a free function over the [`ExitHandler`] trait;
-//! - [`runner`]: the vCPU thread with its Running / Paused / Finished state machine;
-//! - [`BusExitHandler`]: an [`ExitHandler`] that routes exits through kiln-bus.
 #![warn(missing_docs)]
+#![doc = include_str!("../README.md")]
 
+mod bus_handler;
 pub mod cpuid;
 pub mod exit;
 pub mod regs;
 pub mod runner;
-mod bus_handler;
 
 pub use bus_handler::{BusExitHandler, StopCallback};
 pub use exit::{handle_exit, ExitAction, ExitHandler, StopKind, StopReason};
