@@ -1,0 +1,244 @@
+//! The Kiln conformance guest kernel (hardware side). Built only by kiln-testguest-builder,
+//! with the `guest` feature, a static relocation model, no SSE and `linker.ld`; see README.md.
+//!
+//! No `core::fmt` here or in what it calls: the precompiled formatting code uses SSE, which
+//! some hypervisors cannot emulate (README.md, "Why no SSE"). Output goes through `LineBuf`.
+#![no_std]
+#![no_main]
+
+mod entry;
+mod io;
+mod mem;
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use kiln_testguest::boot::check_boot;
+use kiln_testguest::bootinfo::{BootInfo, PhysMem};
+use kiln_testguest::cpuid::{self as kcpuid, CpuidResult};
+use kiln_testguest::exits::{self, Window};
+use kiln_testguest::line::{done_line, result_line, Describe, InputLine, LineBuf};
+use kiln_testguest::memmap::{FOUR_GIB, MMIO_HOLE_START};
+use kiln_testguest::scenario::{select, Scenario, SelectError};
+
+/// Results so far; also read by the panic handler.
+static PASSED: AtomicU32 = AtomicU32::new(0);
+static FAILED: AtomicU32 = AtomicU32::new(0);
+
+/// Guest-physical memory through the guest's identity map of the first 4 GiB.
+struct IdentityMem;
+
+impl PhysMem for IdentityMem {
+    fn read(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        let end = addr.checked_add(len as u64)?;
+        // Address 0 would be a null pointer; above 4 GiB is unmapped; the MMIO hole has
+        // side effects on read.
+        if addr == 0 || end > FOUR_GIB || (addr < FOUR_GIB && end > MMIO_HOLE_START) {
+            return None;
+        }
+        // SAFETY: [addr, end) is non-null, inside the identity map and outside MMIO, so it is
+        // readable memory. Nothing writes it while the slice lives (one CPU, the guest never
+        // writes the VMM's structures, and the VMM does not change them while the guest runs).
+        Some(unsafe { core::slice::from_raw_parts(addr as usize as *const u8, len) })
+    }
+}
+
+static MEM: IdentityMem = IdentityMem;
+
+/// What every scenario gets.
+struct Ctx<'a> {
+    info: BootInfo<'a>,
+}
+
+type RunFn = fn(&Ctx<'_>, &mut LineBuf) -> bool;
+
+/// The scenario table: later scenarios (SMP, IRQ, ACPI, virtio) add a row here.
+const TABLE: &[(Scenario, RunFn)] = &[
+    (Scenario::Boot, run_boot),
+    (Scenario::Cpuid, run_cpuid),
+    (Scenario::Serial, run_serial),
+    (Scenario::Exits, run_exits),
+];
+
+fn report(name: &str, pass: bool, detail: &[u8]) {
+    let mut line = LineBuf::new();
+    result_line(&mut line, name, pass, detail);
+    io::serial_line(line.as_bytes());
+    if pass {
+        PASSED.fetch_add(1, Ordering::Relaxed);
+    } else {
+        FAILED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn finish() -> ! {
+    let mut line = LineBuf::new();
+    done_line(
+        &mut line,
+        PASSED.load(Ordering::Relaxed),
+        FAILED.load(Ordering::Relaxed),
+    );
+    io::serial_line(line.as_bytes());
+    io::power_off()
+}
+
+/// Called by the entry code with `protocol` (1 Linux 64-bit, 2 PVH, 3 Linux 32-bit) and the
+/// address of boot_params / hvm_start_info.
+#[unsafe(no_mangle)]
+pub extern "C" fn kmain(protocol: u32, info_addr: u64) -> ! {
+    let info = BootInfo::collect(protocol, info_addr, &MEM);
+    let ctx = Ctx { info };
+    match select(&ctx.info.cmdline) {
+        Ok(sel) => {
+            for sc in sel.as_slice() {
+                if let Some((_, run)) = TABLE.iter().find(|(s, _)| s == sc) {
+                    let mut detail = LineBuf::new();
+                    let pass = run(&ctx, &mut detail);
+                    report(sc.name(), pass, detail.as_bytes());
+                }
+            }
+        }
+        Err(e) => {
+            let mut detail = LineBuf::new();
+            match e {
+                SelectError::Unknown(name) => {
+                    detail.push_bytes(b"unknown scenario '");
+                    detail.push_escaped(name);
+                    detail.push_bytes(b"'");
+                }
+                SelectError::TooMany => detail.push_bytes(b"too many scenarios"),
+            }
+            report("kiln.test", false, detail.as_bytes());
+        }
+    }
+    finish()
+}
+
+fn run_boot(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
+    check_boot(&ctx.info, &MEM, out)
+}
+
+fn cpuid(leaf: u32, sub: u32) -> CpuidResult {
+    // Ring 3 is fine: CPUID exits to the hypervisor at any CPL under KVM.
+    let r = core::arch::x86_64::__cpuid_count(leaf, sub);
+    CpuidResult {
+        eax: r.eax,
+        ebx: r.ebx,
+        ecx: r.ecx,
+        edx: r.edx,
+    }
+}
+
+fn run_cpuid(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
+    let cpus = match ctx.info.cmdline.get_u64("kiln.cpus") {
+        Ok(v) => v.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+        Err(e) => {
+            out.push_str("bad value for ");
+            out.push_str(e.key);
+            return false;
+        }
+    };
+    match kcpuid::check_cpuid(&mut cpuid, cpus) {
+        Ok(s) => {
+            kcpuid::describe(&s, out);
+            if cpus.is_none() {
+                out.push_str(" topology=unchecked(no kiln.cpus)");
+            }
+            true
+        }
+        Err(e) => {
+            e.describe(out);
+            false
+        }
+    }
+}
+
+fn run_serial(_ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
+    io::serial_line(b"KTEST-SERIAL-READY");
+    let mut input = InputLine::new();
+    while !input.push(io::serial_getb()) {}
+    let mut echo = LineBuf::new();
+    echo.push_bytes(b"KTEST-ECHO ");
+    echo.push_escaped(input.as_bytes());
+    io::serial_line(echo.as_bytes());
+    if input.as_bytes().is_empty() {
+        out.push_str("empty line");
+        false
+    } else {
+        out.push_str("echoed ");
+        out.push_dec(input.as_bytes().len() as u64);
+        out.push_str(" bytes");
+        true
+    }
+}
+
+fn run_exits(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
+    let c = &ctx.info.cmdline;
+    let n = match c.get_u64("kiln.exits") {
+        Ok(v) => v.unwrap_or(exits::DEFAULT_EXITS),
+        Err(e) => {
+            out.push_str("bad value for ");
+            out.push_str(e.key);
+            return false;
+        }
+    };
+    if n > exits::MAX_EXITS {
+        out.push_str("kiln.exits too large: ");
+        out.push_dec(n);
+        return false;
+    }
+    let verify = c.get("kiln.verify") != Some(b"0");
+    let (pio0, mmio0) = if verify {
+        (
+            io::inl(exits::EXIT_TEST_PORT),
+            io::mmio_read32(exits::EXIT_TEST_MMIO),
+        )
+    } else {
+        (0, 0)
+    };
+    for i in 0..n {
+        io::outl(exits::EXIT_TEST_PORT, i as u32);
+    }
+    for i in 0..n {
+        io::mmio_write32(exits::EXIT_TEST_MMIO, i as u32);
+    }
+    out.push_str("pio=");
+    out.push_dec(n);
+    out.push_str(" mmio=");
+    out.push_dec(n);
+    if !verify {
+        out.push_str(" (kiln.verify=0: counts not read back)");
+        return true;
+    }
+    let pio1 = io::inl(exits::EXIT_TEST_PORT);
+    let mmio1 = io::mmio_read32(exits::EXIT_TEST_MMIO);
+    let checks = [
+        exits::check_count(Window::Pio, pio0, pio1, n),
+        exits::check_count(Window::Mmio, mmio0, mmio1, n),
+    ];
+    for r in checks {
+        if let Err(e) = r {
+            out.clear();
+            e.describe(out);
+            return false;
+        }
+    }
+    out.push_str(" verified");
+    true
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    // Only static messages and the location: formatting arguments would run core::fmt.
+    let mut line = LineBuf::new();
+    line.push_str("KTEST-PANIC ");
+    line.push_str(info.message().as_str().unwrap_or("(formatted message)"));
+    if let Some(loc) = info.location() {
+        line.push_str(" at ");
+        line.push_str(loc.file());
+        line.push_str(":");
+        line.push_dec(u64::from(loc.line()));
+    }
+    io::serial_line(line.as_bytes());
+    FAILED.fetch_add(1, Ordering::Relaxed);
+    finish()
+}

@@ -1,0 +1,158 @@
+//! Scenario names and the `kiln.test=` selection.
+
+use crate::cmdline::Cmdline;
+
+/// One conformance scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// Boot information, memory map, command line, initrd.
+    Boot,
+    /// CPUID identity and topology.
+    Cpuid,
+    /// Serial echo (needs input on COM1).
+    Serial,
+    /// PIO and MMIO exits through the kiln exit-test device.
+    Exits,
+}
+
+/// Every scenario, in the order `all` would run them if they needed no input.
+pub const SCENARIOS: [Scenario; 4] = [
+    Scenario::Boot,
+    Scenario::Cpuid,
+    Scenario::Serial,
+    Scenario::Exits,
+];
+
+impl Scenario {
+    /// The name used in `kiln.test=` and in `KTEST <name>` lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Boot => "boot",
+            Scenario::Cpuid => "cpuid",
+            Scenario::Serial => "serial",
+            Scenario::Exits => "exits",
+        }
+    }
+
+    /// Looks a scenario up by name.
+    pub fn from_name(name: &[u8]) -> Option<Scenario> {
+        SCENARIOS
+            .iter()
+            .copied()
+            .find(|s| s.name().as_bytes() == name)
+    }
+
+    /// Scenarios that wait for input are left out of `all`.
+    pub fn needs_input(self) -> bool {
+        matches!(self, Scenario::Serial)
+    }
+}
+
+/// Most scenarios one `kiln.test=` list may name.
+pub const MAX_SELECTED: usize = 16;
+
+/// The scenarios to run, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Selection {
+    list: [Scenario; MAX_SELECTED],
+    len: usize,
+}
+
+impl Selection {
+    fn new() -> Self {
+        Selection {
+            list: [Scenario::Boot; MAX_SELECTED],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, s: Scenario) -> bool {
+        if self.len == MAX_SELECTED {
+            return false;
+        }
+        self.list[self.len] = s;
+        self.len += 1;
+        true
+    }
+
+    /// The selected scenarios.
+    pub fn as_slice(&self) -> &[Scenario] {
+        &self.list[..self.len]
+    }
+
+    /// `all`: every scenario that needs no input.
+    pub fn all() -> Self {
+        let mut s = Selection::new();
+        for sc in SCENARIOS.iter().filter(|s| !s.needs_input()) {
+            s.push(*sc);
+        }
+        s
+    }
+}
+
+/// Why `kiln.test=` could not be understood.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelectError<'a> {
+    /// A name that is not a scenario.
+    Unknown(&'a [u8]),
+    /// More than [`MAX_SELECTED`] names.
+    TooMany,
+}
+
+/// Reads `kiln.test=`: absent or `all` means [`Selection::all`]; otherwise one name or a
+/// comma-separated list of names (an extension for test drivers that want fewer boots).
+pub fn select<'a>(c: &Cmdline<'a>) -> Result<Selection, SelectError<'a>> {
+    let v = match c.get("kiln.test") {
+        None => return Ok(Selection::all()),
+        Some(v) => v,
+    };
+    let mut sel = Selection::new();
+    for name in v.split(|&b| b == b',') {
+        if name == b"all" {
+            for sc in Selection::all().as_slice() {
+                if !sel.push(*sc) {
+                    return Err(SelectError::TooMany);
+                }
+            }
+            continue;
+        }
+        let sc = Scenario::from_name(name).ok_or(SelectError::Unknown(name))?;
+        if !sel.push(sc) {
+            return Err(SelectError::TooMany);
+        }
+    }
+    Ok(sel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sel(line: &[u8]) -> Result<Vec<&'static str>, String> {
+        let c = Cmdline::new(line);
+        select(&c)
+            .map(|s| s.as_slice().iter().map(|x| x.name()).collect())
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    #[test]
+    fn default_and_all_skip_input_scenarios() {
+        assert_eq!(sel(b"").unwrap(), ["boot", "cpuid", "exits"]);
+        assert_eq!(sel(b"kiln.test=all").unwrap(), ["boot", "cpuid", "exits"]);
+    }
+
+    #[test]
+    fn single_and_lists() {
+        assert_eq!(sel(b"kiln.test=serial").unwrap(), ["serial"]);
+        assert_eq!(sel(b"kiln.test=exits,boot").unwrap(), ["exits", "boot"]);
+    }
+
+    #[test]
+    fn unknown_names_are_errors() {
+        assert!(sel(b"kiln.test=bogus").unwrap_err().contains("Unknown"));
+        assert!(sel(b"kiln.test=").is_err());
+        assert!(sel(b"kiln.test=boot,").is_err());
+        let many = b"kiln.test=all,all,all,all,all,all".to_vec();
+        assert_eq!(sel(&many).unwrap_err(), "TooMany");
+    }
+}
