@@ -1,11 +1,28 @@
-// TEMPORARY until kiln-testguest-builder lands.
-fn main() {
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("..");
-    std::fs::copy(
-        root.join("target/testguest-build/release/kiln-testguest"),
-        out.join("kiln-testguest.elf"),
-    )
-    .unwrap();
-    std::fs::write(out.join("kiln-testguest.bzImage"), b"").unwrap();
+//! Builds the conformance guest (crates/kiln-testguest) with the host toolchain and leaves
+//! `kiln-testguest.elf` and `kiln-testguest.bzImage` in OUT_DIR for `src/guest.rs` to embed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let (Some(out), Some(manifest)) = (
+        std::env::var_os("OUT_DIR"),
+        std::env::var_os("CARGO_MANIFEST_DIR"),
+    ) else {
+        eprintln!("build.rs must run under cargo (OUT_DIR/CARGO_MANIFEST_DIR unset)");
+        return ExitCode::FAILURE;
+    };
+    let root = PathBuf::from(manifest).join("..");
+    match kiln_testguest_builder::build(&root, &PathBuf::from(out)) {
+        Ok(images) => {
+            for src in images.sources {
+                println!("cargo:rerun-if-changed={}", src.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("building the conformance guest: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

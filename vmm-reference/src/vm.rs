@@ -165,7 +165,10 @@ impl VmSpec {
         };
         // The bundled guest checks the VM against what was asked for.
         let cmdline = match kernel {
-            KernelSource::Bundled => format!("{cmdline} kiln.mem={memory} kiln.cpus={}", cli.cpus),
+            KernelSource::Bundled => format!(
+                "{cmdline} kiln.layout=kiln kiln.mem={memory} kiln.cpus={}",
+                cli.cpus
+            ),
             KernelSource::Path(_) => cmdline,
         };
         Ok(VmSpec {
@@ -219,6 +222,8 @@ struct VmEvents {
 
 impl VmEvents {
     fn post(&self, event: u8) {
+        // The guest must not run past the write that asked for this.
+        kiln_vcpu::stop_current_vcpu();
         // Keep the first request: a reset after power-off changes nothing.
         let _ = self
             .power
@@ -325,9 +330,28 @@ fn wait_for_event(wake: &EventFd, signals: &OwnedFd) -> Result<Option<i32>, VmmE
     Ok(None)
 }
 
+/// Unbuffered stdout: a guest's prompt without a newline must show at once, and nothing may
+/// sit in a buffer when the VM dies.
+struct RawStdout;
+
+impl io::Write for RawStdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: writes from a valid slice to fd 1, which this process owns.
+        let n = unsafe { libc::write(1, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 fn serial_output(serial: &SerialArg) -> Result<Box<dyn io::Write + Send>, VmmError> {
     Ok(match serial {
-        SerialArg::Stdio => Box::new(io::stdout()),
+        SerialArg::Stdio => Box::new(RawStdout),
         SerialArg::Null => Box::new(io::sink()),
         SerialArg::File(p) => Box::new(File::options().create(true).append(true).open(p).map_err(
             |source| VmmError::SerialFile {

@@ -10,7 +10,7 @@ pub mod runner;
 pub use bus_handler::{BusExitHandler, StopCallback};
 pub use exit::{handle_exit, ExitAction, ExitHandler, StopKind, StopReason};
 pub use regs::{BootMode, BootRegs, Segment};
-pub use runner::{Vcpu, VcpuHandle, VcpuState};
+pub use runner::{stop_current_vcpu, Vcpu, VcpuHandle, VcpuState};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 

@@ -61,6 +61,24 @@ impl Control {
 thread_local! {
     // The kvm_run page of the vCPU this thread runs, for the kick signal handler.
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+    // Set by `stop_current_vcpu` from a device model running on this vCPU thread.
+    static STOP_SELF: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called by a device model while it handles an exit (so on a vCPU thread): this vCPU
+/// stops before it re-enters the guest, with [`StopReason::Requested`]. Used for guest
+/// power-off/reset requests, so the guest runs no further instruction after the write that
+/// asked for it. A no-op on threads that aren't running a vCPU.
+pub fn stop_current_vcpu() {
+    KVM_RUN.with(|p| {
+        let run = p.get();
+        if !run.is_null() {
+            STOP_SELF.with(|s| s.set(true));
+            // SAFETY: the kvm_run page of this thread's own VcpuFd (see `kick_handler`);
+            // we are on that thread, outside KVM_RUN.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        }
+    });
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -151,6 +169,7 @@ impl Vcpu {
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         let reason = self.run_until_stopped(control);
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+        STOP_SELF.with(|s| s.set(false));
         self.handler.vcpu_stopped(self.index, &reason);
         control.set_current(VcpuState::Finished);
         reason
@@ -199,6 +218,9 @@ impl Vcpu {
                 }
                 Err(e) if e.errno() == libc::EINTR => {
                     self.fd.set_kvm_immediate_exit(0);
+                    if STOP_SELF.with(Cell::get) {
+                        return StopReason::Requested;
+                    }
                     if !self.obey_requests(control) {
                         return StopReason::Requested;
                     }
