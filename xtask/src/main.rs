@@ -1,20 +1,18 @@
-//! Workspace tasks: `cargo xtask testguest [--qemu] [--out DIR] [--timeout SECS]`.
+//! Workspace tasks.
 //!
-//! `testguest` builds the conformance guest to `target/testguest/kiln-testguest.{elf,bzImage}`
-//! and prints the paths. With `--qemu` it then boots the ELF (PVH) under QEMU microvm with KVM
-//! once per scenario and checks that every `KTEST` line says PASS and `KTEST-DONE` reports no
-//! failure.
+//! - `cargo xtask test`: the whole test suite (the README's test command).
+//! - `cargo xtask testguest [--qemu]`: build the conformance guest; cross-check it under QEMU.
+//! - `cargo xtask bench-startup`: whole-process boot-to-poweroff time and peak RSS of kiln,
+//!   and of QEMU microvm on the same guest image when it is installed.
 
-use std::io::{BufRead, BufReader, Write};
+mod bench_startup;
+mod test;
+mod testguest;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::ExitCode;
 
-use kiln_testguest::cmdline::EXPECTED_MARKER;
-use kiln_testguest::fnv::fnv1a64;
-
-const USAGE: &str = "usage: cargo xtask testguest [--qemu] [--out DIR] [--timeout SECS]";
+const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N]>";
 
 fn workspace_root() -> PathBuf {
     // xtask/ sits directly under the workspace root.
@@ -26,326 +24,41 @@ fn workspace_root() -> PathBuf {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("testguest") => match testguest(&args[1..]) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("xtask testguest: {e}");
-                ExitCode::FAILURE
-            }
-        },
+    let (name, result) = match args.first().map(String::as_str) {
+        Some("test") => ("test", test::run(&args[1..])),
+        Some("testguest") => ("testguest", testguest::testguest(&args[1..])),
+        Some("bench-startup") => ("bench-startup", bench_startup::run(&args[1..])),
         _ => {
-            eprintln!("{USAGE}");
+            eprintln!("{USAGE}\n{}", testguest::USAGE);
+            return ExitCode::FAILURE;
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask {name}: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-struct Opts {
-    qemu: bool,
-    out: PathBuf,
-    timeout: Duration,
+/// Runs `cargo ARGS` in the workspace root, failing on a non-zero exit.
+fn cargo(args: &[&str]) -> Result<(), String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    println!("== cargo {}", args.join(" "));
+    let status = std::process::Command::new(cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .map_err(|e| format!("running cargo: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo {} failed ({status})", args.join(" ")))
+    }
 }
 
-fn parse(args: &[String]) -> Result<Opts, String> {
-    let mut o = Opts {
-        qemu: false,
-        out: workspace_root().join("target/testguest"),
-        timeout: Duration::from_secs(30),
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--qemu" => o.qemu = true,
-            "--out" => o.out = PathBuf::from(it.next().ok_or("--out needs a directory")?),
-            "--timeout" => {
-                let s = it.next().ok_or("--timeout needs seconds")?;
-                let secs: u64 = s.parse().map_err(|_| format!("bad --timeout {s}"))?;
-                o.timeout = Duration::from_secs(secs);
-            }
-            other => return Err(format!("unknown argument {other}\n{USAGE}")),
-        }
-    }
-    Ok(o)
-}
-
-fn testguest(args: &[String]) -> Result<(), String> {
-    let o = parse(args)?;
-    let images =
-        kiln_testguest_builder::build(&workspace_root(), &o.out).map_err(|e| e.to_string())?;
-    println!("{}", images.elf.display());
-    println!("{}", images.bzimage.display());
-    if o.qemu {
-        run_qemu_suite(&images.elf, &o.out, o.timeout)?;
-    }
-    Ok(())
-}
-
-/// One QEMU boot.
-struct Case {
-    name: &'static str,
-    append: String,
-    initrd: Option<PathBuf>,
-    /// A line to type on the serial console once the guest asks for it.
-    input: Option<&'static str>,
-    /// vCPUs (`-smp`).
-    smp: u32,
-    /// Scenarios expected to PASS.
-    expect_pass: u32,
-}
-
-/// Deterministic initrd contents, so a failure can be reproduced byte for byte.
-fn initrd_bytes(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x1234_5678;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
-fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), String> {
-    const MEM: u64 = 128 << 20;
-    let marker = String::from_utf8_lossy(EXPECTED_MARKER).into_owned();
-    let initrd = initrd_bytes(12_345);
-    let initrd_path = out.join("qemu-initrd.bin");
-    std::fs::write(&initrd_path, &initrd)
-        .map_err(|e| format!("writing {}: {e}", initrd_path.display()))?;
-
-    // QEMU's memory map is not kiln's (no kiln.layout=kiln), and the exit-test device does not
-    // exist there (kiln.verify=0). With -smp 1 on an AMD host, QEMU sets CPUID.1:EDX.HTT with
-    // a logical processor count of 0, which the topology check rightly rejects, so the
-    // topology is checked with -smp 2 only.
-    let cases = [
-        Case {
-            name: "boot",
-            append: format!("kiln.test=boot kiln.mem={MEM} kiln.cpus=1 kiln.marker={marker}"),
-            initrd: None,
-            input: None,
-            smp: 1,
-            expect_pass: 1,
-        },
-        Case {
-            name: "boot+initrd",
-            append: format!(
-                "kiln.test=boot kiln.mem={MEM} kiln.marker={marker} kiln.initrd_size={} \
-                 kiln.initrd_sum={:016x}",
-                initrd.len(),
-                fnv1a64(&initrd)
-            ),
-            initrd: Some(initrd_path.clone()),
-            input: None,
-            smp: 1,
-            expect_pass: 1,
-        },
-        Case {
-            name: "cpuid",
-            append: "kiln.test=cpuid".into(),
-            initrd: None,
-            input: None,
-            smp: 1,
-            expect_pass: 1,
-        },
-        Case {
-            name: "cpuid smp2",
-            append: "kiln.test=cpuid kiln.cpus=2".into(),
-            initrd: None,
-            input: None,
-            smp: 2,
-            expect_pass: 1,
-        },
-        Case {
-            name: "exits",
-            append: "kiln.test=exits kiln.exits=2000 kiln.verify=0".into(),
-            initrd: None,
-            input: None,
-            smp: 1,
-            expect_pass: 1,
-        },
-        Case {
-            name: "serial",
-            append: "kiln.test=serial".into(),
-            initrd: None,
-            input: Some("hello from xtask"),
-            smp: 1,
-            expect_pass: 1,
-        },
-        Case {
-            name: "default (all)",
-            append: format!("kiln.verify=0 kiln.mem={MEM}"),
-            initrd: None,
-            input: None,
-            smp: 1,
-            expect_pass: 3,
-        },
-    ];
-    let mut failed = 0;
-    for c in &cases {
-        let start = Instant::now();
-        match run_case(elf, c, timeout) {
-            Ok(()) => println!(
-                "qemu {:<14} ok ({:.2}s)",
-                c.name,
-                start.elapsed().as_secs_f64()
-            ),
-            Err(e) => {
-                failed += 1;
-                println!("qemu {:<14} FAILED: {e}", c.name);
-            }
-        }
-    }
-    if failed > 0 {
-        return Err(format!("{failed} of {} QEMU cases failed", cases.len()));
-    }
-    println!("all {} QEMU cases passed", cases.len());
-    Ok(())
-}
-
-fn run_case(elf: &Path, c: &Case, timeout: Duration) -> Result<(), String> {
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm",
-        "-enable-kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-m",
-        "128M",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-monitor",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x04",
-    ]);
-    cmd.arg("-smp").arg(c.smp.to_string());
-    cmd.arg("-kernel").arg(elf).arg("-append").arg(&c.append);
-    if let Some(i) = &c.initrd {
-        cmd.arg("-initrd").arg(i);
-    }
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut stdin = child.stdin.take();
-
-    let (tx, rx) = mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-
-    let deadline = Instant::now() + timeout;
-    let mut lines = Vec::new();
-    let mut result: Result<(), String> = Err("no KTEST-DONE line".into());
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                let line = line.trim_end_matches('\r').to_string();
-                if line == "KTEST-SERIAL-READY" {
-                    if let (Some(input), Some(w)) = (c.input, stdin.as_mut()) {
-                        // QEMU's stdio serial passes the bytes through; the guest stops at '\n'.
-                        let _ = writeln!(w, "{input}").and_then(|_| w.flush());
-                    }
-                }
-                if let Some(rest) = line.strip_prefix("KTEST-DONE ") {
-                    result = check_done(rest, c.expect_pass);
-                    lines.push(line);
-                    break;
-                }
-                lines.push(line);
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                result = Err(format!("timed out after {}s", timeout.as_secs()));
-                break;
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    // The guest powers off through isa-debug-exit; give QEMU a moment, then make sure.
-    let wait_until = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < wait_until {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if let Ok(None) = child.try_wait() {
-        let _ = child.kill();
-        if result.is_ok() {
-            result = Err("guest did not power off".into());
-        }
-    }
-    let status = child.wait().map_err(|e| e.to_string())?;
-    drop(stdin);
-    let _ = reader.join();
-
-    for l in lines.iter().filter(|l| l.starts_with("KTEST ")) {
-        if !l.contains(" PASS") && result.is_ok() {
-            result = Err(format!("failing line: {l}"));
-        }
-    }
-    if let (Some(input), true) = (c.input, result.is_ok()) {
-        let want = format!("KTEST-ECHO {input}");
-        if !lines.contains(&want) {
-            result = Err(format!("no '{want}' line"));
-        }
-    }
-    // isa-debug-exit makes QEMU exit with (value << 1) | 1 = 1 for the guest's write of 0.
-    if result.is_ok() && status.code() != Some(1) {
-        result = Err(format!("unexpected QEMU exit status {status}"));
-    }
-    if let Err(mut msg) = result {
-        let mut stderr = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-        }
-        msg.push_str("\n    append: ");
-        msg.push_str(&c.append);
-        for l in &lines {
-            msg.push_str("\n    | ");
-            msg.push_str(l);
-        }
-        for l in stderr.lines().take(20) {
-            msg.push_str("\n    qemu: ");
-            msg.push_str(l);
-        }
-        return Err(msg);
-    }
-    Ok(())
-}
-
-/// Parses `pass=N fail=M`.
-fn check_done(rest: &str, expect_pass: u32) -> Result<(), String> {
-    let mut pass = None;
-    let mut fail = None;
-    for kv in rest.split_whitespace() {
-        if let Some(v) = kv.strip_prefix("pass=") {
-            pass = v.parse::<u32>().ok();
-        } else if let Some(v) = kv.strip_prefix("fail=") {
-            fail = v.parse::<u32>().ok();
-        }
-    }
-    match (pass, fail) {
-        (Some(p), Some(0)) if p == expect_pass => Ok(()),
-        (Some(p), Some(f)) => Err(format!(
-            "KTEST-DONE pass={p} fail={f}, expected pass={expect_pass} fail=0"
-        )),
-        _ => Err(format!("malformed KTEST-DONE line: {rest}")),
-    }
+/// True if `prog` is on PATH.
+fn have(prog: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
 }

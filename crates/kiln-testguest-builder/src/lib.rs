@@ -36,6 +36,8 @@ pub const BZIMAGE_NAME: &str = "kiln-testguest.bzImage";
 pub const GUEST_CRATE_DIR: &str = "crates/kiln-testguest";
 /// The nested build's target directory, relative to the workspace root.
 pub const GUEST_TARGET_DIR: &str = "target/testguest-build";
+/// The target triple the guest is compiled for: the stable host target, not a bare-metal one.
+pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Errors of the guest build.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +157,7 @@ pub fn guest_sources(workspace_root: &Path) -> Result<Vec<PathBuf>, BuildError> 
     let mut v = vec![
         guest.join("Cargo.toml"),
         guest.join("linker.ld"),
+        guest.join("build.rs"),
         workspace_root.join("Cargo.toml"),
     ];
     files_under(&guest.join("src"), &mut v)?;
@@ -198,6 +201,10 @@ pub fn build(workspace_root: &Path, out_dir: &Path) -> Result<GuestImages, Build
         "kiln-testguest",
         "--features",
         "guest",
+        // Naming the (host) target explicitly keeps the guest's rustflags off build scripts,
+        // which are host programs. No extra rustup target is involved.
+        "--target",
+        GUEST_TARGET,
         "--target-dir",
     ]);
     cmd.arg(&target_dir);
@@ -228,7 +235,10 @@ pub fn build(workspace_root: &Path, out_dir: &Path) -> Result<GuestImages, Build
         });
     }
 
-    let built = target_dir.join("release").join("kiln-testguest");
+    let built = target_dir
+        .join(GUEST_TARGET)
+        .join("release")
+        .join("kiln-testguest");
     let elf = fs::read(&built).map_err(|source| BuildError::Io {
         op: "reading",
         path: built.clone(),
