@@ -21,7 +21,9 @@ struct Sample {
 /// Spawns `cmd`, waits for it with `wait4` and returns its time, CPU and peak RSS, or an
 /// error if its exit status isn't `ok_status`.
 fn measure(mut cmd: Command, ok_status: i32) -> Result<Sample, String> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let start = Instant::now();
     let child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
     let pid = child.id() as libc::pid_t;
@@ -60,7 +62,9 @@ fn verify(mut cmd: Command, who: &str) -> Result<(), String> {
     if text.contains("KTEST exits PASS") && text.contains("KTEST-DONE pass=1 fail=0") {
         Ok(())
     } else {
-        Err(format!("{who} did not run the guest's exits scenario to PASS:\n{text}"))
+        Err(format!(
+            "{who} did not run the guest's exits scenario to PASS:\n{text}"
+        ))
     }
 }
 
@@ -125,7 +129,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let k = series(runs, kiln_cmd, 0)?;
 
     println!("\nboot to power-off, conformance guest `exits` N=0, 128 MiB, 1 vCPU, {runs} runs:");
-    println!("{:<14} {:>10} {:>10} {:>12} {:>12}", "", "median ms", "min ms", "CPU ms", "peak RSS");
+    println!(
+        "{:<14} {:>10} {:>10} {:>12} {:>12}",
+        "", "median ms", "min ms", "CPU ms", "peak RSS"
+    );
     let row = |name: &str, s: &Summary| {
         println!(
             "{:<14} {:>10.1} {:>10.1} {:>12.1} {:>8.2} MiB",

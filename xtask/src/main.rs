@@ -60,5 +60,6 @@ fn cargo(args: &[&str]) -> Result<(), String> {
 
 /// True if `prog` is on PATH.
 fn have(prog: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
 }
