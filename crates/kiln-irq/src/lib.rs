@@ -10,7 +10,11 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
+    kvm_irq_routing_msi, kvm_pit_config, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -47,6 +51,21 @@ pub enum Error {
     /// A legacy GSI outside the IOAPIC's pins was requested.
     #[error("GSI {0} is not a legacy IOAPIC pin (0..{IOAPIC_PINS})")]
     InvalidLegacyGsi(u32),
+    /// `KVM_SET_GSI_ROUTING` failed.
+    #[error("setting the GSI routing table ({entries} entries): {source}")]
+    SetRouting {
+        /// Entries in the table.
+        entries: usize,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The routing table does not fit KVM's container.
+    #[error("GSI routing table too large ({0} entries)")]
+    RoutingTooLarge(usize),
+    /// An MSI route was requested on a legacy GSI.
+    #[error("GSI {0} is a legacy IOAPIC pin and can't carry an MSI route")]
+    MsiOnLegacyGsi(u32),
     /// The GSI space is exhausted.
     #[error("no free GSI left (limit {0})")]
     GsiExhausted(u32),
@@ -122,6 +141,104 @@ impl GsiAllocator {
             Ok(g) if g < self.limit => Ok(g),
             _ => Err(Error::GsiExhausted(self.limit)),
         }
+    }
+}
+
+/// One MSI message: where the device writes and what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsiMessage {
+    /// Message address (low 32 bits; 0xFEEx_xxxx on x86).
+    pub address_lo: u32,
+    /// Message address (high 32 bits).
+    pub address_hi: u32,
+    /// Message data (vector, delivery mode, trigger).
+    pub data: u32,
+}
+
+/// The VM's GSI routing table: the board's legacy routes (GSI 0..16 to both PICs and the
+/// IOAPIC, 16..24 to the IOAPIC, as KVM sets up by default) plus MSI routes for PCI devices.
+///
+/// `KVM_SET_GSI_ROUTING` replaces the whole table, so this keeps the full set and writes it
+/// back on every change (rare: device setup and MSI-X vector programming, never per
+/// interrupt).
+#[derive(Debug, Default)]
+pub struct GsiRouting {
+    msi: std::collections::BTreeMap<u32, MsiMessage>,
+}
+
+fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
+    kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        u: kvm_irq_routing_entry__bindgen_ty_1 {
+            irqchip: kvm_irq_routing_irqchip { irqchip: chip, pin },
+        },
+        ..Default::default()
+    }
+}
+
+impl GsiRouting {
+    /// An empty table (legacy routes only).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Routes `gsi` (from [`GsiAllocator`]) to `msg`, replacing any previous route.
+    pub fn set_msi(&mut self, gsi: u32, msg: MsiMessage) -> Result<()> {
+        if gsi < IOAPIC_PINS {
+            return Err(Error::MsiOnLegacyGsi(gsi));
+        }
+        self.msi.insert(gsi, msg);
+        Ok(())
+    }
+
+    /// Removes the MSI route of `gsi`, if any.
+    pub fn remove_msi(&mut self, gsi: u32) {
+        self.msi.remove(&gsi);
+    }
+
+    /// The full table as KVM takes it: legacy routes first, then MSI routes by GSI.
+    pub fn entries(&self) -> Vec<kvm_irq_routing_entry> {
+        let mut v = Vec::with_capacity(16 * 2 + 24 + self.msi.len());
+        for gsi in 0..16 {
+            let (chip, pin) = if gsi < 8 {
+                (KVM_IRQCHIP_PIC_MASTER, gsi)
+            } else {
+                (KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
+            };
+            v.push(irqchip_entry(gsi, chip, pin));
+        }
+        for gsi in 0..IOAPIC_PINS {
+            v.push(irqchip_entry(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        }
+        for (&gsi, m) in &self.msi {
+            v.push(kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                u: kvm_irq_routing_entry__bindgen_ty_1 {
+                    msi: kvm_irq_routing_msi {
+                        address_lo: m.address_lo,
+                        address_hi: m.address_hi,
+                        data: m.data,
+                        ..Default::default()
+                    },
+                },
+                ..Default::default()
+            });
+        }
+        v
+    }
+
+    /// Writes the table to KVM (`KVM_SET_GSI_ROUTING`).
+    pub fn commit(&self, vm: &VmFd) -> Result<()> {
+        let entries = self.entries();
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| Error::RoutingTooLarge(entries.len()))?;
+        vm.set_gsi_routing(&table)
+            .map_err(|source| Error::SetRouting {
+                entries: entries.len(),
+                source,
+            })
     }
 }
 
@@ -205,6 +322,55 @@ mod tests {
     }
 
     #[test]
+    fn routing_table_keeps_legacy_routes_and_adds_msi() {
+        let mut r = GsiRouting::new();
+        assert!(matches!(
+            r.set_msi(
+                4,
+                MsiMessage {
+                    address_lo: 0xfee0_0000,
+                    address_hi: 0,
+                    data: 0x41
+                }
+            ),
+            Err(Error::MsiOnLegacyGsi(4))
+        ));
+        let msg = MsiMessage {
+            address_lo: 0xfee0_0000,
+            address_hi: 0,
+            data: 0x41,
+        };
+        r.set_msi(30, msg).unwrap();
+        r.set_msi(25, msg).unwrap();
+        let e = r.entries();
+        assert_eq!(e.len(), 16 + 24 + 2);
+        // PIC routes for 0..16 and IOAPIC routes for 0..24.
+        assert_eq!(
+            e.iter()
+                .filter(|x| x.type_ == KVM_IRQ_ROUTING_IRQCHIP)
+                .count(),
+            40
+        );
+        let pin9 = e
+            .iter()
+            .filter(|x| x.gsi == 9)
+            // SAFETY: every GSI-9 entry is an IRQCHIP entry, whose union variant is irqchip.
+            .map(|x| unsafe { x.u.irqchip })
+            .collect::<Vec<_>>();
+        assert_eq!(pin9.len(), 2);
+        assert_eq!((pin9[0].irqchip, pin9[0].pin), (KVM_IRQCHIP_PIC_SLAVE, 1));
+        assert_eq!((pin9[1].irqchip, pin9[1].pin), (KVM_IRQCHIP_IOAPIC, 9));
+        let msis: Vec<u32> = e
+            .iter()
+            .filter(|x| x.type_ == KVM_IRQ_ROUTING_MSI)
+            .map(|x| x.gsi)
+            .collect();
+        assert_eq!(msis, [25, 30]);
+        r.remove_msi(25);
+        assert_eq!(r.entries().len(), 41);
+    }
+
+    #[test]
     fn eventfd_line_counts_triggers() -> io::Result<()> {
         let l = EventFdLine::new()?;
         assert_eq!(l.take_count(), 0);
@@ -242,5 +408,20 @@ mod tests {
         let line = chip.legacy_line(&vm, 4).expect("GSI 4 line");
         assert_eq!(line.gsi(), 4);
         line.trigger().expect("trigger");
+        let mut routing = GsiRouting::new();
+        let gsi = GsiAllocator::new(4096).allocate().expect("gsi");
+        routing
+            .set_msi(
+                gsi,
+                MsiMessage {
+                    address_lo: 0xfee0_0000,
+                    address_hi: 0,
+                    data: 0x41,
+                },
+            )
+            .expect("msi");
+        routing.commit(&vm).expect("KVM_SET_GSI_ROUTING");
+        let msi_line = IrqfdLine::register(&vm, gsi).expect("irqfd on an MSI route");
+        msi_line.trigger().expect("trigger MSI");
     }
 }
