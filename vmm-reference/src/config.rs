@@ -92,6 +92,17 @@ pub struct Cli {
     /// Boot protocol.
     #[arg(long, value_enum, default_value_t = BootProtocolArg::Auto)]
     pub boot_protocol: BootProtocolArg,
+    /// On SIGTERM, press the ACPI power button and wait this many seconds for the guest to
+    /// power off before stopping it (0: stop at once). SIGINT always stops at once.
+    #[arg(long, default_value_t = 3.0, value_name = "SECS", value_parser = parse_timeout)]
+    pub shutdown_timeout: f64,
+}
+
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=3600.0).contains(&v) => Ok(v),
+        _ => Err("expected seconds between 0 and 3600".to_string()),
+    }
 }
 
 /// The default command line for the bundled guest.

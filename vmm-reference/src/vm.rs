@@ -13,7 +13,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use kiln_bus::{MmioAddress, MmioBus, PioAddress, PioBus};
-use kiln_irq::IrqChip;
+use kiln_irq::{InterruptLine, IrqChip};
 use kiln_legacy as legacy;
 use kiln_memory::{Backing, GuestMemoryMmap, MemoryConfig};
 use kiln_vcpu::{BootMode, BootRegs, BusExitHandler, Segment, StopReason, Vcpu, VcpuHandle};
@@ -151,6 +151,8 @@ pub struct VmSpec {
     pub serial: SerialArg,
     /// Boot protocol.
     pub protocol: BootProtocolArg,
+    /// How long SIGTERM waits for the guest to power off before stopping it.
+    pub shutdown_timeout: Duration,
 }
 
 impl VmSpec {
@@ -180,6 +182,7 @@ impl VmSpec {
             memory_arg: cli.memory,
             serial: cli.serial,
             protocol: cli.boot_protocol,
+            shutdown_timeout: Duration::from_secs_f64(cli.shutdown_timeout),
         })
     }
 }
@@ -282,7 +285,13 @@ fn signal_fd() -> Result<OwnedFd, VmmError> {
 }
 
 /// Waits until `wake` or `signals` is readable; returns the signal number if one arrived.
-fn wait_for_event(wake: &EventFd, signals: &OwnedFd) -> Result<Option<i32>, VmmError> {
+/// Waits until `wake` or `signals` is readable or `timeout` passes (`None`: forever);
+/// returns the signal number if one arrived.
+fn wait_for_event(
+    wake: &EventFd,
+    signals: &OwnedFd,
+    timeout: Option<Duration>,
+) -> Result<Option<i32>, VmmError> {
     let mut fds = [
         libc::pollfd {
             fd: wake.as_raw_fd(),
@@ -296,8 +305,9 @@ fn wait_for_event(wake: &EventFd, signals: &OwnedFd) -> Result<Option<i32>, VmmE
         },
     ];
     loop {
+        let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
         // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
         if rc < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -396,6 +406,8 @@ struct Devices {
     pio: PioBus,
     mmio: MmioBus,
     serial: Arc<legacy::SerialDevice>,
+    /// The ACPI GED's interrupt: raising it is a power-button press.
+    power_button: kiln_irq::IrqfdLine,
 }
 
 fn build_devices(
@@ -438,7 +450,13 @@ fn build_devices(
         legacy::EXIT_TEST_MMIO_SIZE,
         exit_test,
     )?;
-    Ok(Devices { pio, mmio, serial })
+    let power_button = chip.legacy_line(vm, legacy::GED_GSI)?;
+    Ok(Devices {
+        pio,
+        mmio,
+        serial,
+        power_button,
+    })
 }
 
 /// The user's files, opened before anything else so a bad path is reported first.
@@ -695,10 +713,31 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
         .map(|v| v.start(false))
         .collect::<Result<_, _>>()?;
 
+    // SIGTERM first asks the guest to power off (ACPI power button through the GED) and
+    // gives it `shutdown_timeout`; SIGINT, a second SIGTERM or the deadline stop it hard.
+    let mut graceful_deadline: Option<std::time::Instant> = None;
     let outcome = loop {
-        let signal = wait_for_event(&events.wake, &signals)?;
-        if let Some(sig) = signal {
-            break Outcome::Signal(sig);
+        let timeout =
+            graceful_deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+        let signal = wait_for_event(&events.wake, &signals, timeout)?;
+        match (signal, graceful_deadline) {
+            (Some(libc::SIGTERM), None) if !spec.shutdown_timeout.is_zero() => {
+                if let Err(e) = devices.power_button.trigger() {
+                    eprintln!("kiln: power button event failed ({e}); stopping now");
+                    break Outcome::Signal(libc::SIGTERM);
+                }
+                graceful_deadline = Some(std::time::Instant::now() + spec.shutdown_timeout);
+                continue;
+            }
+            (Some(sig), _) => break Outcome::Signal(sig),
+            (None, Some(d)) if std::time::Instant::now() >= d => {
+                eprintln!(
+                    "kiln: guest did not power off within {:?} of SIGTERM; stopping it",
+                    spec.shutdown_timeout
+                );
+                break Outcome::Signal(libc::SIGTERM);
+            }
+            _ => {}
         }
         match events.power.load(Ordering::Acquire) {
             EVENT_POWER_OFF => break Outcome::PowerOff,

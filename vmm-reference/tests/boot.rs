@@ -112,32 +112,58 @@ fn serial_to_file_and_null() {
     assert!(!r.stdout.contains("KTEST"));
 }
 
-#[test]
-fn sigterm_stops_the_vm_cleanly() {
-    if skip_kvm("sigterm_stops_the_vm_cleanly") {
-        return;
-    }
-    // The serial scenario waits for input forever; SIGTERM must still end kiln promptly.
+/// Sends `signal` to a kiln whose guest waits for input forever and checks it ends with
+/// `128 + signal` within `limit`; returns how long that took.
+fn stop_with_signal(signal: i32, extra: &[&str], limit: Duration) -> Duration {
     let mut child = kiln()
         .args(["--cmdline", "console=ttyS0 kiln.test=serial"])
+        .args(extra)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: plain kill(2) on our own child's pid.
-    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let rc = unsafe { libc::kill(child.id() as i32, signal) };
     assert_eq!(rc, 0);
     let start = std::time::Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait") {
             break s;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "kiln ignored SIGTERM"
-        );
+        assert!(start.elapsed() < limit, "kiln ignored signal {signal}");
         std::thread::sleep(Duration::from_millis(10));
     };
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    assert_eq!(status.code(), Some(128 + signal));
+    start.elapsed()
+}
+
+#[test]
+fn sigterm_stops_the_vm_cleanly() {
+    if skip_kvm("sigterm_stops_the_vm_cleanly") {
+        return;
+    }
+    // The guest ignores the power button, so kiln stops it after the timeout.
+    let took = stop_with_signal(
+        libc::SIGTERM,
+        &["--shutdown-timeout", "1"],
+        Duration::from_secs(10),
+    );
+    assert!(
+        took >= Duration::from_millis(900),
+        "SIGTERM must wait for the guest first: {took:?}"
+    );
+}
+
+#[test]
+fn sigint_and_zero_timeout_stop_at_once() {
+    if skip_kvm("sigint_and_zero_timeout_stop_at_once") {
+        return;
+    }
+    stop_with_signal(libc::SIGINT, &[], Duration::from_secs(2));
+    stop_with_signal(
+        libc::SIGTERM,
+        &["--shutdown-timeout", "0"],
+        Duration::from_secs(2),
+    );
 }

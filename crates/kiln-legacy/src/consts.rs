@@ -8,6 +8,10 @@ pub const COM1_PORT_SIZE: u16 = 8;
 /// COM1's legacy IRQ line (IOAPIC pin / GSI).
 pub const COM1_IRQ: u32 = 4;
 
+/// IOAPIC pin of the ACPI Generic Event Device: the VMM raises it for a power-button press
+/// (the DSDT's GED `_EVT` notifies `\_SB.PWRB`). Above the ISA range, so it is IOAPIC-only.
+pub const GED_GSI: u32 = 23;
+
 /// i8042 data port.
 pub const I8042_DATA_PORT: u16 = 0x60;
 /// i8042 status (read) / command (write) port.
