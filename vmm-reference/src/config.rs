@@ -96,6 +96,10 @@ pub struct Cli {
     /// power off before stopping it (0: stop at once). SIGINT always stops at once.
     #[arg(long, default_value_t = 3.0, value_name = "SECS", value_parser = parse_timeout)]
     pub shutdown_timeout: f64,
+    /// Write the ACPI tables this VM would get (DSDT.aml, FACP.aml, APIC.aml, XSDT.aml,
+    /// RSDP.bin) into DIR for `iasl -d`, then exit without starting a VM.
+    #[arg(long, value_name = "DIR")]
+    pub dump_acpi: Option<PathBuf>,
 }
 
 fn parse_timeout(s: &str) -> Result<f64, String> {

@@ -9,6 +9,7 @@ use kiln::vm::{self, Outcome};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let dump_acpi = cli.dump_acpi.clone();
     let spec = match vm::VmSpec::from_cli(cli) {
         Ok(s) => s,
         Err(e) => {
@@ -16,6 +17,20 @@ fn main() -> ExitCode {
             return ExitCode::from(vm::EXIT_ERROR);
         }
     };
+    if let Some(dir) = dump_acpi {
+        return match vm::dump_acpi(&spec, &dir) {
+            Ok(files) => {
+                for f in files {
+                    println!("{}", f.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("kiln: {e}");
+                ExitCode::from(vm::EXIT_ERROR)
+            }
+        };
+    }
     match vm::run(spec) {
         Ok(outcome) => {
             if let Outcome::Crashed(report) = &outcome {

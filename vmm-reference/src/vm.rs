@@ -103,6 +103,9 @@ pub enum VmmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// ACPI table generation failed.
+    #[error("ACPI tables: {0}")]
+    Acpi(#[from] kiln_acpi::Error),
     /// Interrupt controller setup failed.
     #[error(transparent)]
     Irq(#[from] kiln_irq::Error),
@@ -514,6 +517,7 @@ fn load_kernel(
     kernel_flag: &str,
     initrd: Option<File>,
 ) -> Result<kiln_boot::BootEntry, VmmError> {
+    let acpi_rsdp = kiln_acpi::write(mem, &acpi_config(spec))?;
     let protocol = match spec.protocol {
         BootProtocolArg::Auto => kiln_boot::Protocol::Auto,
         BootProtocolArg::Linux => kiln_boot::Protocol::Linux,
@@ -524,9 +528,29 @@ fn load_kernel(
         initrd,
         cmdline: spec.cmdline.clone(),
         protocol,
+        acpi_rsdp: Some(acpi_rsdp),
     };
     kiln_boot::load(mem, cfg).map_err(|source| VmmError::Boot {
         flag: boot_error_flag(&source, kernel_flag, spec),
+        source,
+    })
+}
+
+/// What the ACPI tables describe for `spec`.
+pub fn acpi_config(spec: &VmSpec) -> kiln_acpi::AcpiConfig {
+    kiln_acpi::AcpiConfig {
+        cpus: spec.cpus,
+        serial: true,
+        ged_gsi: legacy::GED_GSI,
+        virtio_mmio: Vec::new(),
+    }
+}
+
+/// `--dump-acpi DIR`: writes the tables `spec` would get, without KVM.
+pub fn dump_acpi(spec: &VmSpec, dir: &std::path::Path) -> Result<Vec<PathBuf>, VmmError> {
+    let tables = kiln_acpi::build(&acpi_config(spec))?;
+    tables.dump(dir).map_err(|source| VmmError::Os {
+        what: "--dump-acpi: writing the tables",
         source,
     })
 }

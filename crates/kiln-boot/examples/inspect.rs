@@ -61,6 +61,7 @@ fn run(
         initrd: initrd.map(File::open).transpose()?,
         cmdline: "console=ttyS0".to_string(),
         protocol,
+        acpi_rsdp: None,
     };
     let entry = load(&mem, cfg)?;
     println!("protocol   {:?}", entry.protocol);

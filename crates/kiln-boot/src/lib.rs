@@ -17,6 +17,7 @@
 //!     initrd: None,
 //!     cmdline: "console=ttyS0".to_string(),
 //!     protocol: Protocol::Auto,
+//!     acpi_rsdp: None,
 //! };
 //! let err = load(&mem, cfg).unwrap_err();
 //! assert!(matches!(err, kiln_boot::Error::UnknownKernelFormat));
@@ -236,6 +237,10 @@ pub struct BootConfig<K = File, I = File> {
     pub cmdline: String,
     /// Requested protocol.
     pub protocol: Protocol,
+    /// Where the VMM put the ACPI RSDP (e.g. with kiln-acpi), passed to the kernel in
+    /// `boot_params.acpi_rsdp_addr` or `hvm_start_info.rsdp_paddr`. `None`: 0, and the
+    /// kernel falls back to scanning the BIOS area.
+    pub acpi_rsdp: Option<GuestAddress>,
 }
 
 /// Where things ended up, and what the vCPU must be set to.
@@ -332,7 +337,9 @@ where
         initrd,
         cmdline,
         protocol,
+        acpi_rsdp,
     } = cfg;
+    let rsdp = acpi_rsdp.map_or(0, |a| a.0);
     let mem_layout = MemoryLayout::from_guest_memory(mem).map_err(Error::Memory)?;
     let low_end = mem_layout.low_ram_end();
     let info = image::inspect(&mut kernel)?;
@@ -446,6 +453,7 @@ where
                 params.hdr.ramdisk_image = addr.0 as u32;
                 params.hdr.ramdisk_size = size as u32;
             }
+            params.acpi_rsdp_addr = rsdp;
             params.e820_entries = e820.len() as u8;
             for (slot, e) in params.e820_table.iter_mut().zip(&e820) {
                 *slot = boot_e820_entry {
@@ -477,7 +485,7 @@ where
                 nr_modules,
                 modlist_paddr,
                 cmdline_paddr: CMDLINE_ADDR,
-                rsdp_paddr: 0,
+                rsdp_paddr: rsdp,
                 memmap_paddr: PVH_MEMMAP_ADDR,
                 memmap_entries: e820.len() as u32,
                 reserved: 0,

@@ -152,6 +152,7 @@ fn boot(
             initrd: initrd.map(|d| Cursor::new(d.to_vec())),
             cmdline: cmdline.to_string(),
             protocol,
+            acpi_rsdp: None,
         },
     )
 }
@@ -784,4 +785,37 @@ fn e820_agrees_with_kiln_memory() {
             E820Type::Reserved
         );
     }
+}
+
+#[test]
+fn acpi_rsdp_reaches_both_protocols() {
+    for (protocol, notes) in [
+        (Protocol::Linux, None),
+        (Protocol::Pvh, Some(pvh_notes(0x10_0000))),
+    ] {
+        let m = mem(128 * MIB);
+        let cfg = BootConfig {
+            kernel: Cursor::new(simple_elf(notes.as_deref())),
+            initrd: None::<Cursor<Vec<u8>>>,
+            cmdline: "console=ttyS0".to_string(),
+            protocol,
+            acpi_rsdp: Some(GuestAddress(0xe_0000)),
+        };
+        let entry = load(&m, cfg).unwrap();
+        match entry.protocol {
+            Protocol::Pvh => {
+                let si: hvm_start_info = m.read_obj(GuestAddress(0x6000)).unwrap();
+                assert_eq!(si.rsdp_paddr, 0xe_0000);
+            }
+            _ => {
+                let rsdp = { read_params(&m).acpi_rsdp_addr };
+                assert_eq!(rsdp, 0xe_0000);
+            }
+        }
+    }
+    // Without one, 0: the kernel scans the BIOS area instead.
+    let m = mem(128 * MIB);
+    boot(&m, Cursor::new(simple_elf(None)), None, "x", Protocol::Linux).unwrap();
+    let rsdp = { read_params(&m).acpi_rsdp_addr };
+    assert_eq!(rsdp, 0);
 }
