@@ -79,6 +79,8 @@ pub mod bp {
     pub const EXT_RAMDISK_SIZE: usize = 0x0C4;
     /// `ext_cmd_line_ptr`: high 32 bits of the command-line address.
     pub const EXT_CMD_LINE_PTR: usize = 0x0C8;
+    /// `acpi_rsdp_addr` (u64).
+    pub const ACPI_RSDP_ADDR: usize = 0x070;
     /// `e820_entries` (u8).
     pub const E820_ENTRIES: usize = 0x1E8;
     /// `setup_sects` (u8), start of the setup header.
@@ -140,6 +142,10 @@ impl<'a> BootParams<'a> {
     /// `hdr.loadflags`.
     pub fn loadflags(&self) -> u8 {
         self.0[bp::LOADFLAGS]
+    }
+    /// `acpi_rsdp_addr` (0: not given).
+    pub fn acpi_rsdp_addr(&self) -> u64 {
+        le(self.0, bp::ACPI_RSDP_ADDR, 8)
     }
     /// `e820_entries`.
     pub fn e820_entries(&self) -> u8 {
@@ -313,6 +319,8 @@ pub struct BootInfo<'a> {
     pub cmdline: Cmdline<'a>,
     /// Initrd / module 0, if the VMM reported one.
     pub initrd: Option<Region>,
+    /// ACPI RSDP address from boot_params / hvm_start_info (0: not given).
+    pub rsdp: u64,
     /// First structural problem, if any (the `boot` scenario fails with it).
     pub problem: Option<BootProblem>,
 }
@@ -325,6 +333,7 @@ impl<'a> BootInfo<'a> {
             memmap: MemMap::new(),
             cmdline: Cmdline::new(&[]),
             initrd: None,
+            rsdp: 0,
             problem: None,
         }
     }
@@ -376,6 +385,7 @@ impl<'a> BootInfo<'a> {
                 self.memmap.push(e);
             }
         }
+        self.rsdp = p.acpi_rsdp_addr();
         match p.cmd_line_ptr() {
             0 => self.note(BootProblem::NoCmdline),
             addr => self.read_cmdline(addr, mem),
@@ -422,6 +432,7 @@ impl<'a> BootInfo<'a> {
                 }
             }
         }
+        self.rsdp = s.rsdp_paddr();
         match s.cmdline_paddr() {
             0 => self.note(BootProblem::NoCmdline),
             addr => self.read_cmdline(addr, mem),

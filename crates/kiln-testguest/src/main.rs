@@ -12,6 +12,7 @@ mod mem;
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
+use kiln_testguest::acpi as kacpi;
 use kiln_testguest::boot::check_boot;
 use kiln_testguest::bootinfo::{BootInfo, PhysMem};
 use kiln_testguest::cpuid::{self as kcpuid, CpuidResult};
@@ -57,6 +58,9 @@ const TABLE: &[(Scenario, RunFn)] = &[
     (Scenario::Cpuid, run_cpuid),
     (Scenario::Serial, run_serial),
     (Scenario::Exits, run_exits),
+    (Scenario::Acpi, run_acpi),
+    (Scenario::Poweroff, run_poweroff),
+    (Scenario::Reset, run_reset),
 ];
 
 fn report(name: &str, pass: bool, detail: &[u8]) {
@@ -111,6 +115,101 @@ pub extern "C" fn kmain(protocol: u32, info_addr: u64) -> ! {
         }
     }
     finish()
+}
+
+fn cmdline_cpus(ctx: &Ctx<'_>) -> Option<u32> {
+    ctx.info
+        .cmdline
+        .get_u64("kiln.cpus")
+        .ok()
+        .flatten()
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+fn acpi_tables(ctx: &Ctx<'_>, out: &mut LineBuf) -> Option<kacpi::AcpiInfo> {
+    match kacpi::parse(&MEM, ctx.info.rsdp) {
+        Ok(i) => Some(i),
+        Err(e) => {
+            e.describe(out);
+            None
+        }
+    }
+}
+
+fn run_acpi(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
+    match acpi_tables(ctx, out) {
+        Some(info) => kacpi::check(&info, cmdline_cpus(ctx), out),
+        None => false,
+    }
+}
+
+/// Writes `value` to an 8-bit system-I/O register from the FADT.
+fn write_gas_io8(reg: &kacpi::Gas, value: u8, what: &str, out: &mut LineBuf) -> bool {
+    match u16::try_from(reg.address) {
+        Ok(port) if reg.space == 1 => {
+            io::outb(port, value);
+            true
+        }
+        _ => {
+            out.push_str(what);
+            out.push_str(" is not a system-I/O port");
+            false
+        }
+    }
+}
+
+/// Powers off as Linux does on a hardware-reduced ACPI machine: SLP_TYP from `\_S5_`,
+/// SLP_EN, written to the FADT's sleep control register. PASS is reported first, since a
+/// working power-off ends the VM (the harness checks kiln's exit status).
+fn run_poweroff(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
+    let Some(info) = acpi_tables(ctx, out) else {
+        return false;
+    };
+    let Some(typ) = info.s5_slp_typ else {
+        out.push_str("no _S5_ in the DSDT");
+        return false;
+    };
+    report(
+        "poweroff",
+        true,
+        b"writing SLP_TYP|SLP_EN to the sleep control register",
+    );
+    let mut why = LineBuf::new();
+    write_gas_io8(
+        &info.sleep_control,
+        ((typ & 7) << 2) | (1 << 5),
+        "sleep control",
+        &mut why,
+    );
+    out.push_str("still running after the S5 write ");
+    out.push_bytes(why.as_bytes());
+    false
+}
+
+/// Resets through the FADT reset register; PASS first, as for `poweroff`.
+fn run_reset(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
+    let Some(info) = acpi_tables(ctx, out) else {
+        return false;
+    };
+    if info.fadt_flags & kacpi::FADT_RESET_REG_SUP == 0 {
+        out.push_str("FADT has no reset register");
+        return false;
+    }
+    report(
+        "reset",
+        true,
+        b"writing the reset value to the reset register",
+    );
+    let mut why = LineBuf::new();
+    write_gas_io8(
+        &info.reset_reg,
+        info.reset_value,
+        "reset register",
+        &mut why,
+    );
+    out.push_str("still running after the reset write ");
+    out.push_bytes(why.as_bytes());
+    false
 }
 
 fn run_boot(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {

@@ -13,14 +13,23 @@ pub enum Scenario {
     Serial,
     /// PIO and MMIO exits through the kiln exit-test device.
     Exits,
+    /// ACPI tables: RSDP both ways, checksums, FADT, MADT, DSDT.
+    Acpi,
+    /// Power off through the FADT sleep control register (ends the VM).
+    Poweroff,
+    /// Reset through the FADT reset register (ends the VM).
+    Reset,
 }
 
 /// Every scenario, in the order `all` would run them if they needed no input.
-pub const SCENARIOS: [Scenario; 4] = [
+pub const SCENARIOS: [Scenario; 7] = [
     Scenario::Boot,
     Scenario::Cpuid,
     Scenario::Serial,
     Scenario::Exits,
+    Scenario::Acpi,
+    Scenario::Poweroff,
+    Scenario::Reset,
 ];
 
 impl Scenario {
@@ -31,6 +40,9 @@ impl Scenario {
             Scenario::Cpuid => "cpuid",
             Scenario::Serial => "serial",
             Scenario::Exits => "exits",
+            Scenario::Acpi => "acpi",
+            Scenario::Poweroff => "poweroff",
+            Scenario::Reset => "reset",
         }
     }
 
@@ -45,6 +57,11 @@ impl Scenario {
     /// Scenarios that wait for input are left out of `all`.
     pub fn needs_input(self) -> bool {
         matches!(self, Scenario::Serial)
+    }
+
+    /// Scenarios that end the VM themselves are left out of `all` too.
+    pub fn ends_vm(self) -> bool {
+        matches!(self, Scenario::Poweroff | Scenario::Reset)
     }
 }
 
@@ -83,7 +100,10 @@ impl Selection {
     /// `all`: every scenario that needs no input.
     pub fn all() -> Self {
         let mut s = Selection::new();
-        for sc in SCENARIOS.iter().filter(|s| !s.needs_input()) {
+        for sc in SCENARIOS
+            .iter()
+            .filter(|s| !s.needs_input() && !s.ends_vm())
+        {
             s.push(*sc);
         }
         s
@@ -137,8 +157,11 @@ mod tests {
 
     #[test]
     fn default_and_all_skip_input_scenarios() {
-        assert_eq!(sel(b"").unwrap(), ["boot", "cpuid", "exits"]);
-        assert_eq!(sel(b"kiln.test=all").unwrap(), ["boot", "cpuid", "exits"]);
+        assert_eq!(sel(b"").unwrap(), ["boot", "cpuid", "exits", "acpi"]);
+        assert_eq!(
+            sel(b"kiln.test=all").unwrap(),
+            ["boot", "cpuid", "exits", "acpi"]
+        );
     }
 
     #[test]
