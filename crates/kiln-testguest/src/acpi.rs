@@ -303,7 +303,7 @@ pub const FADT_RESET_REG_SUP: u32 = 1 << 10;
 /// The `acpi` scenario's verdict: the tables describe kiln's machine with `cpus` vCPUs
 /// (when known) and the power registers of docs/guest-contract.md.
 pub fn check(info: &AcpiInfo, cpus: Option<u32>, out: &mut LineBuf) -> bool {
-    let mut fail = |why: &str, out: &mut LineBuf| {
+    let fail = |why: &str, out: &mut LineBuf| {
         out.push_str(why);
         false
     };
