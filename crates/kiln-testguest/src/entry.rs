@@ -114,6 +114,7 @@ ktg_gdt:
     .quad 0x00CF93000000FFFF
 ktg_gdt_end:
     .balign 8
+    .globl ktg_gdt_ptr
 ktg_gdt_ptr:
     .word ktg_gdt_end - ktg_gdt - 1
     .quad ktg_gdt
@@ -121,6 +122,7 @@ ktg_gdt_ptr:
     /* Identity map of the first 4 GiB, 2 MiB pages; [3 GiB, 4 GiB) is the MMIO hole: PCD|PWT. */
     .section .data.ktg_paging, "aw", @progbits
     .balign 4096
+    .globl ktg_pml4
 ktg_pml4:
     .quad ktg_pdpt + 0x3
     .fill 511, 8, 0

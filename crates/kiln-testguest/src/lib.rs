@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod acpi;
+pub mod apic;
 pub mod boot;
 pub mod bootinfo;
 pub mod cmdline;

@@ -9,6 +9,7 @@
 mod entry;
 mod io;
 mod mem;
+mod smp;
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -59,6 +60,7 @@ const TABLE: &[(Scenario, RunFn)] = &[
     (Scenario::Serial, run_serial),
     (Scenario::Exits, run_exits),
     (Scenario::Acpi, run_acpi),
+    (Scenario::Smp, run_smp),
     (Scenario::Poweroff, run_poweroff),
     (Scenario::Reset, run_reset),
 ];
@@ -141,6 +143,52 @@ fn run_acpi(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
         Some(info) => kacpi::check(&info, cmdline_cpus(ctx), out),
         None => false,
     }
+}
+
+/// Starts the APs once per boot (a second `smp` in one list reports the same result).
+fn run_smp(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
+    // The vCPU count: kiln.cpus, else the MADT's.
+    let cpus = match cmdline_cpus(ctx) {
+        Some(n) => n,
+        None => match kacpi::parse(&MEM, ctx.info.rsdp) {
+            Ok(i) => i.lapics,
+            Err(_) => {
+                out.push_str("vCPU count unknown: no kiln.cpus and no ACPI MADT");
+                return false;
+            }
+        },
+    };
+    if cpus <= 1 {
+        out.push_str("single vCPU: no APs to start");
+        return true;
+    }
+    if cpus as usize - 1 > kiln_testguest::apic::MAX_APS {
+        out.push_str("more APs than the guest has stacks for");
+        return false;
+    }
+    // A generous bound in TSC cycles (seconds at any plausible TSC rate): emulated AP
+    // start-up under kvm-pvm is slow.
+    let count = smp::start_aps(cpus - 1, 30_000_000_000);
+    let mut seen = [0u64; 4];
+    for (s, a) in seen.iter_mut().zip(&smp::AP_SEEN) {
+        *s = a.load(Ordering::SeqCst);
+    }
+    out.push_str("aps=");
+    out.push_dec(u64::from(count));
+    out.push_str(" of ");
+    out.push_dec(u64::from(cpus - 1));
+    out.push_str(" ids=");
+    let mut first = true;
+    for id in 0..256u64 {
+        if seen[(id / 64) as usize] & (1 << (id % 64)) != 0 {
+            if !first {
+                out.push_str(",");
+            }
+            out.push_dec(id);
+            first = false;
+        }
+    }
+    kiln_testguest::apic::aps_complete(cpus, count, &seen)
 }
 
 /// Writes `value` to an 8-bit system-I/O register from the FADT.

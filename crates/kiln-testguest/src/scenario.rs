@@ -15,6 +15,8 @@ pub enum Scenario {
     Exits,
     /// ACPI tables: RSDP both ways, checksums, FADT, MADT, DSDT.
     Acpi,
+    /// Start every AP with INIT/SIPI/SIPI; each reports its APIC ID.
+    Smp,
     /// Power off through the FADT sleep control register (ends the VM).
     Poweroff,
     /// Reset through the FADT reset register (ends the VM).
@@ -22,12 +24,13 @@ pub enum Scenario {
 }
 
 /// Every scenario, in the order `all` would run them if they needed no input.
-pub const SCENARIOS: [Scenario; 7] = [
+pub const SCENARIOS: [Scenario; 8] = [
     Scenario::Boot,
     Scenario::Cpuid,
     Scenario::Serial,
     Scenario::Exits,
     Scenario::Acpi,
+    Scenario::Smp,
     Scenario::Poweroff,
     Scenario::Reset,
 ];
@@ -41,6 +44,7 @@ impl Scenario {
             Scenario::Serial => "serial",
             Scenario::Exits => "exits",
             Scenario::Acpi => "acpi",
+            Scenario::Smp => "smp",
             Scenario::Poweroff => "poweroff",
             Scenario::Reset => "reset",
         }
@@ -157,10 +161,10 @@ mod tests {
 
     #[test]
     fn default_and_all_skip_input_scenarios() {
-        assert_eq!(sel(b"").unwrap(), ["boot", "cpuid", "exits", "acpi"]);
+        assert_eq!(sel(b"").unwrap(), ["boot", "cpuid", "exits", "acpi", "smp"]);
         assert_eq!(
             sel(b"kiln.test=all").unwrap(),
-            ["boot", "cpuid", "exits", "acpi"]
+            ["boot", "cpuid", "exits", "acpi", "smp"]
         );
     }
 
