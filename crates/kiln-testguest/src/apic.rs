@@ -56,3 +56,59 @@ mod tests {
         assert!(!aps_complete(2, 1, &[0b100, 0, 0, 0]), "wrong ID");
     }
 }
+
+/// IOAPIC MMIO base.
+pub const IOAPIC_BASE: u64 = 0xfec0_0000;
+/// IOAPIC register-select offset.
+pub const IOAPIC_IOREGSEL: u64 = 0x00;
+/// IOAPIC data-window offset.
+pub const IOAPIC_IOWIN: u64 = 0x10;
+
+/// IOAPIC register index of redirection entry `pin` (low dword; high is +1).
+pub fn ioredtbl_index(pin: u8) -> u32 {
+    0x10 + 2 * u32::from(pin)
+}
+
+/// Redirection entry, low dword: fixed delivery, physical destination, edge, active high,
+/// unmasked, `vector`. With `masked`, bit 16 is set.
+pub fn ioredtbl_low(vector: u8, masked: bool) -> u32 {
+    u32::from(vector) | (u32::from(masked) << 16)
+}
+
+/// Redirection entry, high dword: destination APIC ID in bits 24..31.
+pub fn ioredtbl_high(apic_id: u8) -> u32 {
+    u32::from(apic_id) << 24
+}
+
+/// A 64-bit interrupt gate (16 bytes as two u64): present, DPL 0, type 0xE, `selector`,
+/// no IST.
+pub fn idt_gate(handler: u64, selector: u16) -> [u64; 2] {
+    let low = (handler & 0xffff)
+        | (u64::from(selector) << 16)
+        | (0x8e << 40)
+        | ((handler >> 16) & 0xffff) << 48;
+    [low, handler >> 32]
+}
+
+#[cfg(test)]
+mod irq_tests {
+    use super::*;
+
+    #[test]
+    fn ioapic_encodings() {
+        assert_eq!(ioredtbl_index(4), 0x18);
+        assert_eq!(ioredtbl_low(0x34, false), 0x34);
+        assert_eq!(ioredtbl_low(0x34, true), 0x1_0034);
+        assert_eq!(ioredtbl_high(3), 0x0300_0000);
+    }
+
+    #[test]
+    fn gate_layout() {
+        let [lo, hi] = idt_gate(0x1234_5678_9abc_def0, 0x10);
+        assert_eq!(lo & 0xffff, 0xdef0);
+        assert_eq!((lo >> 16) & 0xffff, 0x10);
+        assert_eq!((lo >> 40) & 0xff, 0x8e);
+        assert_eq!(lo >> 48, 0x9abc);
+        assert_eq!(hi, 0x1234_5678);
+    }
+}

@@ -8,6 +8,7 @@
 
 mod entry;
 mod io;
+mod irq;
 mod mem;
 mod smp;
 
@@ -61,6 +62,7 @@ const TABLE: &[(Scenario, RunFn)] = &[
     (Scenario::Exits, run_exits),
     (Scenario::Acpi, run_acpi),
     (Scenario::Smp, run_smp),
+    (Scenario::Irq, run_irq),
     (Scenario::Poweroff, run_poweroff),
     (Scenario::Reset, run_reset),
 ];
@@ -189,6 +191,19 @@ fn run_smp(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
         }
     }
     kiln_testguest::apic::aps_complete(cpus, count, &seen)
+}
+
+fn run_irq(_ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
+    let (rx, thre, timer, other) = irq::run(30_000_000_000);
+    out.push_str("com1_rx=");
+    out.push_dec(u64::from(rx));
+    out.push_str(" com1_thre=");
+    out.push_dec(u64::from(thre));
+    out.push_str(" lapic_timer=");
+    out.push_dec(u64::from(timer));
+    out.push_str(" unexpected=");
+    out.push_dec(u64::from(other));
+    rx > 0 && thre > 0 && timer > 0 && other == 0
 }
 
 /// Writes `value` to an 8-bit system-I/O register from the FADT.

@@ -17,6 +17,8 @@ pub enum Scenario {
     Acpi,
     /// Start every AP with INIT/SIPI/SIPI; each reports its APIC ID.
     Smp,
+    /// COM1 RX/THRE and LAPIC timer interrupts through IOAPIC/LAPIC (needs input).
+    Irq,
     /// Power off through the FADT sleep control register (ends the VM).
     Poweroff,
     /// Reset through the FADT reset register (ends the VM).
@@ -24,13 +26,14 @@ pub enum Scenario {
 }
 
 /// Every scenario, in the order `all` would run them if they needed no input.
-pub const SCENARIOS: [Scenario; 8] = [
+pub const SCENARIOS: [Scenario; 9] = [
     Scenario::Boot,
     Scenario::Cpuid,
     Scenario::Serial,
     Scenario::Exits,
     Scenario::Acpi,
     Scenario::Smp,
+    Scenario::Irq,
     Scenario::Poweroff,
     Scenario::Reset,
 ];
@@ -45,6 +48,7 @@ impl Scenario {
             Scenario::Exits => "exits",
             Scenario::Acpi => "acpi",
             Scenario::Smp => "smp",
+            Scenario::Irq => "irq",
             Scenario::Poweroff => "poweroff",
             Scenario::Reset => "reset",
         }
@@ -60,7 +64,7 @@ impl Scenario {
 
     /// Scenarios that wait for input are left out of `all`.
     pub fn needs_input(self) -> bool {
-        matches!(self, Scenario::Serial)
+        matches!(self, Scenario::Serial | Scenario::Irq)
     }
 
     /// Scenarios that end the VM themselves are left out of `all` too.

@@ -1,0 +1,206 @@
+//! Interrupt delivery: a 64-bit IDT, the 8259 PIC masked, the IOAPIC routing COM1's IRQ 4 to
+//! the BSP, and the local APIC timer. Counts what arrives; `run` says whether COM1 RX, COM1
+//! THRE and the LAPIC timer interrupts were all taken.
+//!
+//! Interrupts are taken only in long mode (kvm-pvm can't `iret` in 32-bit protected mode),
+//! at CPL 0 on the current stack (the guest is built without a red zone).
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use kiln_testguest::apic::{
+    idt_gate, ioredtbl_high, ioredtbl_index, ioredtbl_low, IOAPIC_BASE, IOAPIC_IOREGSEL,
+    IOAPIC_IOWIN,
+};
+
+use crate::io;
+
+/// Vector of COM1's interrupt (IOAPIC pin 4).
+pub const VEC_COM1: u8 = 0x34;
+/// Vector of the LAPIC timer.
+pub const VEC_TIMER: u8 = 0x40;
+/// Spurious-interrupt vector.
+pub const VEC_SPURIOUS: u8 = 0xff;
+
+const LAPIC: u64 = 0xfee0_0000;
+const LAPIC_EOI: u64 = LAPIC + 0xb0;
+const LAPIC_SVR: u64 = LAPIC + 0xf0;
+const LAPIC_LVT_TIMER: u64 = LAPIC + 0x320;
+const LAPIC_TIMER_INIT: u64 = LAPIC + 0x380;
+const LAPIC_TIMER_DIV: u64 = LAPIC + 0x3e0;
+
+const COM1: u16 = 0x3f8;
+const IER: u16 = COM1 + 1;
+const IIR: u16 = COM1 + 2;
+const MCR: u16 = COM1 + 4;
+const LSR: u16 = COM1 + 5;
+
+/// Interrupts seen, by kind.
+pub static RX: AtomicU32 = AtomicU32::new(0);
+/// THR-empty interrupts seen.
+pub static THRE: AtomicU32 = AtomicU32::new(0);
+/// LAPIC timer interrupts seen.
+pub static TIMER: AtomicU32 = AtomicU32::new(0);
+/// Interrupts on vectors nobody expected.
+pub static OTHER: AtomicU32 = AtomicU32::new(0);
+
+#[repr(C, align(16))]
+struct Idt([[u64; 2]; 256]);
+
+static mut IDT: Idt = Idt([[0; 2]; 256]);
+
+#[repr(C, packed)]
+struct Idtr {
+    limit: u16,
+    base: u64,
+}
+
+macro_rules! isr {
+    ($name:ident, $vector:expr) => {
+        core::arch::global_asm!(
+            concat!(".text\n", stringify!($name), ":"),
+            "push %rax",
+            "push %rcx",
+            "push %rdx",
+            "push %rsi",
+            "push %rdi",
+            "push %r8",
+            "push %r9",
+            "push %r10",
+            "push %r11",
+            // 5-word interrupt frame + 9 pushes keep RSP 16-byte aligned for the call.
+            concat!("mov $", $vector, ", %edi"),
+            "call ktg_irq_dispatch",
+            "pop %r11",
+            "pop %r10",
+            "pop %r9",
+            "pop %r8",
+            "pop %rdi",
+            "pop %rsi",
+            "pop %rdx",
+            "pop %rcx",
+            "pop %rax",
+            "iretq",
+            options(att_syntax)
+        );
+    };
+}
+
+isr!(ktg_isr_com1, "0x34");
+isr!(ktg_isr_timer, "0x40");
+isr!(ktg_isr_spurious, "0xff");
+
+unsafe extern "C" {
+    fn ktg_isr_com1();
+    fn ktg_isr_timer();
+    fn ktg_isr_spurious();
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ktg_irq_dispatch(vector: u64) {
+    match vector as u8 {
+        VEC_COM1 => {
+            // Drain every pending cause; IIR bit 0 set means none left.
+            for _ in 0..16 {
+                let iir = io::inb(IIR);
+                if iir & 1 != 0 {
+                    break;
+                }
+                match iir & 0x0e {
+                    0x02 => {
+                        THRE.fetch_add(1, Ordering::SeqCst);
+                        // One is enough: stop THRE interrupts, keep RX.
+                        io::outb(IER, 0x01);
+                    }
+                    0x04 | 0x0c => {
+                        while io::inb(LSR) & 1 != 0 {
+                            let _ = io::inb(COM1);
+                        }
+                        RX.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => {
+                        let _ = io::inb(LSR);
+                        let _ = io::inb(COM1 + 6);
+                    }
+                }
+            }
+        }
+        VEC_TIMER => {
+            TIMER.fetch_add(1, Ordering::SeqCst);
+        }
+        VEC_SPURIOUS => return, // no EOI for spurious interrupts
+        _ => {
+            OTHER.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    io::mmio_write32(LAPIC_EOI, 0);
+}
+
+fn ioapic_write(index: u32, value: u32) {
+    io::mmio_write32(IOAPIC_BASE + IOAPIC_IOREGSEL, index);
+    io::mmio_write32(IOAPIC_BASE + IOAPIC_IOWIN, value);
+}
+
+fn load_idt() {
+    let gates = [
+        (VEC_COM1, ktg_isr_com1 as usize as u64),
+        (VEC_TIMER, ktg_isr_timer as usize as u64),
+        (VEC_SPURIOUS, ktg_isr_spurious as usize as u64),
+    ];
+    // SAFETY: one CPU runs this with interrupts off; the IDT is only read by the CPU once
+    // loaded, after these writes.
+    unsafe {
+        let idt = &mut *core::ptr::addr_of_mut!(IDT);
+        for (v, h) in gates {
+            idt.0[usize::from(v)] = idt_gate(h, 0x10);
+        }
+        let idtr = Idtr {
+            limit: (core::mem::size_of::<Idt>() - 1) as u16,
+            base: idt as *const Idt as u64,
+        };
+        core::arch::asm!("lidt [{}]", in(reg) &idtr, options(readonly, nostack, preserves_flags));
+    }
+}
+
+/// Arms everything, enables interrupts, prints `KTEST-IRQ-READY` (so the host sends a
+/// line) and waits up to `timeout_cycles` of TSC for RX, THRE and timer interrupts. Leaves
+/// interrupts off and the sources masked. Returns (rx, thre, timer, other).
+pub fn run(timeout_cycles: u64) -> (u32, u32, u32, u32) {
+    load_idt();
+    // The 8259 would deliver IRQs as ExtINT at vector base 0: mask both.
+    io::outb(0x21, 0xff);
+    io::outb(0xa1, 0xff);
+    io::mmio_write32(LAPIC_SVR, 0x100 | u32::from(VEC_SPURIOUS));
+    ioapic_write(ioredtbl_index(4) + 1, ioredtbl_high(0));
+    ioapic_write(ioredtbl_index(4), ioredtbl_low(VEC_COM1, false));
+    io::serial_line(b"KTEST-IRQ-READY");
+    // OUT2 gates the UART's interrupt output on PCs; RX data + THR empty.
+    io::outb(MCR, io::inb(MCR) | 0x08);
+    io::outb(IER, 0x03);
+    // One-shot LAPIC timer, divide by 1.
+    io::mmio_write32(LAPIC_TIMER_DIV, 0x0b);
+    io::mmio_write32(LAPIC_LVT_TIMER, u32::from(VEC_TIMER));
+    io::mmio_write32(LAPIC_TIMER_INIT, 100_000);
+    // SAFETY: the IDT has handlers for every vector that is unmasked.
+    unsafe { core::arch::asm!("sti", options(nomem, nostack)) };
+    // SAFETY: rdtsc has no side effects.
+    let t = unsafe { core::arch::x86_64::_rdtsc() };
+    while (RX.load(Ordering::SeqCst) == 0
+        || THRE.load(Ordering::SeqCst) == 0
+        || TIMER.load(Ordering::SeqCst) == 0)
+        // SAFETY: as above.
+        && unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(t) < timeout_cycles
+    {
+        core::hint::spin_loop();
+    }
+    // SAFETY: turning interrupts off has no other effect.
+    unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+    io::outb(IER, 0);
+    ioapic_write(ioredtbl_index(4), ioredtbl_low(VEC_COM1, true));
+    io::mmio_write32(LAPIC_LVT_TIMER, 1 << 16);
+    (
+        RX.load(Ordering::SeqCst),
+        THRE.load(Ordering::SeqCst),
+        TIMER.load(Ordering::SeqCst),
+        OTHER.load(Ordering::SeqCst),
+    )
+}
