@@ -30,4 +30,5 @@ pub mod exits;
 pub mod fnv;
 pub mod line;
 pub mod memmap;
+pub mod pvclock;
 pub mod scenario;

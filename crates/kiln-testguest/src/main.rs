@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod clock;
 mod entry;
 mod io;
 mod irq;
@@ -63,6 +64,7 @@ const TABLE: &[(Scenario, RunFn)] = &[
     (Scenario::Acpi, run_acpi),
     (Scenario::Smp, run_smp),
     (Scenario::Irq, run_irq),
+    (Scenario::Clock, run_clock),
     (Scenario::Poweroff, run_poweroff),
     (Scenario::Reset, run_reset),
 ];
@@ -191,6 +193,38 @@ fn run_smp(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
         }
     }
     kiln_testguest::apic::aps_complete(cpus, count, &seen)
+}
+
+fn run_clock(_ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
+    let features = cpuid(0x4000_0001, 0).eax;
+    if !clock::enable(features) {
+        out.push_str("no kvmclock in CPUID 0x40000001");
+        return false;
+    }
+    // Monotonic over many back-to-back reads.
+    let mut last = clock::now();
+    for _ in 0..2000 {
+        let t = clock::now();
+        if t < last {
+            out.push_str("kvmclock went backwards");
+            return false;
+        }
+        last = t;
+    }
+    // Rate against the PIT: 20 periods of 50 ms = 1 s of host time.
+    let Some((kvm_ns, pit_ns)) = clock::measure(20, 59_659) else {
+        out.push_str("PIT channel 2 never fired");
+        return false;
+    };
+    let ppm = kiln_testguest::pvclock::ppm_off(kvm_ns, pit_ns);
+    out.push_str("kvmclock_ns=");
+    out.push_dec(kvm_ns);
+    out.push_str(" pit_ns=");
+    out.push_dec(pit_ns);
+    out.push_str(" off_ppm=");
+    out.push_dec(ppm);
+    out.push_str(" cross-vcpu=unchecked");
+    ppm <= 10_000
 }
 
 fn run_irq(_ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {

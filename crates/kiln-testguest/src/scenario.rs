@@ -19,6 +19,8 @@ pub enum Scenario {
     Smp,
     /// COM1 RX/THRE and LAPIC timer interrupts through IOAPIC/LAPIC (needs input).
     Irq,
+    /// kvmclock: present, monotonic, and at the PIT's rate within 1%.
+    Clock,
     /// Power off through the FADT sleep control register (ends the VM).
     Poweroff,
     /// Reset through the FADT reset register (ends the VM).
@@ -26,7 +28,7 @@ pub enum Scenario {
 }
 
 /// Every scenario, in the order `all` would run them if they needed no input.
-pub const SCENARIOS: [Scenario; 9] = [
+pub const SCENARIOS: [Scenario; 10] = [
     Scenario::Boot,
     Scenario::Cpuid,
     Scenario::Serial,
@@ -34,6 +36,7 @@ pub const SCENARIOS: [Scenario; 9] = [
     Scenario::Acpi,
     Scenario::Smp,
     Scenario::Irq,
+    Scenario::Clock,
     Scenario::Poweroff,
     Scenario::Reset,
 ];
@@ -49,6 +52,7 @@ impl Scenario {
             Scenario::Acpi => "acpi",
             Scenario::Smp => "smp",
             Scenario::Irq => "irq",
+            Scenario::Clock => "clock",
             Scenario::Poweroff => "poweroff",
             Scenario::Reset => "reset",
         }
@@ -165,10 +169,13 @@ mod tests {
 
     #[test]
     fn default_and_all_skip_input_scenarios() {
-        assert_eq!(sel(b"").unwrap(), ["boot", "cpuid", "exits", "acpi", "smp"]);
+        assert_eq!(
+            sel(b"").unwrap(),
+            ["boot", "cpuid", "exits", "acpi", "smp", "clock"]
+        );
         assert_eq!(
             sel(b"kiln.test=all").unwrap(),
-            ["boot", "cpuid", "exits", "acpi", "smp"]
+            ["boot", "cpuid", "exits", "acpi", "smp", "clock"]
         );
     }
 
