@@ -555,6 +555,19 @@ mod tests {
     }
 
     #[test]
+    fn rsdp_pointer_is_read_from_both_protocols() {
+        // boot_params.acpi_rsdp_addr is a u64 at 0x070; hvm_start_info.rsdp_paddr at 0x20.
+        let mut m = linux_mem(b"x\0");
+        assert_eq!(BootInfo::collect(1, BP, &m).rsdp, 0);
+        m.put_u(BP + 0x70, 0x1_000e_0000, 8);
+        assert_eq!(BootInfo::collect(1, BP, &m).rsdp, 0x1_000e_0000);
+        let mut m = pvh_mem(b"x\0");
+        assert_eq!(BootInfo::collect(2, SI, &m).rsdp, 0);
+        m.put_u(SI + 0x20, 0xe_0000, 8);
+        assert_eq!(BootInfo::collect(2, SI, &m).rsdp, 0xe_0000);
+    }
+
+    #[test]
     fn linux_problems_are_reported() {
         let mut m = linux_mem(b"x\0");
         m.put_u(BP + bp::HEADER as u64, 0x1234, 4);

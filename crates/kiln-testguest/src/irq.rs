@@ -99,28 +99,22 @@ unsafe extern "C" {
 extern "C" fn ktg_irq_dispatch(vector: u64) {
     match vector as u8 {
         VEC_COM1 => {
-            // Drain every pending cause; IIR bit 0 set means none left.
-            for _ in 0..16 {
-                let iir = io::inb(IIR);
-                if iir & 1 != 0 {
-                    break;
+            // Like Linux's 8250 driver: IIR says whether the UART is asserting; LSR says what
+            // to service. (vm-superio can report RX and THRE in IIR at once, which no code
+            // of a real 16550 means, so IIR's bits are not matched as one code.)
+            let iir = io::inb(IIR);
+            if iir & 1 == 0 {
+                let lsr = io::inb(LSR);
+                if lsr & 1 != 0 {
+                    while io::inb(LSR) & 1 != 0 {
+                        let _ = io::inb(COM1);
+                    }
+                    RX.fetch_add(1, Ordering::SeqCst);
                 }
-                match iir & 0x0e {
-                    0x02 => {
-                        THRE.fetch_add(1, Ordering::SeqCst);
-                        // One is enough: stop THRE interrupts, keep RX.
-                        io::outb(IER, 0x01);
-                    }
-                    0x04 | 0x0c => {
-                        while io::inb(LSR) & 1 != 0 {
-                            let _ = io::inb(COM1);
-                        }
-                        RX.fetch_add(1, Ordering::SeqCst);
-                    }
-                    _ => {
-                        let _ = io::inb(LSR);
-                        let _ = io::inb(COM1 + 6);
-                    }
+                if iir & 0x0e == 0x02 || (iir & 0x02 != 0 && lsr & 0x20 != 0) {
+                    THRE.fetch_add(1, Ordering::SeqCst);
+                    // One is enough: stop THRE interrupts, keep RX.
+                    io::outb(IER, 0x01);
                 }
             }
         }
