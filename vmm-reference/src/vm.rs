@@ -442,6 +442,12 @@ fn build_devices(
         legacy::POWER_PORT_SIZE,
         Arc::new(legacy::PowerDevice::new(power)),
     )?;
+    // No PCI yet: answer the kernel's config-space probes as an empty bus would.
+    pio.insert(
+        PioAddress(legacy::PCI_CONFIG_PORT),
+        legacy::PCI_CONFIG_PORT_SIZE,
+        Arc::new(legacy::NoPciHost::new()),
+    )?;
     let exit_test = Arc::new(legacy::ExitTestDevice::default());
     pio.insert(
         PioAddress(legacy::EXIT_TEST_PORT),

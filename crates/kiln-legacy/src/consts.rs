@@ -12,6 +12,11 @@ pub const COM1_IRQ: u32 = 4;
 /// (the DSDT's GED `_EVT` notifies `\_SB.PWRB`). Above the ISA range, so it is IOAPIC-only.
 pub const GED_GSI: u32 = 23;
 
+/// PCI configuration mechanism #1: CONFIG_ADDRESS at 0xcf8, CONFIG_DATA at 0xcfc.
+pub const PCI_CONFIG_PORT: u16 = 0xcf8;
+/// Ports 0xcf8..0xd00.
+pub const PCI_CONFIG_PORT_SIZE: u16 = 8;
+
 /// i8042 data port.
 pub const I8042_DATA_PORT: u16 = 0x60;
 /// i8042 status (read) / command (write) port.

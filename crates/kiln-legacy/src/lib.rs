@@ -14,6 +14,7 @@
 pub mod consts;
 mod exit_test;
 mod i8042;
+mod no_pci;
 mod post;
 mod power;
 mod serial;
@@ -22,6 +23,7 @@ mod serial;
 pub use consts::*;
 pub use exit_test::ExitTestDevice;
 pub use i8042::I8042Device;
+pub use no_pci::NoPciHost;
 pub use post::PostDevice;
 pub use power::PowerDevice;
 pub use serial::{LineTrigger, SerialDevice};

@@ -39,7 +39,7 @@ impl BusExitHandler {
     #[cold]
     fn miss(&self, what: &str, addr: u64, len: usize, err: &kiln_bus::Error) {
         self.misses.warn(format_args!(
-            "kiln: guest {what} of {len} byte(s) at {addr:#x} ignored: {err}"
+            "guest {what} of {len} byte(s) at {addr:#x} ignored: {err}"
         ));
     }
 }

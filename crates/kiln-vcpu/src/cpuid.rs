@@ -102,6 +102,14 @@ pub fn normalize_entries(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u32, count: u
     Ok(())
 }
 
+/// True if leaf 0's vendor string is "AuthenticAMD".
+pub fn is_amd(entries: &[kvm_cpuid_entry2]) -> bool {
+    entries
+        .iter()
+        .find(|e| e.function == 0)
+        .is_some_and(|e| (e.ebx, e.edx, e.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163))
+}
+
 /// [`normalize_entries`] on a KVM `CpuId` container, returning a new container.
 pub fn normalize(supported: &CpuId, cpu: u32, count: u32) -> Result<CpuId> {
     let mut entries = supported.as_slice().to_vec();
@@ -196,6 +204,16 @@ mod tests {
         let mut e = vec![leaf(0, 0, 0xa), leaf(1, 0, 0)];
         normalize_entries(&mut e, 0, 2).expect("normalize");
         assert!(!e.iter().any(|x| x.function == 0xb));
+    }
+
+    #[test]
+    fn amd_vendor_detection() {
+        let mut l0 = leaf(0, 0, 0x10);
+        (l0.ebx, l0.edx, l0.ecx) = (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+        assert!(is_amd(&[l0]));
+        (l0.ebx, l0.edx, l0.ecx) = (0x756e_6547, 0x4965_6e69, 0x6c65_746e); // GenuineIntel
+        assert!(!is_amd(&[l0]));
+        assert!(!is_amd(&[]));
     }
 
     #[test]

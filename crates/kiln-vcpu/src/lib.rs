@@ -66,6 +66,10 @@ pub fn create_vcpu(
     fd.set_cpuid2(&cpuid)
         .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
     regs::setup_msrs(&fd)?;
+    if cpuid::is_amd(supported.as_slice()) {
+        // A refusal only means an older KVM; the guest then logs a harmless warning.
+        let _ = regs::setup_amd_hwcr(&fd);
+    }
     regs::setup_fpu(&fd)?;
     regs::setup_lapic(&fd)?;
     Ok(fd)

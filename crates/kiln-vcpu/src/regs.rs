@@ -197,6 +197,35 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<()> {
     Ok(())
 }
 
+/// AMD's hardware configuration register.
+pub const MSR_K7_HWCR: u32 = 0xc001_0015;
+/// HWCR.TscFreqSel: the TSC counts at the P0 frequency. Firmware sets it on every AMD part
+/// with a constant TSC; Linux reports a firmware bug when it is clear.
+pub const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
+
+/// Sets HWCR.TscFreqSel as AMD firmware does. Best effort: KVM versions that don't emulate
+/// the bit refuse the write, which is reported as `false` and is otherwise harmless.
+pub fn setup_amd_hwcr(vcpu: &VcpuFd) -> bool {
+    let Ok(mut msrs) = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_K7_HWCR,
+        ..Default::default()
+    }]) else {
+        return false;
+    };
+    let current = match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => msrs.as_slice()[0].data,
+        _ => 0,
+    };
+    let Ok(set) = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_K7_HWCR,
+        data: current | HWCR_TSC_FREQ_SEL,
+        ..Default::default()
+    }]) else {
+        return false;
+    };
+    matches!(vcpu.set_msrs(&set), Ok(1))
+}
+
 const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
