@@ -178,12 +178,20 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             expect_pass: 1,
         },
         Case {
+            name: "acpi+smp+clock smp2",
+            append: "kiln.test=acpi,smp,clock kiln.cpus=2".to_string(),
+            initrd: None,
+            input: None,
+            smp: 2,
+            expect_pass: 3,
+        },
+        Case {
             name: "default (all)",
             append: format!("kiln.verify=0 kiln.mem={MEM}"),
             initrd: None,
             input: None,
             smp: 1,
-            expect_pass: 3,
+            expect_pass: 6,
         },
     ];
     let mut failed = 0;

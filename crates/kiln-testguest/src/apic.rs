@@ -20,6 +20,18 @@ pub fn icr_sipi_all_but_self(trampoline: u64) -> u32 {
     (0b11 << 18) | (1 << 14) | (0b110 << 8) | vector
 }
 
+/// ICR (high, low) for INIT to one CPU: physical destination `apic_id` in high bits 24..31,
+/// no shorthand, level assert.
+pub fn icr_init_to(apic_id: u8) -> (u32, u32) {
+    (u32::from(apic_id) << 24, (1 << 14) | (0b101 << 8))
+}
+
+/// ICR (high, low) for STARTUP to one CPU, vector = the trampoline's page number.
+pub fn icr_sipi_to(apic_id: u8, trampoline: u64) -> (u32, u32) {
+    let vector = ((trampoline >> 12) & 0xff) as u32;
+    (u32::from(apic_id) << 24, (1 << 14) | (0b110 << 8) | vector)
+}
+
 /// Checks that exactly the APIC IDs `1..cpus` checked in (`seen` is a 256-bit set) and
 /// that `count == cpus - 1`.
 pub fn aps_complete(cpus: u32, count: u32, seen: &[u64; 4]) -> bool {
@@ -42,6 +54,8 @@ mod tests {
         assert_eq!(icr_init_all_but_self(), 0x000c_4500);
         assert_eq!(icr_sipi_all_but_self(0x8000), 0x000c_4608);
         assert_eq!(icr_sipi_all_but_self(0x9f000), 0x000c_469f);
+        assert_eq!(icr_init_to(3), (0x0300_0000, 0x0000_4500));
+        assert_eq!(icr_sipi_to(15, 0x8000), (0x0f00_0000, 0x0000_4608));
     }
 
     #[test]

@@ -45,6 +45,12 @@ pub fn mmio_write32(addr: u64, val: u32) {
     unsafe { core::ptr::write_volatile(addr as usize as *mut u32, val) }
 }
 
+/// Writes a byte to an MMIO address below 4 GiB (identity mapped).
+pub fn mmio_write8(addr: u64, val: u8) {
+    // SAFETY: as for `mmio_write32`; callers pass device register addresses only.
+    unsafe { core::ptr::write_volatile(addr as usize as *mut u8, val) }
+}
+
 /// Reads a u32 from an MMIO address below 4 GiB.
 pub fn mmio_read32(addr: u64) -> u32 {
     // SAFETY: as for `mmio_write32`.

@@ -54,50 +54,95 @@ struct Idtr {
     base: u64,
 }
 
-macro_rules! isr {
-    ($name:ident, $vector:expr) => {
-        core::arch::global_asm!(
-            concat!(".text\n", stringify!($name), ":"),
-            "push %rax",
-            "push %rcx",
-            "push %rdx",
-            "push %rsi",
-            "push %rdi",
-            "push %r8",
-            "push %r9",
-            "push %r10",
-            "push %r11",
-            // 5-word interrupt frame + 9 pushes keep RSP 16-byte aligned for the call.
-            concat!("mov $", $vector, ", %edi"),
-            "call ktg_irq_dispatch",
-            "pop %r11",
-            "pop %r10",
-            "pop %r9",
-            "pop %r8",
-            "pop %rdi",
-            "pop %rsi",
-            "pop %rdx",
-            "pop %rcx",
-            "pop %rax",
-            "iretq",
-            options(att_syntax)
-        );
-    };
-}
+// One 16-byte stub per vector pushes its number and joins the common path, which saves the
+// caller-saved registers, calls `ktg_irq_dispatch(vector, frame)` on a 16-byte-aligned stack
+// and returns with `iretq`. CPU exceptions (vectors < 32, some with an error code) never
+// return: the dispatcher reports them and ends the run.
+core::arch::global_asm!(
+    r#"
+    .text
+    .balign 16
+    .globl ktg_isr_table
+ktg_isr_table:
+    .set ktg_vec, 0
+    .rept 256
+    .balign 16
+    pushq $ktg_vec
+    jmp ktg_isr_common
+    .set ktg_vec, ktg_vec + 1
+    .endr
 
-isr!(ktg_isr_com1, "0x34");
-isr!(ktg_isr_timer, "0x40");
-isr!(ktg_isr_spurious, "0xff");
+ktg_isr_common:
+    push %rax
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    push %rbp
+    mov %rsp, %rbp
+    /* Vector above the 10 saved registers; the CPU's frame (after any error code) above it. */
+    mov 80(%rsp), %rdi
+    lea 88(%rsp), %rsi
+    and $-16, %rsp
+    call ktg_irq_dispatch
+    mov %rbp, %rsp
+    pop %rbp
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rax
+    add $8, %rsp
+    iretq
+"#,
+    options(att_syntax)
+);
 
 unsafe extern "C" {
-    fn ktg_isr_com1();
-    fn ktg_isr_timer();
-    fn ktg_isr_spurious();
+    static ktg_isr_table: u8;
+}
+
+/// Bytes per stub in `ktg_isr_table`.
+const STUB_SIZE: u64 = 16;
+
+/// Reports a CPU exception (the IDT is only loaded by this scenario) and ends the run.
+fn exception(vector: u8, frame: *const u64) -> ! {
+    // Vectors that push an error code: #DF, #TS, #NP, #SS, #GP, #PF, #AC, #CP, #VC, #SX.
+    let has_error = matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30);
+    // SAFETY: `frame` points at the CPU's interrupt frame on the current stack: the error
+    // code if any, then RIP.
+    let (error, rip) = unsafe {
+        if has_error {
+            (frame.read(), frame.add(1).read())
+        } else {
+            (0, frame.read())
+        }
+    };
+    let mut line = kiln_testguest::line::LineBuf::new();
+    line.push_str("KTEST-PANIC CPU exception ");
+    line.push_dec(u64::from(vector));
+    line.push_str(" error=");
+    line.push_hex(error);
+    line.push_str(" rip=");
+    line.push_hex(rip);
+    crate::die(line.as_bytes())
 }
 
 #[unsafe(no_mangle)]
-extern "C" fn ktg_irq_dispatch(vector: u64) {
-    match vector as u8 {
+extern "C" fn ktg_irq_dispatch(vector: u64, frame: *const u64) {
+    let vector = vector as u8;
+    if vector < 32 {
+        exception(vector, frame);
+    }
+    match vector {
         VEC_COM1 => {
             // Like Linux's 8250 driver: IIR says whether the UART is asserting; LSR says what
             // to service. (vm-superio can report RX and THRE in IIR at once, which no code
@@ -134,18 +179,15 @@ fn ioapic_write(index: u32, value: u32) {
     io::mmio_write32(IOAPIC_BASE + IOAPIC_IOWIN, value);
 }
 
+/// Fills every IDT entry with its stub (interrupt gates, CS 0x10) and loads the IDT.
 fn load_idt() {
-    let gates = [
-        (VEC_COM1, ktg_isr_com1 as usize as u64),
-        (VEC_TIMER, ktg_isr_timer as usize as u64),
-        (VEC_SPURIOUS, ktg_isr_spurious as usize as u64),
-    ];
+    let table = core::ptr::addr_of!(ktg_isr_table) as u64;
     // SAFETY: one CPU runs this with interrupts off; the IDT is only read by the CPU once
     // loaded, after these writes.
     unsafe {
         let idt = &mut *core::ptr::addr_of_mut!(IDT);
-        for (v, h) in gates {
-            idt.0[usize::from(v)] = idt_gate(h, 0x10);
+        for (v, gate) in idt.0.iter_mut().enumerate() {
+            *gate = idt_gate(table + STUB_SIZE * v as u64, 0x10);
         }
         let idtr = Idtr {
             limit: (core::mem::size_of::<Idt>() - 1) as u16,
@@ -159,6 +201,9 @@ fn load_idt() {
 /// line) and waits up to `timeout_cycles` of TSC for RX, THRE and timer interrupts. Leaves
 /// interrupts off and the sources masked. Returns (rx, thre, timer, other).
 pub fn run(timeout_cycles: u64) -> (u32, u32, u32, u32) {
+    for c in [&RX, &THRE, &TIMER, &OTHER] {
+        c.store(0, Ordering::SeqCst);
+    }
     load_idt();
     // The 8259 would deliver IRQs as ExtINT at vector base 0: mask both.
     io::outb(0x21, 0xff);

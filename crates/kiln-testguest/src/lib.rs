@@ -6,7 +6,9 @@
 //! command-line parsing ([`cmdline`]), boot information parsing ([`bootinfo`]), memory map
 //! checks against docs/guest-contract.md ([`memmap`]), the `boot` checks ([`boot`]), CPUID
 //! interpretation ([`cpuid`]), the exit counter arithmetic ([`exits`]), FNV-1a 64 ([`fnv`]),
-//! scenario selection ([`scenario`]) and output lines ([`line`]).
+//! scenario selection ([`scenario`]), output lines ([`line`]), ACPI table discovery and checks
+//! ([`acpi`]), local APIC / IOAPIC / IDT encodings ([`apic`]) and kvmclock arithmetic
+//! ([`pvclock`]).
 //!
 //! ```
 //! use kiln_testguest::cmdline::Cmdline;

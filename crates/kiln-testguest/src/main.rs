@@ -143,24 +143,42 @@ fn acpi_tables(ctx: &Ctx<'_>, out: &mut LineBuf) -> Option<kacpi::AcpiInfo> {
 }
 
 fn run_acpi(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
-    match acpi_tables(ctx, out) {
-        Some(info) => kacpi::check(&info, cmdline_cpus(ctx), out),
-        None => false,
-    }
+    let Some(info) = acpi_tables(ctx, out) else {
+        return false;
+    };
+    let exp = kacpi::Expect {
+        cpus: cmdline_cpus(ctx),
+        bsp_apic_id: Some(cpuid(1, 0).ebx >> 24),
+        kiln: ctx.info.cmdline.get("kiln.layout") == Some(b"kiln"),
+    };
+    kacpi::check(&info, &exp, out)
 }
 
-/// Starts the APs once per boot (a second `smp` in one list reports the same result).
+/// The vCPU count: `kiln.cpus`, else the MADT's enabled CPUs.
+fn vcpu_count(ctx: &Ctx<'_>) -> Option<u32> {
+    cmdline_cpus(ctx).or_else(|| kacpi::parse(&MEM, ctx.info.rsdp).ok().map(|i| i.lapics))
+}
+
+/// False if the command line (still read after the APs start) lies in the trampoline's page,
+/// which another VMM's firmware might have used.
+fn trampoline_page_free(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
+    let c = ctx.info.cmdline.as_bytes();
+    let start = c.as_ptr() as u64;
+    let end = start + c.len() as u64;
+    let page = smp::TRAMPOLINE..smp::TRAMPOLINE + 0x1000;
+    if !c.is_empty() && start < page.end && page.start < end {
+        out.push_str("the command line overlaps the AP trampoline page ");
+        out.push_hex(smp::TRAMPOLINE);
+        return false;
+    }
+    true
+}
+
+/// Starts every AP with INIT/SIPI/SIPI; each checks in with its APIC ID and halts.
 fn run_smp(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
-    // The vCPU count: kiln.cpus, else the MADT's.
-    let cpus = match cmdline_cpus(ctx) {
-        Some(n) => n,
-        None => match kacpi::parse(&MEM, ctx.info.rsdp) {
-            Ok(i) => i.lapics,
-            Err(_) => {
-                out.push_str("vCPU count unknown: no kiln.cpus and no ACPI MADT");
-                return false;
-            }
-        },
+    let Some(cpus) = vcpu_count(ctx) else {
+        out.push_str("vCPU count unknown: no kiln.cpus and no ACPI MADT");
+        return false;
     };
     if cpus <= 1 {
         out.push_str("single vCPU: no APs to start");
@@ -170,9 +188,22 @@ fn run_smp(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
         out.push_str("more APs than the guest has stacks for");
         return false;
     }
+    if !trampoline_page_free(ctx, out) {
+        return false;
+    }
+    // The BSP must be APIC ID 0 both in its local APIC and in CPUID (the APs are 1..N-1).
+    let bsp_lapic = io::mmio_read32(0xfee0_0020) >> 24;
+    let bsp_cpuid = cpuid(1, 0).ebx >> 24;
+    if bsp_lapic != 0 || bsp_cpuid != 0 {
+        out.push_str("BSP APIC ID is not 0: LAPIC ");
+        out.push_dec(u64::from(bsp_lapic));
+        out.push_str(", CPUID ");
+        out.push_dec(u64::from(bsp_cpuid));
+        return false;
+    }
     // A generous bound in TSC cycles (seconds at any plausible TSC rate): emulated AP
     // start-up under kvm-pvm is slow.
-    let count = smp::start_aps(cpus - 1, 30_000_000_000);
+    let count = smp::start_aps(cpus - 1, 10_000_000_000);
     let mut seen = [0u64; 4];
     for (s, a) in seen.iter_mut().zip(&smp::AP_SEEN) {
         *s = a.load(Ordering::SeqCst);
@@ -195,36 +226,109 @@ fn run_smp(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
     kiln_testguest::apic::aps_complete(cpus, count, &seen)
 }
 
-fn run_clock(_ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
-    let features = cpuid(0x4000_0001, 0).eax;
-    if !clock::enable(features) {
-        out.push_str("no kvmclock in CPUID 0x40000001");
+fn run_clock(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
+    use kiln_testguest::pvclock::{pit_ticks_to_ns, ppm_off, PIT_HZ};
+    let features = if cpuid(0x4000_0000, 0).eax >= 0x4000_0001 {
+        cpuid(0x4000_0001, 0).eax
+    } else {
+        0
+    };
+    if !clock::enable(0, features) {
+        out.push_str("no working kvmclock (CPUID 0x40000001 eax=");
+        out.push_hex(u64::from(features));
+        out.push_str(")");
         return false;
     }
     // Monotonic over many back-to-back reads.
-    let mut last = clock::now();
+    let mut last = clock::now(0);
     for _ in 0..2000 {
-        let t = clock::now();
+        let t = clock::now(0);
         if t < last {
-            out.push_str("kvmclock went backwards");
+            out.push_str("kvmclock went backwards by ");
+            out.push_dec(last - t);
+            out.push_str(" ns");
             return false;
         }
         last = t;
     }
-    // Rate against the PIT: 20 periods of 50 ms = 1 s of host time.
-    let Some((kvm_ns, pit_ns)) = clock::measure(20, 59_659) else {
-        out.push_str("PIT channel 2 never fired");
+    // Rate against one second of PIT input clocks.
+    let Some((kvm_ns, ticks, method)) = clock::measure(0, PIT_HZ) else {
+        out.push_str("the PIT never advanced");
         return false;
     };
-    let ppm = kiln_testguest::pvclock::ppm_off(kvm_ns, pit_ns);
+    let pit_ns = pit_ticks_to_ns(ticks);
+    let ppm = ppm_off(kvm_ns, pit_ns);
     out.push_str("kvmclock_ns=");
     out.push_dec(kvm_ns);
     out.push_str(" pit_ns=");
     out.push_dec(pit_ns);
     out.push_str(" off_ppm=");
     out.push_dec(ppm);
-    out.push_str(" cross-vcpu=unchecked");
-    ppm <= 10_000
+    out.push_str(match method {
+        clock::PitMethod::Ch2Gate => " pit=ch2",
+        clock::PitMethod::Ch0Latch => " pit=ch0",
+    });
+    out.push_str(" tsc_stable=");
+    out.push_dec(u64::from(clock::flags(0) & 1));
+    let rate_ok = ppm <= 10_000;
+    if !rate_ok {
+        out.push_str(" rate off by more than 1%");
+    }
+    // Across vCPUs: each AP in turn answers ping-pongs with its own kvmclock.
+    out.push_str(" cross-vcpu=");
+    let cross_ok = match vcpu_count(ctx) {
+        None => {
+            out.push_str("unchecked(vCPU count unknown)");
+            true
+        }
+        Some(0 | 1) => {
+            out.push_str("n/a(1 vCPU)");
+            true
+        }
+        Some(n) if n as usize - 1 > kiln_testguest::apic::MAX_APS => {
+            out.push_str("unchecked(more APs than stacks)");
+            true
+        }
+        Some(_) if !trampoline_page_free(ctx, out) => false,
+        Some(n) => {
+            let mut ok = true;
+            for id in 1..n {
+                if let Err(e) = clock::cross_check(id as u8) {
+                    ok = false;
+                    out.push_str("FAILED ap=");
+                    out.push_dec(u64::from(id));
+                    match e {
+                        clock::PingFail::NotStarted => out.push_str(" did not start"),
+                        clock::PingFail::NoClock => out.push_str(" has no kvmclock"),
+                        clock::PingFail::Timeout(r) => {
+                            out.push_str(" stopped answering in round ");
+                            out.push_dec(u64::from(r));
+                        }
+                        clock::PingFail::Backwards(r, b, a, c) => {
+                            out.push_str(" round ");
+                            out.push_dec(u64::from(r));
+                            out.push_str(" bsp_before=");
+                            out.push_dec(b);
+                            out.push_str(" ap=");
+                            out.push_dec(a);
+                            out.push_str(" bsp_after=");
+                            out.push_dec(c);
+                        }
+                    }
+                    break;
+                }
+            }
+            if ok {
+                out.push_str("ok(aps=");
+                out.push_dec(u64::from(n - 1));
+                out.push_str(" rounds=");
+                out.push_dec(u64::from(clock::PING_ROUNDS));
+                out.push_str(")");
+            }
+            ok
+        }
+    };
+    rate_ok && cross_ok
 }
 
 fn run_irq(_ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
@@ -240,44 +344,50 @@ fn run_irq(_ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
     rx > 0 && thre > 0 && timer > 0 && other == 0
 }
 
-/// Writes `value` to an 8-bit system-I/O register from the FADT.
-fn write_gas_io8(reg: &kacpi::Gas, value: u8, what: &str, out: &mut LineBuf) -> bool {
-    match u16::try_from(reg.address) {
-        Ok(port) if reg.space == 1 => {
-            io::outb(port, value);
-            true
+/// Writes `value` to an 8-bit FADT register: system I/O, or system memory below 4 GiB
+/// (identity-mapped; QEMU microvm's GED registers are MMIO).
+fn write_gas8(reg: &kacpi::Gas, value: u8, out: &mut LineBuf) -> bool {
+    match reg.space {
+        kacpi::GAS_IO if reg.address <= 0xffff => io::outb(reg.address as u16, value),
+        kacpi::GAS_MEMORY if reg.address != 0 && reg.address < FOUR_GIB => {
+            io::mmio_write8(reg.address, value)
         }
         _ => {
-            out.push_str(what);
-            out.push_str(" is not a system-I/O port");
-            false
+            out.push_str("unsupported register ");
+            reg.describe_into(out);
+            return false;
         }
     }
+    true
 }
 
-/// Powers off as Linux does on a hardware-reduced ACPI machine: SLP_TYP from `\_S5_`,
-/// SLP_EN, written to the FADT's sleep control register. PASS is reported first, since a
-/// working power-off ends the VM (the harness checks kiln's exit status).
+/// Powers off as Linux does on a hardware-reduced ACPI machine: SLP_TYP from `\_S5_` (5 if
+/// the package can't be read), SLP_EN, written to the FADT's sleep control register. PASS
+/// is reported first, since a working power-off ends the VM (the harness checks the VMM's
+/// exit status).
 fn run_poweroff(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
     let Some(info) = acpi_tables(ctx, out) else {
         return false;
     };
-    let Some(typ) = info.s5_slp_typ else {
-        out.push_str("no _S5_ in the DSDT");
+    if info.sleep_control.address == 0 {
+        out.push_str("FADT has no sleep control register");
         return false;
-    };
-    report(
-        "poweroff",
-        true,
-        b"writing SLP_TYP|SLP_EN to the sleep control register",
-    );
+    }
+    let typ = info.slp_typ_s5();
+    let value = ((typ & 7) << 2) | (1 << 5);
+    let mut detail = LineBuf::new();
+    detail.push_str("writing ");
+    detail.push_hex(u64::from(value));
+    detail.push_str(if info.s5_slp_typ.is_some() {
+        " (SLP_TYP from _S5_ | SLP_EN) to "
+    } else {
+        " (SLP_TYP 5: _S5_ unparsed | SLP_EN) to "
+    });
+    info.sleep_control.describe_into(&mut detail);
+    report("poweroff", true, detail.as_bytes());
     let mut why = LineBuf::new();
-    write_gas_io8(
-        &info.sleep_control,
-        ((typ & 7) << 2) | (1 << 5),
-        "sleep control",
-        &mut why,
-    );
+    write_gas8(&info.sleep_control, value, &mut why);
+    spin_tsc(1_000_000_000);
     out.push_str("still running after the S5 write ");
     out.push_bytes(why.as_bytes());
     false
@@ -288,25 +398,32 @@ fn run_reset(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
     let Some(info) = acpi_tables(ctx, out) else {
         return false;
     };
-    if info.fadt_flags & kacpi::FADT_RESET_REG_SUP == 0 {
+    if info.fadt_flags & kacpi::FADT_RESET_REG_SUP == 0 || info.reset_reg.address == 0 {
         out.push_str("FADT has no reset register");
         return false;
     }
-    report(
-        "reset",
-        true,
-        b"writing the reset value to the reset register",
-    );
+    let mut detail = LineBuf::new();
+    detail.push_str("writing ");
+    detail.push_hex(u64::from(info.reset_value));
+    detail.push_str(" to ");
+    info.reset_reg.describe_into(&mut detail);
+    report("reset", true, detail.as_bytes());
     let mut why = LineBuf::new();
-    write_gas_io8(
-        &info.reset_reg,
-        info.reset_value,
-        "reset register",
-        &mut why,
-    );
+    write_gas8(&info.reset_reg, info.reset_value, &mut why);
+    spin_tsc(1_000_000_000);
     out.push_str("still running after the reset write ");
     out.push_bytes(why.as_bytes());
     false
+}
+
+/// Busy-waits about `cycles` TSC cycles (a VMM may finish a power request asynchronously).
+fn spin_tsc(cycles: u64) {
+    // SAFETY: rdtsc has no side effects.
+    let t = unsafe { core::arch::x86_64::_rdtsc() };
+    // SAFETY: as above.
+    while unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(t) < cycles {
+        core::hint::spin_loop();
+    }
 }
 
 fn run_boot(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
@@ -434,7 +551,12 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
         line.push_str(":");
         line.push_dec(u64::from(loc.line()));
     }
-    io::serial_line(line.as_bytes());
+    die(line.as_bytes())
+}
+
+/// Prints `line` (a `KTEST-PANIC ...` line), counts a failure and ends the run.
+pub fn die(line: &[u8]) -> ! {
+    io::serial_line(line);
     FAILED.fetch_add(1, Ordering::Relaxed);
     finish()
 }

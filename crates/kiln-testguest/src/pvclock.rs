@@ -52,6 +52,36 @@ pub fn pit_ticks_to_ns(ticks: u64) -> u64 {
     ((u128::from(ticks) * 1_000_000_000) / u128::from(PIT_HZ)) as u64
 }
 
+/// Accumulates elapsed input clocks from successive readings of a PIT counter that counts
+/// down through the full 16-bit range and reloads (mode 2 or 3 with count 0). Readings must
+/// come less than one period (65536 ticks, 55 ms) apart.
+#[derive(Clone, Copy, Debug)]
+pub struct PitCounter {
+    last: u16,
+    ticks: u64,
+}
+
+impl PitCounter {
+    /// Starts from a first reading.
+    pub fn new(first: u16) -> Self {
+        PitCounter {
+            last: first,
+            ticks: 0,
+        }
+    }
+
+    /// Adds the ticks since the previous reading (the counter counts down, modulo 2^16).
+    pub fn update(&mut self, reading: u16) {
+        self.ticks += u64::from(self.last.wrapping_sub(reading));
+        self.last = reading;
+    }
+
+    /// Ticks so far.
+    pub fn ticks(&self) -> u64 {
+        self.ticks
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +128,19 @@ mod tests {
         assert_eq!(ppm_off(990_000, 1_000_000), 10_000);
         assert_eq!(ppm_off(5, 0), u64::MAX);
         assert_eq!(pit_ticks_to_ns(PIT_HZ), 1_000_000_000);
+        assert_eq!(pit_ticks_to_ns(59_659), 49_999_916);
+    }
+
+    #[test]
+    fn pit_counter_wraps() {
+        let mut c = PitCounter::new(100);
+        c.update(40);
+        assert_eq!(c.ticks(), 60);
+        c.update(0); // count 0 stands for 65536
+        c.update(65_000);
+        c.update(64_990);
+        assert_eq!(c.ticks(), 60 + 40 + 536 + 10);
+        c.update(64_990);
+        assert_eq!(c.ticks(), 646, "no movement, no ticks");
     }
 }

@@ -7,7 +7,9 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use kiln_testguest::apic::{icr_init_all_but_self, icr_sipi_all_but_self, AP_STACK_SIZE, MAX_APS};
+use kiln_testguest::apic::{
+    icr_init_all_but_self, icr_init_to, icr_sipi_all_but_self, icr_sipi_to, AP_STACK_SIZE, MAX_APS,
+};
 
 use crate::io;
 
@@ -117,11 +119,6 @@ ktg_ap_entry:
     hlt
     jmp 3b
 
-    .section .bss.ktg_ap, "aw", @nobits
-    .balign 4
-ktg_ap_next:
-    .skip 4
-
     .section .bss.ktg_stack, "aw", @nobits
     .balign 16
 ktg_ap_stacks:
@@ -139,15 +136,30 @@ unsafe extern "C" {
     static ktg_tramp_end: u8;
 }
 
+/// Next free AP stack slot, taken by the trampoline with `lock xadd`.
+#[unsafe(export_name = "ktg_ap_next")]
+static AP_NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// What APs do after checking in.
+pub static AP_TASK: AtomicU32 = AtomicU32::new(TASK_HALT);
+/// Check in, then halt.
+pub const TASK_HALT: u32 = 0;
+/// Check in, then answer the BSP's kvmclock ping-pong (`clock::ap_pingpong`), then halt.
+pub const TASK_CLOCK: u32 = 1;
+
 /// First Rust code on an AP, on its own stack, in long mode with the kernel's GDT.
 #[unsafe(no_mangle)]
 extern "C" fn ap_main() {
     let id = io::mmio_read32(LAPIC_ID) >> 24;
     AP_SEEN[(id / 64) as usize % 4].fetch_or(1 << (id % 64), Ordering::SeqCst);
     AP_COUNT.fetch_add(1, Ordering::SeqCst);
+    if AP_TASK.load(Ordering::SeqCst) == TASK_CLOCK {
+        crate::clock::ap_pingpong(id);
+    }
 }
 
-fn rdtsc() -> u64 {
+/// Reads the TSC.
+pub fn rdtsc() -> u64 {
     // SAFETY: rdtsc has no side effects.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
@@ -160,35 +172,65 @@ fn spin(cycles: u64) {
     }
 }
 
-/// Copies the trampoline, enables the local APIC and sends INIT, SIPI, SIPI to every other
-/// CPU; then waits until `expected` APs checked in or `timeout_cycles` of TSC passed.
-/// Returns the number that checked in.
-pub fn start_aps(expected: u32, timeout_cycles: u64) -> u32 {
-    // SAFETY: both symbols are labels in this image; the range between them is the
-    // trampoline's code and data.
-    let (start, end) = unsafe {
-        (
-            core::ptr::addr_of!(ktg_tramp_start) as usize,
-            core::ptr::addr_of!(ktg_tramp_end) as usize,
-        )
-    };
+/// Copies the trampoline, enables the local APIC, forgets earlier check-ins and stack slots
+/// (APs about to be INITed no longer use them) and sets the APs' task.
+fn prepare(task: u32) {
+    // Both symbols are labels in this image; the range between them is the trampoline.
+    let (start, end) = (
+        core::ptr::addr_of!(ktg_tramp_start) as usize,
+        core::ptr::addr_of!(ktg_tramp_end) as usize,
+    );
     let len = end.saturating_sub(start).min(4096);
     // SAFETY: the destination is one page of RAM below 1 MiB that nothing else uses (see
     // TRAMPOLINE), identity-mapped; the source is `len` bytes of this image.
     unsafe { core::ptr::copy_nonoverlapping(start as *const u8, TRAMPOLINE as *mut u8, len) };
     // Software-enable the local APIC (spurious vector 0xff).
     io::mmio_write32(LAPIC_SVR, io::mmio_read32(LAPIC_SVR) | 0x1ff);
-    io::mmio_write32(LAPIC_ICR_HIGH, 0);
-    io::mmio_write32(LAPIC_ICR_LOW, icr_init_all_but_self());
-    spin(10_000_000);
-    for _ in 0..2 {
-        io::mmio_write32(LAPIC_ICR_HIGH, 0);
-        io::mmio_write32(LAPIC_ICR_LOW, icr_sipi_all_but_self(TRAMPOLINE));
-        spin(1_000_000);
+    AP_COUNT.store(0, Ordering::SeqCst);
+    for s in &AP_SEEN {
+        s.store(0, Ordering::SeqCst);
     }
+    AP_NEXT.store(0, Ordering::SeqCst);
+    AP_TASK.store(task, Ordering::SeqCst);
+}
+
+fn send_ipi(high: u32, low: u32) {
+    io::mmio_write32(LAPIC_ICR_HIGH, high);
+    io::mmio_write32(LAPIC_ICR_LOW, low);
+}
+
+fn wait_for(expected: u32, timeout_cycles: u64) -> u32 {
     let t = rdtsc();
     while AP_COUNT.load(Ordering::SeqCst) < expected && rdtsc().wrapping_sub(t) < timeout_cycles {
         core::hint::spin_loop();
     }
     AP_COUNT.load(Ordering::SeqCst)
+}
+
+/// Sends INIT, SIPI, SIPI to every other CPU (they halt after checking in); then waits until
+/// `expected` APs checked in or `timeout_cycles` of TSC passed. Returns the number that
+/// checked in. May be called again: the APs are INITed afresh.
+pub fn start_aps(expected: u32, timeout_cycles: u64) -> u32 {
+    prepare(TASK_HALT);
+    send_ipi(0, icr_init_all_but_self());
+    spin(10_000_000);
+    for _ in 0..2 {
+        send_ipi(0, icr_sipi_all_but_self(TRAMPOLINE));
+        spin(1_000_000);
+    }
+    wait_for(expected, timeout_cycles)
+}
+
+/// Starts the one AP `apic_id` with `task`; true once it checked in.
+pub fn start_ap(apic_id: u8, task: u32, timeout_cycles: u64) -> bool {
+    prepare(task);
+    let (h, l) = icr_init_to(apic_id);
+    send_ipi(h, l);
+    spin(10_000_000);
+    for _ in 0..2 {
+        let (h, l) = icr_sipi_to(apic_id, TRAMPOLINE);
+        send_ipi(h, l);
+        spin(1_000_000);
+    }
+    wait_for(1, timeout_cycles) == 1
 }
