@@ -815,7 +815,14 @@ fn acpi_rsdp_reaches_both_protocols() {
     }
     // Without one, 0: the kernel scans the BIOS area instead.
     let m = mem(128 * MIB);
-    boot(&m, Cursor::new(simple_elf(None)), None, "x", Protocol::Linux).unwrap();
+    boot(
+        &m,
+        Cursor::new(simple_elf(None)),
+        None,
+        "x",
+        Protocol::Linux,
+    )
+    .unwrap();
     let rsdp = { read_params(&m).acpi_rsdp_addr };
     assert_eq!(rsdp, 0);
 }
