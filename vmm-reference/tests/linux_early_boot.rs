@@ -14,7 +14,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -54,7 +54,7 @@ struct Boot {
     crash: String,
 }
 
-fn boot(vmlinux: &PathBuf, initrd: &PathBuf, protocol: &str) -> Boot {
+fn boot(vmlinux: &Path, initrd: &Path, protocol: &str) -> Boot {
     let mut child = kiln()
         .args(["--kernel", vmlinux.to_str().expect("path")])
         .args(["--initrd", initrd.to_str().expect("path")])
