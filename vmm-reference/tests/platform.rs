@@ -12,14 +12,14 @@ use common::*;
 const PROTOCOLS: [&str; 2] = ["linux", "pvh"];
 
 #[test]
-fn acpi_and_smp_with_1_to_8_vcpus() {
-    if skip_kvm("acpi_and_smp_with_1_to_8_vcpus") {
+fn acpi_smp_and_clock_with_1_to_8_vcpus() {
+    if skip_kvm("acpi_smp_and_clock_with_1_to_8_vcpus") {
         return;
     }
     for protocol in PROTOCOLS {
         for cpus in [1u32, 2, 4, 8] {
             let n = cpus.to_string();
-            let cmdline = format!("console=ttyS0 kiln.test=cpuid,acpi,smp kiln.cpus={cpus}");
+            let cmdline = format!("console=ttyS0 kiln.test=cpuid,acpi,smp,clock kiln.cpus={cpus}");
             let r = run(&[
                 "--boot-protocol",
                 protocol,
@@ -29,7 +29,7 @@ fn acpi_and_smp_with_1_to_8_vcpus() {
                 &cmdline,
             ]);
             eprintln!("{protocol} cpus={cpus}: {:?}", r.code);
-            r.assert_passed(&["cpuid", "acpi", "smp"]);
+            r.assert_passed(&["cpuid", "acpi", "smp", "clock"]);
             let want = format!("aps={} of {}", cpus - 1, cpus - 1);
             assert!(cpus == 1 || r.stdout.contains(&want), "{}", r.stdout);
         }
