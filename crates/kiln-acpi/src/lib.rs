@@ -45,6 +45,9 @@ pub const RESET_VALUE: u8 = 0x01;
 /// SLP_TYP of S5 (soft off), the first element of `\_S5_`.
 pub const SLP_TYP_S5: u8 = 5;
 
+/// IOAPIC input pins (GSIs 0..24) described by the MADT.
+pub const IOAPIC_PINS: u32 = 24;
+
 /// The most vCPUs the MADT describes: xAPIC IDs are 8 bits and 0xFF is the broadcast ID.
 pub const MAX_CPUS: u32 = 255;
 
@@ -57,6 +60,25 @@ pub enum Error {
     /// A virtio-mmio window doesn't fit the 32-bit descriptors the DSDT uses.
     #[error("virtio-mmio device at {base:#x} (size {size:#x}) is not below 4 GiB")]
     DeviceAbove4G {
+        /// Window base.
+        base: u64,
+        /// Window size.
+        size: u64,
+    },
+    /// A device's interrupt is not an IOAPIC pin, or two devices share one.
+    #[error("GSI {gsi} of {what} is not a free IOAPIC pin (0..{IOAPIC_PINS}, one device each)")]
+    BadGsi {
+        /// The GSI.
+        gsi: u32,
+        /// Which device.
+        what: &'static str,
+    },
+    /// More virtio-mmio devices than the DSDT names (`V000`..`V999`).
+    #[error("{0} virtio-mmio devices; the DSDT names at most 1000")]
+    TooManyDevices(usize),
+    /// A virtio-mmio window is empty or overlaps another.
+    #[error("virtio-mmio window at {base:#x} (size {size:#x}) is empty or overlaps another")]
+    BadWindow {
         /// Window base.
         base: u64,
         /// Window size.
@@ -260,6 +282,41 @@ fn encode(a: &dyn Aml) -> Encoded {
     Encoded(v)
 }
 
+/// Interrupts must be distinct IOAPIC pins; windows non-empty and disjoint.
+fn validate(cfg: &AcpiConfig) -> Result<()> {
+    if cfg.virtio_mmio.len() > 1000 {
+        return Err(Error::TooManyDevices(cfg.virtio_mmio.len()));
+    }
+    let mut used = 0u32;
+    if cfg.serial {
+        used |= 1 << 4;
+    }
+    let mut claim = |gsi: u32, what: &'static str| {
+        if gsi >= IOAPIC_PINS || used & (1 << gsi) != 0 {
+            return Err(Error::BadGsi { gsi, what });
+        }
+        used |= 1 << gsi;
+        Ok(())
+    };
+    claim(cfg.ged_gsi, "the GED")?;
+    for d in &cfg.virtio_mmio {
+        claim(d.gsi, "a virtio-mmio device")?;
+    }
+    for (i, a) in cfg.virtio_mmio.iter().enumerate() {
+        let end = a.base.checked_add(a.size);
+        let overlaps = cfg.virtio_mmio[..i].iter().any(|b| {
+            a.base < b.base.saturating_add(b.size) && b.base < a.base.saturating_add(a.size)
+        });
+        if a.size == 0 || end.is_none() || overlaps {
+            return Err(Error::BadWindow {
+                base: a.base,
+                size: a.size,
+            });
+        }
+    }
+    Ok(())
+}
+
 fn build_dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>> {
     let mut sb_children: Vec<Encoded> = Vec::new();
     if cfg.serial {
@@ -319,8 +376,8 @@ fn build_dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>> {
                 size: d.size,
             });
         }
-        // Names V000..V999 (four characters each, as AML requires).
-        let name = format!("V{:03}", i % 1000);
+        // Names V000..V999 (four characters each, as AML requires; `validate` caps the count).
+        let name = format!("V{i:03}");
         sb_children.push(encode(&Device::new(
             Path::new(&name),
             vec![
@@ -355,6 +412,7 @@ pub fn build(cfg: &AcpiConfig) -> Result<AcpiTables> {
     if cfg.cpus == 0 || cfg.cpus > MAX_CPUS {
         return Err(Error::TooManyCpus(cfg.cpus));
     }
+    validate(cfg)?;
     let mut tables = AcpiTables {
         dsdt: build_dsdt(cfg)?,
         fadt: build_fadt(),

@@ -184,14 +184,29 @@ fn bad_configs_are_rejected() {
     c.virtio_mmio[0].base = 0x1_0000_0000;
     assert!(matches!(build(&c), Err(Error::DeviceAbove4G { .. })));
     let mut c = cfg(1);
-    c.virtio_mmio = (0..10_000)
+    c.virtio_mmio = (0..1001)
         .map(|i| VirtioMmioDevice {
             base: 0xd000_0000 + i * 0x1000,
             size: 0x1000,
             gsi: 16,
         })
         .collect();
-    assert!(matches!(build(&c), Err(Error::TooLarge { .. })));
+    assert!(matches!(build(&c), Err(Error::TooManyDevices(1001))));
+    let mut c = cfg(1);
+    c.virtio_mmio[1].gsi = 16;
+    assert!(matches!(build(&c), Err(Error::BadGsi { gsi: 16, .. })));
+    let mut c = cfg(1);
+    c.ged_gsi = 4; // COM1's
+    assert!(matches!(build(&c), Err(Error::BadGsi { gsi: 4, .. })));
+    let mut c = cfg(1);
+    c.virtio_mmio[0].gsi = 24;
+    assert!(matches!(build(&c), Err(Error::BadGsi { gsi: 24, .. })));
+    let mut c = cfg(1);
+    c.virtio_mmio[1].base = 0xd000_0800;
+    assert!(matches!(build(&c), Err(Error::BadWindow { .. })));
+    let mut c = cfg(1);
+    c.virtio_mmio[0].size = 0;
+    assert!(matches!(build(&c), Err(Error::BadWindow { .. })));
 }
 
 #[test]
