@@ -265,7 +265,7 @@ fn run_clock(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
     out.push_str(" off_ppm=");
     out.push_dec(ppm);
     out.push_str(match method {
-        clock::PitMethod::Ch2Gate => " pit=ch2",
+        clock::PitMethod::Ch2Gate => " pit=ch2(best 50ms window)",
         clock::PitMethod::Ch0Latch => " pit=ch0",
     });
     out.push_str(" tsc_stable=");
