@@ -71,6 +71,25 @@ mod tests {
     }
 }
 
+/// Local APIC MMIO base (xAPIC mode).
+pub const LAPIC: u64 = 0xfee0_0000;
+/// Local APIC ID register.
+pub const LAPIC_ID: u64 = LAPIC + 0x20;
+/// End-of-interrupt register.
+pub const LAPIC_EOI: u64 = LAPIC + 0xb0;
+/// Spurious-interrupt vector register (bit 8: APIC software enable).
+pub const LAPIC_SVR: u64 = LAPIC + 0xf0;
+/// Interrupt command register, low dword (writing it sends the IPI).
+pub const LAPIC_ICR_LOW: u64 = LAPIC + 0x300;
+/// Interrupt command register, high dword (destination).
+pub const LAPIC_ICR_HIGH: u64 = LAPIC + 0x310;
+/// LVT timer register.
+pub const LAPIC_LVT_TIMER: u64 = LAPIC + 0x320;
+/// Timer initial count.
+pub const LAPIC_TIMER_INIT: u64 = LAPIC + 0x380;
+/// Timer divide configuration.
+pub const LAPIC_TIMER_DIV: u64 = LAPIC + 0x3e0;
+
 /// IOAPIC MMIO base.
 pub const IOAPIC_BASE: u64 = 0xfec0_0000;
 /// IOAPIC register-select offset.

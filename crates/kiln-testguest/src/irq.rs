@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 
 use kiln_testguest::apic::{
     idt_gate, ioredtbl_high, ioredtbl_index, ioredtbl_low, IOAPIC_BASE, IOAPIC_IOREGSEL,
-    IOAPIC_IOWIN,
+    IOAPIC_IOWIN, LAPIC, LAPIC_EOI, LAPIC_LVT_TIMER, LAPIC_SVR, LAPIC_TIMER_DIV, LAPIC_TIMER_INIT,
 };
 
 use crate::io;
@@ -20,13 +20,6 @@ pub const VEC_COM1: u8 = 0x34;
 pub const VEC_TIMER: u8 = 0x40;
 /// Spurious-interrupt vector.
 pub const VEC_SPURIOUS: u8 = 0xff;
-
-const LAPIC: u64 = 0xfee0_0000;
-const LAPIC_EOI: u64 = LAPIC + 0xb0;
-const LAPIC_SVR: u64 = LAPIC + 0xf0;
-const LAPIC_LVT_TIMER: u64 = LAPIC + 0x320;
-const LAPIC_TIMER_INIT: u64 = LAPIC + 0x380;
-const LAPIC_TIMER_DIV: u64 = LAPIC + 0x3e0;
 
 const COM1: u16 = 0x3f8;
 const IER: u16 = COM1 + 1;

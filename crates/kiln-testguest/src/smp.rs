@@ -8,7 +8,8 @@
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use kiln_testguest::apic::{
-    icr_init_all_but_self, icr_init_to, icr_sipi_all_but_self, icr_sipi_to, AP_STACK_SIZE, MAX_APS,
+    icr_init_all_but_self, icr_init_to, icr_sipi_all_but_self, icr_sipi_to, AP_STACK_SIZE, LAPIC,
+    LAPIC_ICR_HIGH, LAPIC_ICR_LOW, LAPIC_ID, LAPIC_SVR, MAX_APS,
 };
 
 use crate::io;
@@ -16,12 +17,6 @@ use crate::io;
 /// Where the trampoline is copied: a free RAM page below 1 MiB (the VMM's boot page tables
 /// at 0x9000.. and its stack at 0x8ff0 are no longer used once the guest runs on its own).
 pub const TRAMPOLINE: u64 = 0x8000;
-
-const LAPIC: u64 = 0xfee0_0000;
-const LAPIC_ID: u64 = LAPIC + 0x20;
-const LAPIC_SVR: u64 = LAPIC + 0xf0;
-const LAPIC_ICR_LOW: u64 = LAPIC + 0x300;
-const LAPIC_ICR_HIGH: u64 = LAPIC + 0x310;
 
 /// APs that reached `ap_main`.
 pub static AP_COUNT: AtomicU32 = AtomicU32::new(0);
