@@ -20,6 +20,16 @@ pub enum ConfigError {
     /// `--serial` could not be parsed.
     #[error("--serial {0:?}: expected stdio, null or file:PATH")]
     Serial(String),
+    /// A `KEY=VALUE,...` device option could not be parsed.
+    #[error("{flag} {value:?}: {why}")]
+    DeviceOption {
+        /// The flag (`--disk`, `--rng`).
+        flag: &'static str,
+        /// What the user gave.
+        value: String,
+        /// Why it is wrong.
+        why: String,
+    },
 }
 
 /// How a guest kernel is entered.
@@ -100,6 +110,246 @@ pub struct Cli {
     /// RSDP.bin) into DIR for `iasl -d`, then exit without starting a VM.
     #[arg(long, value_name = "DIR")]
     pub dump_acpi: Option<PathBuf>,
+    /// A virtio-blk disk (repeatable): `path=PATH[,readonly=on][,id=ID]` plus optional rate
+    /// limits `bw_size=BYTES,bw_refill_time=MS[,bw_one_time_burst=BYTES]` and
+    /// `ops_size=N,ops_refill_time=MS[,ops_one_time_burst=N]`. PATH is a raw image file or a
+    /// host block device.
+    #[arg(long, value_name = "OPTIONS")]
+    pub disk: Vec<DiskArg>,
+    /// The virtio entropy device (fed by the host's getrandom): `on` (default), `off`, or
+    /// rate limits as for --disk (`bw_size=1024,bw_refill_time=1000` = 1 KiB/s).
+    #[arg(long, default_value = "on", value_name = "on|off|OPTIONS")]
+    pub rng: RngArg,
+}
+
+/// Splits `KEY=VALUE,...` (a bare `KEY` means `KEY=on`), rejecting empty and repeated keys.
+fn split_options<'a>(
+    flag: &'static str,
+    value: &'a str,
+) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
+    let err = |why: String| ConfigError::DeviceOption {
+        flag,
+        value: value.to_string(),
+        why,
+    };
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for part in value.split(',') {
+        let (k, v) = part.split_once('=').unwrap_or((part, "on"));
+        if k.is_empty() {
+            return Err(err("empty option (expected KEY=VALUE,...)".into()));
+        }
+        if out.iter().any(|(seen, _)| *seen == k) {
+            return Err(err(format!("{k} given twice")));
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+fn parse_switch(flag: &'static str, whole: &str, key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(ConfigError::DeviceOption {
+            flag,
+            value: whole.to_string(),
+            why: format!("{key}={v}: expected on or off"),
+        }),
+    }
+}
+
+fn parse_u64(flag: &'static str, whole: &str, key: &str, v: &str) -> Result<u64, ConfigError> {
+    v.parse().map_err(|_| ConfigError::DeviceOption {
+        flag,
+        value: whole.to_string(),
+        why: format!("{key}={v}: expected a non-negative integer"),
+    })
+}
+
+/// A token-bucket limit as given on the command line (Cloud Hypervisor's option names):
+/// `bw_size` bytes (or `ops_size` requests) per `*_refill_time` milliseconds, plus a
+/// one-time burst.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimitArg {
+    /// `bw_size`, `bw_one_time_burst`, `bw_refill_time`.
+    pub bandwidth: Option<kiln_ratelimit::BucketConfig>,
+    /// `ops_size`, `ops_one_time_burst`, `ops_refill_time`.
+    pub ops: Option<kiln_ratelimit::BucketConfig>,
+}
+
+impl RateLimitArg {
+    /// Takes the rate-limit keys out of `opts`; errors name `flag`.
+    fn take(
+        flag: &'static str,
+        whole: &str,
+        opts: &mut Vec<(&str, &str)>,
+    ) -> Result<Self, ConfigError> {
+        let mut bucket =
+            |prefix: &str| -> Result<Option<kiln_ratelimit::BucketConfig>, ConfigError> {
+                let mut size = None;
+                let mut burst = 0;
+                let mut refill = None;
+                let mut rest = Vec::with_capacity(opts.len());
+                for &(k, v) in opts.iter() {
+                    match k.strip_prefix(prefix) {
+                        Some("_size") => size = Some(parse_u64(flag, whole, k, v)?),
+                        Some("_one_time_burst") => burst = parse_u64(flag, whole, k, v)?,
+                        Some("_refill_time") => refill = Some(parse_u64(flag, whole, k, v)?),
+                        _ => rest.push((k, v)),
+                    }
+                }
+                *opts = rest;
+                let err = |why: String| ConfigError::DeviceOption {
+                    flag,
+                    value: whole.to_string(),
+                    why,
+                };
+                match (size, refill) {
+                    (None, None) if burst == 0 => Ok(None),
+                    (Some(0), _) => Err(err(format!("{prefix}_size must be more than 0"))),
+                    (_, Some(0)) => {
+                        Err(err(format!("{prefix}_refill_time must be more than 0 ms")))
+                    }
+                    (Some(size), Some(ms)) => Ok(Some(kiln_ratelimit::BucketConfig {
+                        size,
+                        one_time_burst: burst,
+                        refill_time: std::time::Duration::from_millis(ms),
+                    })),
+                    _ => Err(err(format!(
+                        "{prefix}_size and {prefix}_refill_time (ms) go together"
+                    ))),
+                }
+            };
+        let bandwidth = bucket("bw")?;
+        let ops = bucket("ops")?;
+        Ok(RateLimitArg { bandwidth, ops })
+    }
+
+    /// Whether any limit is set.
+    pub fn is_set(&self) -> bool {
+        self.bandwidth.is_some() || self.ops.is_some()
+    }
+}
+
+fn unknown_options(
+    flag: &'static str,
+    whole: &str,
+    opts: &[(&str, &str)],
+    known: &str,
+) -> Result<(), ConfigError> {
+    match opts.first() {
+        None => Ok(()),
+        Some((k, _)) => Err(ConfigError::DeviceOption {
+            flag,
+            value: whole.to_string(),
+            why: format!("unknown option {k:?} (known: {known})"),
+        }),
+    }
+}
+
+const RATE_LIMIT_KEYS: &str = "bw_size, bw_one_time_burst, bw_refill_time, ops_size, \
+                               ops_one_time_burst, ops_refill_time";
+
+/// One `--disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskArg {
+    /// Raw image file or host block device.
+    pub path: PathBuf,
+    /// Read-only (`readonly=on`).
+    pub read_only: bool,
+    /// GET_ID string (at most 20 bytes).
+    pub id: Option<String>,
+    /// Throttling.
+    pub rate_limit: RateLimitArg,
+}
+
+impl std::str::FromStr for DiskArg {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        const FLAG: &str = "--disk";
+        let mut opts = split_options(FLAG, s)?;
+        let rate_limit = RateLimitArg::take(FLAG, s, &mut opts)?;
+        let mut path = None;
+        let mut read_only = false;
+        let mut id = None;
+        let mut rest = Vec::new();
+        for (k, v) in opts {
+            match k {
+                "path" => path = Some(PathBuf::from(v)).filter(|_| !v.is_empty()),
+                "readonly" => read_only = parse_switch(FLAG, s, k, v)?,
+                "id" => {
+                    if v.len() > 20 {
+                        return Err(ConfigError::DeviceOption {
+                            flag: FLAG,
+                            value: s.to_string(),
+                            why: format!("id={v}: at most 20 bytes (virtio-blk GET_ID)"),
+                        });
+                    }
+                    id = Some(v.to_string());
+                }
+                _ => rest.push((k, v)),
+            }
+        }
+        unknown_options(
+            FLAG,
+            s,
+            &rest,
+            &format!("path, readonly, id, {RATE_LIMIT_KEYS}"),
+        )?;
+        let path = path.ok_or_else(|| ConfigError::DeviceOption {
+            flag: FLAG,
+            value: s.to_string(),
+            why: "path=PATH is required".into(),
+        })?;
+        Ok(DiskArg {
+            path,
+            read_only,
+            id,
+            rate_limit,
+        })
+    }
+}
+
+/// `--rng`: the virtio entropy device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RngArg {
+    /// Whether the device exists.
+    pub enabled: bool,
+    /// Throttling.
+    pub rate_limit: RateLimitArg,
+}
+
+impl Default for RngArg {
+    fn default() -> Self {
+        RngArg {
+            enabled: true,
+            rate_limit: RateLimitArg::default(),
+        }
+    }
+}
+
+impl std::str::FromStr for RngArg {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        const FLAG: &str = "--rng";
+        match s {
+            "on" => return Ok(RngArg::default()),
+            "off" => {
+                return Ok(RngArg {
+                    enabled: false,
+                    rate_limit: RateLimitArg::default(),
+                })
+            }
+            _ => {}
+        }
+        let mut opts = split_options(FLAG, s)?;
+        let rate_limit = RateLimitArg::take(FLAG, s, &mut opts)?;
+        unknown_options(FLAG, s, &opts, &format!("on, off, {RATE_LIMIT_KEYS}"))?;
+        Ok(RngArg {
+            enabled: true,
+            rate_limit,
+        })
+    }
 }
 
 fn parse_timeout(s: &str) -> Result<f64, String> {
@@ -174,6 +424,63 @@ mod tests {
             let e = parse_memory(bad).expect_err(bad).to_string();
             assert!(e.starts_with("--memory"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn disk_options() {
+        let d: DiskArg = "path=/x.img,readonly=on,id=disk0".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/x.img"));
+        assert!(d.read_only);
+        assert_eq!(d.id.as_deref(), Some("disk0"));
+        assert!(!d.rate_limit.is_set());
+        let d: DiskArg = "path=/x,bw_size=1048576,bw_refill_time=100,ops_size=10,ops_refill_time=1000,ops_one_time_burst=5"
+            .parse()
+            .unwrap();
+        let bw = d.rate_limit.bandwidth.unwrap();
+        assert_eq!((bw.size, bw.refill_time.as_millis()), (1 << 20, 100));
+        let ops = d.rate_limit.ops.unwrap();
+        assert_eq!((ops.size, ops.one_time_burst), (10, 5));
+        assert!("path=/x,readonly".parse::<DiskArg>().unwrap().read_only);
+    }
+
+    #[test]
+    fn disk_errors_name_the_flag_and_option() {
+        for (bad, why) in [
+            ("readonly=on", "path=PATH is required"),
+            ("path=", "path=PATH is required"),
+            ("path=/x,readonly=maybe", "readonly=maybe"),
+            ("path=/x,colour=red", "unknown option \"colour\""),
+            ("path=/x,path=/y", "path given twice"),
+            ("path=/x,id=123456789012345678901", "at most 20 bytes"),
+            ("path=/x,bw_size=10", "go together"),
+            (
+                "path=/x,bw_size=0,bw_refill_time=1",
+                "bw_size must be more than 0",
+            ),
+            ("path=/x,ops_size=1,ops_refill_time=0", "more than 0 ms"),
+            (
+                "path=/x,ops_size=-1,ops_refill_time=5",
+                "non-negative integer",
+            ),
+            ("path=/x,,", "empty option"),
+        ] {
+            let e = bad.parse::<DiskArg>().unwrap_err().to_string();
+            assert!(e.starts_with("--disk"), "{bad}: {e}");
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn rng_options() {
+        assert!("on".parse::<RngArg>().unwrap().enabled);
+        assert!(!"off".parse::<RngArg>().unwrap().enabled);
+        let r: RngArg = "bw_size=1024,bw_refill_time=1000".parse().unwrap();
+        assert!(r.enabled && r.rate_limit.bandwidth.is_some());
+        let e = "maybe".parse::<RngArg>().unwrap_err().to_string();
+        assert!(
+            e.starts_with("--rng") && e.contains("unknown option"),
+            "{e}"
+        );
     }
 
     #[test]

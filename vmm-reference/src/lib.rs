@@ -4,4 +4,5 @@
 
 pub mod config;
 pub mod guest;
+pub mod virtio;
 pub mod vm;

@@ -19,8 +19,10 @@ use kiln_memory::{Backing, GuestMemoryMmap, MemoryConfig};
 use kiln_vcpu::{BootMode, BootRegs, BusExitHandler, Segment, StopReason, Vcpu, VcpuHandle};
 
 use crate::config::{
-    parse_memory, BootProtocolArg, Cli, ConfigError, SerialArg, BUNDLED_GUEST_CMDLINE,
+    parse_memory, BootProtocolArg, Cli, ConfigError, DiskArg, RngArg, SerialArg,
+    BUNDLED_GUEST_CMDLINE,
 };
+use crate::virtio::VirtioSlot;
 
 /// Exit status: the VMM failed (the message names the flag or resource).
 pub const EXIT_ERROR: u8 = 1;
@@ -115,6 +117,32 @@ pub enum VmmError {
     /// Device bus setup failed.
     #[error("device bus: {0}")]
     Bus(#[from] kiln_bus::Error),
+    /// A `--disk` image can't be used.
+    #[error("--disk path={path}: {why}")]
+    Disk {
+        /// The image path.
+        path: String,
+        /// Why.
+        why: String,
+    },
+    /// A rate limit is unusable.
+    #[error("{flag}: rate limit: {why}")]
+    RateLimit {
+        /// The flag.
+        flag: String,
+        /// Why.
+        why: String,
+    },
+    /// More virtio devices than there are interrupt lines for them.
+    #[error(
+        "--disk/--rng: {count} virtio devices asked for, at most {max} fit (one IOAPIC GSI each)"
+    )]
+    TooManyDevices {
+        /// Devices asked for.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A host OS call failed.
     #[error("{what}: {source}")]
     Os {
@@ -156,6 +184,12 @@ pub struct VmSpec {
     pub protocol: BootProtocolArg,
     /// How long SIGTERM waits for the guest to power off before stopping it.
     pub shutdown_timeout: Duration,
+    /// `--disk`s, in order.
+    pub disks: Vec<DiskArg>,
+    /// `--rng`.
+    pub rng: RngArg,
+    /// Where each virtio device sits (derived from `disks` and `rng`).
+    pub virtio: Vec<VirtioSlot>,
 }
 
 impl VmSpec {
@@ -176,6 +210,7 @@ impl VmSpec {
             ),
             KernelSource::Path(_) => cmdline,
         };
+        let virtio = crate::virtio::slots(&cli.disk, &cli.rng)?;
         Ok(VmSpec {
             kernel,
             initrd: cli.initrd,
@@ -186,6 +221,9 @@ impl VmSpec {
             serial: cli.serial,
             protocol: cli.boot_protocol,
             shutdown_timeout: Duration::from_secs_f64(cli.shutdown_timeout),
+            disks: cli.disk,
+            rng: cli.rng,
+            virtio,
         })
     }
 }
@@ -474,6 +512,7 @@ struct Inputs {
     kernel_flag: String,
     initrd: Option<File>,
     serial_out: Box<dyn io::Write + Send>,
+    disks: Vec<Option<File>>,
 }
 
 fn open_inputs(spec: &VmSpec) -> Result<Inputs, VmmError> {
@@ -508,11 +547,17 @@ fn open_inputs(spec: &VmSpec) -> Result<Inputs, VmmError> {
         .map(|p| open("--initrd", p))
         .transpose()?;
     let serial_out = serial_output(&spec.serial)?;
+    let disks = spec
+        .disks
+        .iter()
+        .map(|d| crate::virtio::open_disk(d).map(Some))
+        .collect::<Result<_, _>>()?;
     Ok(Inputs {
         kernel,
         kernel_flag,
         initrd,
         serial_out,
+        disks,
     })
 }
 
@@ -548,7 +593,7 @@ pub fn acpi_config(spec: &VmSpec) -> kiln_acpi::AcpiConfig {
         cpus: spec.cpus,
         serial: true,
         ged_gsi: legacy::GED_GSI,
-        virtio_mmio: Vec::new(),
+        virtio_mmio: crate::virtio::acpi_devices(&spec.virtio),
     }
 }
 
@@ -706,7 +751,17 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
             source,
         })?,
     });
-    let devices = build_devices(&vm, &chip, inputs.serial_out, &events)?;
+    let mut devices = build_devices(&vm, &chip, inputs.serial_out, &events)?;
+    let virtio_loop = crate::virtio::build(
+        &vm,
+        &chip,
+        &mem,
+        &spec.virtio,
+        &spec.disks,
+        inputs.disks,
+        &spec.rng,
+        &mut devices.mmio,
+    )?;
     if spec.serial == SerialArg::Stdio {
         spawn_stdin_reader(devices.serial.clone())?;
     }
@@ -788,6 +843,9 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
     }
     for h in handles {
         h.join();
+    }
+    if let Some(l) = virtio_loop {
+        l.stop();
     }
     drop(vm);
     drop(mem);

@@ -10,6 +10,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod block;
+pub mod event_loop;
 pub mod mmio;
 mod queue;
 pub mod rng;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use block::{Block, BlockConfig};
+pub use event_loop::{EventLoop, EventLoopHandle, QueueHandler};
 pub use mmio::MmioTransport;
 pub use rng::Rng;
 pub use virtio_queue::Queue;

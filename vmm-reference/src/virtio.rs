@@ -1,0 +1,266 @@
+//! The VM's virtio-mmio devices: where they sit, opening their backends, and wiring each
+//! transport to the MMIO bus, an irqfd and per-queue ioeventfds served by the device event
+//! loop.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::sync::Arc;
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use kiln_bus::{MmioAddress, MmioBus};
+use kiln_irq::IrqChip;
+use kiln_memory::GuestMemoryMmap;
+use kiln_virtio::mmio::{MMIO_SIZE, QUEUE_NOTIFY_OFFSET};
+use kiln_virtio::{Block, BlockConfig, EventLoop, EventLoopHandle, MmioTransport, Rng};
+
+use crate::config::{DiskArg, RateLimitArg, RngArg};
+use crate::vm::VmmError;
+
+/// Base of the first virtio-mmio window; window `i` is at `VIRTIO_MMIO_BASE + i * MMIO_SIZE`
+/// (docs/guest-contract.md).
+pub const VIRTIO_MMIO_BASE: u64 = 0xD000_0000;
+/// IOAPIC GSI of the first virtio-mmio device; device `i` raises `VIRTIO_GSI_BASE + i`.
+pub const VIRTIO_GSI_BASE: u32 = 16;
+/// GSIs 16..=22 are free for virtio (23 is the ACPI GED), so at most this many devices.
+pub const MAX_VIRTIO_DEVICES: usize = 7;
+
+/// What sits in one virtio-mmio slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtioKind {
+    /// The `--disk` with this index.
+    Block(usize),
+    /// The entropy device.
+    Rng,
+}
+
+/// One virtio-mmio device's place in the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// What it is.
+    pub kind: VirtioKind,
+    /// MMIO window base.
+    pub base: u64,
+    /// IOAPIC GSI.
+    pub gsi: u32,
+}
+
+/// Assigns windows and GSIs: disks in command-line order, then the entropy device.
+pub fn slots(disks: &[DiskArg], rng: &RngArg) -> Result<Vec<VirtioSlot>, VmmError> {
+    let kinds: Vec<VirtioKind> = (0..disks.len())
+        .map(VirtioKind::Block)
+        .chain(rng.enabled.then_some(VirtioKind::Rng))
+        .collect();
+    if kinds.len() > MAX_VIRTIO_DEVICES {
+        return Err(VmmError::TooManyDevices {
+            count: kinds.len(),
+            max: MAX_VIRTIO_DEVICES,
+        });
+    }
+    Ok(kinds
+        .into_iter()
+        .enumerate()
+        .map(|(i, kind)| VirtioSlot {
+            kind,
+            base: VIRTIO_MMIO_BASE + i as u64 * MMIO_SIZE,
+            gsi: VIRTIO_GSI_BASE + i as u32,
+        })
+        .collect())
+}
+
+/// What the DSDT announces for `slots`.
+pub fn acpi_devices(slots: &[VirtioSlot]) -> Vec<kiln_acpi::VirtioMmioDevice> {
+    slots
+        .iter()
+        .map(|s| kiln_acpi::VirtioMmioDevice {
+            base: s.base,
+            size: MMIO_SIZE,
+            gsi: s.gsi,
+        })
+        .collect()
+}
+
+fn disk_err(d: &DiskArg, why: impl std::fmt::Display) -> VmmError {
+    VmmError::Disk {
+        path: d.path.display().to_string(),
+        why: why.to_string(),
+    }
+}
+
+/// Opens a disk image (read-write unless `readonly=on`) and locks it like Cloud Hypervisor
+/// does, so two VMs can't write one image (shared lock for read-only users).
+pub fn open_disk(d: &DiskArg) -> Result<File, VmmError> {
+    let f = File::options()
+        .read(true)
+        .write(!d.read_only)
+        .open(&d.path)
+        .map_err(|e| disk_err(d, e))?;
+    let ft = f.metadata().map_err(|e| disk_err(d, e))?.file_type();
+    if !ft.is_file() && !ft.is_block_device() {
+        return Err(disk_err(d, "not a regular file or block device"));
+    }
+    let op = if d.read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    } | libc::LOCK_NB;
+    // SAFETY: flock takes no pointers; the fd is valid while `f` lives. The lock goes away
+    // when the process exits.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(disk_err(
+            d,
+            format!("can't lock the image ({e}); is another VM using it?"),
+        ));
+    }
+    Ok(f)
+}
+
+fn limiter(
+    flag: &str,
+    arg: &RateLimitArg,
+) -> Result<Option<kiln_ratelimit::RateLimiter>, VmmError> {
+    if !arg.is_set() {
+        return Ok(None);
+    }
+    kiln_ratelimit::RateLimiter::new(arg.bandwidth, arg.ops)
+        .map(Some)
+        .map_err(|e| VmmError::RateLimit {
+            flag: flag.to_string(),
+            why: e.to_string(),
+        })
+}
+
+type Transport<D> = MmioTransport<GuestMemoryMmap, D>;
+
+/// Creates every device in `slots`, registers it on `mmio` and with KVM, and starts the
+/// device event loop (if there is any device).
+#[allow(clippy::too_many_arguments)]
+pub fn build(
+    vm: &VmFd,
+    chip: &IrqChip,
+    mem: &GuestMemoryMmap,
+    slots: &[VirtioSlot],
+    disks: &[DiskArg],
+    mut disk_files: Vec<Option<File>>,
+    rng: &RngArg,
+    mmio: &mut MmioBus,
+) -> Result<Option<EventLoopHandle>, VmmError> {
+    if slots.is_empty() {
+        return Ok(None);
+    }
+    let os = |what: &'static str| move |source: io::Error| VmmError::Os { what, source };
+    let mut event_loop = EventLoop::new().map_err(os("creating the device event loop"))?;
+    let mut block_index = 0usize;
+    for slot in slots {
+        let line = Arc::new(chip.legacy_line(vm, slot.gsi)?);
+        let (handler, bus_dev, queues, name): (
+            Arc<dyn kiln_virtio::QueueHandler>,
+            Arc<dyn kiln_bus::MmioDevice>,
+            usize,
+            String,
+        ) = match slot.kind {
+            VirtioKind::Block(i) => {
+                let d = &disks[i];
+                let file = disk_files
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .ok_or_else(|| disk_err(d, "image not opened"))?;
+                let cfg = BlockConfig {
+                    read_only: d.read_only,
+                    id: d.id.clone().unwrap_or_default().into_bytes(),
+                    rate_limiter: limiter("--disk", &d.rate_limit)?,
+                    ..BlockConfig::default()
+                };
+                let dev = Block::new(file, cfg).map_err(|e| disk_err(d, e))?;
+                let t: Arc<Transport<Block<GuestMemoryMmap>>> =
+                    Arc::new(MmioTransport::new(mem.clone(), dev, line));
+                let n = t.num_queues();
+                let name = format!("virtio-blk {block_index}");
+                block_index += 1;
+                (t.clone(), t, n, name)
+            }
+            VirtioKind::Rng => {
+                let dev = Rng::new(
+                    kiln_virtio::rng::DEFAULT_QUEUE_SIZE,
+                    limiter("--rng", &rng.rate_limit)?,
+                )
+                .map_err(|e| VmmError::RateLimit {
+                    flag: "--rng".into(),
+                    why: e.to_string(),
+                })?;
+                let t: Arc<Transport<Rng<GuestMemoryMmap>>> =
+                    Arc::new(MmioTransport::new(mem.clone(), dev, line));
+                let n = t.num_queues();
+                (t.clone(), t, n, "virtio-rng".to_string())
+            }
+        };
+        mmio.insert(MmioAddress(slot.base), MMIO_SIZE, bus_dev)?;
+        for q in 0..queues as u32 {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(os("creating a queue eventfd"))?;
+            // A 4-byte write of the queue index to QueueNotify signals the eventfd inside
+            // KVM; the vCPU never comes out to user space for it.
+            vm.register_ioevent(
+                &evt,
+                &IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET),
+                q,
+            )
+            .map_err(|source| VmmError::VmSetup {
+                what: "KVM_IOEVENTFD for a virtio queue",
+                source,
+            })?;
+            event_loop
+                .add(handler.clone(), q, evt, format!("{name} queue {q}"))
+                .map_err(os("adding a queue to the device event loop"))?;
+        }
+    }
+    event_loop
+        .spawn()
+        .map(Some)
+        .map_err(os("starting the device event loop"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(p: &str) -> DiskArg {
+        format!("path={p}").parse().unwrap()
+    }
+
+    #[test]
+    fn disks_first_then_rng() {
+        let s = slots(&[disk("/a"), disk("/b")], &RngArg::default()).unwrap();
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[0].kind, VirtioKind::Block(0));
+        assert_eq!(s[1].kind, VirtioKind::Block(1));
+        assert_eq!(s[2].kind, VirtioKind::Rng);
+        assert_eq!((s[0].base, s[0].gsi), (0xD000_0000, 16));
+        assert_eq!((s[2].base, s[2].gsi), (0xD000_2000, 18));
+        // The tables must accept what we hand out.
+        let cfg = kiln_acpi::AcpiConfig {
+            cpus: 1,
+            serial: true,
+            ged_gsi: kiln_legacy::GED_GSI,
+            virtio_mmio: acpi_devices(&s),
+        };
+        kiln_acpi::build(&cfg).unwrap();
+    }
+
+    #[test]
+    fn too_many_devices_is_an_error_naming_the_limit() {
+        let disks: Vec<DiskArg> = (0..7).map(|i| disk(&format!("/d{i}"))).collect();
+        let off: RngArg = "off".parse().unwrap();
+        assert_eq!(slots(&disks, &off).unwrap().len(), 7);
+        let e = slots(&disks, &RngArg::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("8 virtio devices") && e.contains("at most 7"),
+            "{e}"
+        );
+        // The last possible slot's GSI stays clear of the GED's.
+        assert!(VIRTIO_GSI_BASE + MAX_VIRTIO_DEVICES as u32 - 1 < kiln_legacy::GED_GSI);
+    }
+}
