@@ -4,9 +4,12 @@
 //! - `cargo xtask testguest [--qemu]`: build the conformance guest; cross-check it under QEMU.
 //! - `cargo xtask bench-startup`: whole-process boot-to-poweroff time and peak RSS of kiln,
 //!   and of QEMU microvm on the same guest image when it is installed.
+//! - `cargo xtask bench-blk`: the guest's block IOPS / MiB/s under kiln and QEMU microvm on the
+//!   same image.
 //! - `cargo xtask linux-guest`: a stock Debian kernel (vmlinux, vmlinuz) and a busybox
 //!   initramfs in `target/linux-guest/`.
 
+mod bench_blk;
 mod bench_startup;
 mod linux_guest;
 mod test;
@@ -15,7 +18,7 @@ mod testguest;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | linux-guest [--out DIR]>";
+const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | bench-blk [--runs N] [--ms MS] [--qd N] [--image-mib N] | linux-guest [--out DIR]>";
 
 fn workspace_root() -> PathBuf {
     // xtask/ sits directly under the workspace root.
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
         Some("test") => ("test", test::run(&args[1..])),
         Some("testguest") => ("testguest", testguest::testguest(&args[1..])),
         Some("bench-startup") => ("bench-startup", bench_startup::run(&args[1..])),
+        Some("bench-blk") => ("bench-blk", bench_blk::run(&args[1..])),
         Some("linux-guest") => ("linux-guest", linux_guest::run_task(&args[1..])),
         _ => {
             eprintln!("{USAGE}\n{}", testguest::USAGE);
