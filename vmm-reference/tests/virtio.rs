@@ -285,10 +285,8 @@ fn a_disk_in_use_by_another_vm_is_refused() {
     image(&img, 2048, 0..0);
     let holder = File::options().read(true).write(true).open(&img).unwrap();
     // SAFETY: flock takes no pointers; the fd is valid.
-    assert_eq!(
-        unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
-        0
-    );
+    let rc = unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(rc, 0);
     let r = common::run(&["--disk", &format!("path={}", img.display())]);
     assert_eq!(r.code, Some(1), "{r:?}");
     assert!(
