@@ -120,6 +120,31 @@ pub struct Cli {
     /// rate limits as for --disk (`bw_size=1024,bw_refill_time=1000` = 1 KiB/s).
     #[arg(long, default_value = "on", value_name = "on|off|OPTIONS")]
     pub rng: RngArg,
+    /// Run without seccomp filters (by default every kiln thread installs an allow-list
+    /// before it handles guest input; a forbidden call ends kiln with status 148).
+    #[arg(long, conflicts_with = "seccomp_filter")]
+    pub no_seccomp: bool,
+    /// Use the seccomp filters in FILE (seccompiler JSON, one filter per thread kind: vmm,
+    /// vcpu, device, stdin; see docs/security.md) instead of the built-in ones.
+    #[arg(long, value_name = "FILE")]
+    pub seccomp_filter: Option<PathBuf>,
+    /// Test hook: make a forbidden system call on the named thread kind right after its
+    /// filter is installed (the process must then exit with 148).
+    #[arg(long, hide = true, value_name = "KIND")]
+    pub seccomp_selftest: Option<SeccompSelftest>,
+}
+
+/// Thread kinds for `--seccomp-selftest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SeccompSelftest {
+    /// The main thread.
+    Vmm,
+    /// vCPU threads.
+    Vcpu,
+    /// The virtio event loop.
+    Device,
+    /// The stdin reader.
+    Stdin,
 }
 
 /// Splits `KEY=VALUE,...` (a bare `KEY` means `KEY=on`), rejecting empty and repeated keys.

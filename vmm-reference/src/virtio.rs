@@ -148,6 +148,7 @@ pub fn build(
     mut disk_files: Vec<Option<File>>,
     rng: &RngArg,
     mmio: &mut MmioBus,
+    thread_init: Box<dyn FnOnce() -> Result<(), String> + Send>,
 ) -> Result<Option<EventLoopHandle>, VmmError> {
     if slots.is_empty() {
         return Ok(None);
@@ -218,7 +219,7 @@ pub fn build(
         }
     }
     event_loop
-        .spawn()
+        .spawn_with(thread_init)
         .map(Some)
         .map_err(os("starting the device event loop"))
 }

@@ -19,10 +19,11 @@ use kiln_memory::{Backing, GuestMemoryMmap, MemoryConfig};
 use kiln_vcpu::{BootMode, BootRegs, BusExitHandler, Segment, StopReason, Vcpu, VcpuHandle};
 
 use crate::config::{
-    parse_memory, BootProtocolArg, Cli, ConfigError, DiskArg, RngArg, SerialArg,
+    parse_memory, BootProtocolArg, Cli, ConfigError, DiskArg, RngArg, SeccompSelftest, SerialArg,
     BUNDLED_GUEST_CMDLINE,
 };
 use crate::virtio::VirtioSlot;
+use kiln_seccomp::ThreadKind;
 
 /// Exit status: the VMM failed (the message names the flag or resource).
 pub const EXIT_ERROR: u8 = 1;
@@ -143,6 +144,9 @@ pub enum VmmError {
         /// The limit.
         max: usize,
     },
+    /// Building, loading or installing seccomp filters failed.
+    #[error(transparent)]
+    Seccomp(#[from] kiln_seccomp::Error),
     /// A host OS call failed.
     #[error("{what}: {source}")]
     Os {
@@ -190,11 +194,51 @@ pub struct VmSpec {
     pub rng: RngArg,
     /// Where each virtio device sits (derived from `disks` and `rng`).
     pub virtio: Vec<VirtioSlot>,
+    /// Seccomp filters per thread kind (`None`: `--no-seccomp`).
+    pub seccomp: Option<Arc<kiln_seccomp::Filters>>,
+    /// `--seccomp-selftest`: the thread kind that makes a forbidden call.
+    pub seccomp_selftest: Option<ThreadKind>,
+}
+
+fn seccomp_filters(cli: &Cli) -> Result<Option<Arc<kiln_seccomp::Filters>>, VmmError> {
+    if cli.no_seccomp {
+        return Ok(None);
+    }
+    let filters = match &cli.seccomp_filter {
+        None => kiln_seccomp::Filters::builtin()?,
+        Some(path) => {
+            let f = File::open(path).map_err(|e| kiln_seccomp::Error::Custom {
+                path: path.display().to_string(),
+                why: e.to_string(),
+            })?;
+            kiln_seccomp::Filters::from_json(path, io::BufReader::new(f))?
+        }
+    };
+    Ok(Some(Arc::new(filters)))
+}
+
+/// What a new thread of `kind` runs first: its seccomp filter (and the self-test hook).
+fn thread_init(
+    spec: &VmSpec,
+    kind: ThreadKind,
+) -> Box<dyn FnOnce() -> Result<(), String> + Send + 'static> {
+    let filters = spec.seccomp.clone();
+    let selftest = spec.seccomp_selftest == Some(kind);
+    Box::new(move || {
+        if let Some(f) = filters {
+            f.install(kind).map_err(|e| e.to_string())?;
+        }
+        if selftest {
+            kiln_seccomp::forbidden_call_for_tests();
+        }
+        Ok(())
+    })
 }
 
 impl VmSpec {
     /// Validates the command line.
     pub fn from_cli(cli: Cli) -> Result<Self, VmmError> {
+        let seccomp = seccomp_filters(&cli)?;
         let memory = parse_memory(&cli.memory)?;
         let kernel = cli.kernel.map_or(KernelSource::Bundled, KernelSource::Path);
         let cmdline = match (&kernel, cli.cmdline) {
@@ -211,6 +255,12 @@ impl VmSpec {
             KernelSource::Path(_) => cmdline,
         };
         let virtio = crate::virtio::slots(&cli.disk, &cli.rng)?;
+        let seccomp_selftest = cli.seccomp_selftest.map(|k| match k {
+            SeccompSelftest::Vmm => ThreadKind::Vmm,
+            SeccompSelftest::Vcpu => ThreadKind::Vcpu,
+            SeccompSelftest::Device => ThreadKind::Device,
+            SeccompSelftest::Stdin => ThreadKind::Stdin,
+        });
         Ok(VmSpec {
             kernel,
             initrd: cli.initrd,
@@ -224,6 +274,8 @@ impl VmSpec {
             disks: cli.disk,
             rng: cli.rng,
             virtio,
+            seccomp,
+            seccomp_selftest,
         })
     }
 }
@@ -414,10 +466,17 @@ fn serial_output(serial: &SerialArg) -> Result<Box<dyn io::Write + Send>, VmmErr
 }
 
 /// Feeds stdin to the serial RX FIFO on its own thread; the thread dies with the process.
-fn spawn_stdin_reader(serial: Arc<legacy::SerialDevice>) -> Result<(), VmmError> {
+fn spawn_stdin_reader(
+    serial: Arc<legacy::SerialDevice>,
+    init: Box<dyn FnOnce() -> Result<(), String> + Send>,
+) -> Result<(), VmmError> {
     std::thread::Builder::new()
         .name("kiln-stdin".into())
         .spawn(move || {
+            if let Err(e) = init() {
+                eprintln!("kiln: stdin reader: {e}; the guest gets no console input");
+                return;
+            }
             let mut buf = [0u8; 64];
             let mut stdin = io::stdin().lock();
             loop {
@@ -681,6 +740,9 @@ fn boot_regs(entry: &kiln_boot::BootEntry) -> BootRegs {
 /// Builds the VM described by `spec`, runs it to the end and says how it ended.
 pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
     let signals = signal_fd()?;
+    if spec.seccomp.is_some() {
+        kiln_seccomp::install_sigsys_handler()?;
+    }
     let inputs = open_inputs(&spec)?;
     let kvm_path = std::env::var("KILN_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".to_string());
     let kvm_err = |source| VmmError::Kvm {
@@ -761,9 +823,13 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
         inputs.disks,
         &spec.rng,
         &mut devices.mmio,
+        thread_init(&spec, ThreadKind::Device),
     )?;
     if spec.serial == SerialArg::Stdio {
-        spawn_stdin_reader(devices.serial.clone())?;
+        spawn_stdin_reader(
+            devices.serial.clone(),
+            thread_init(&spec, ThreadKind::Stdin),
+        )?;
     }
 
     let stops: Arc<Mutex<Vec<(u32, StopReason)>>> = Arc::default();
@@ -795,8 +861,19 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
     }
     let handles: Vec<VcpuHandle> = vcpus
         .into_iter()
-        .map(|v| v.start(false))
+        .map(|v| v.start_with(false, thread_init(&spec, ThreadKind::Vcpu)))
         .collect::<Result<_, _>>()?;
+    // Every thread exists now; from here on the main thread only waits, kicks and tears
+    // down.
+    if let Err(e) = thread_init(&spec, ThreadKind::Vmm)() {
+        for h in &handles {
+            h.stop();
+        }
+        return Err(VmmError::Os {
+            what: "main thread set-up",
+            source: io::Error::other(e),
+        });
+    }
 
     // SIGTERM first asks the guest to power off (ACPI power button through the GED) and
     // gives it `shutdown_timeout`; SIGINT, a second SIGTERM or the deadline stop it hard.

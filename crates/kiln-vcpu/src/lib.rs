@@ -10,7 +10,7 @@ pub mod runner;
 pub use bus_handler::{BusExitHandler, StopCallback};
 pub use exit::{handle_exit, ExitAction, ExitHandler, StopKind, StopReason};
 pub use regs::{BootMode, BootRegs, Segment};
-pub use runner::{stop_current_vcpu, Vcpu, VcpuHandle, VcpuState};
+pub use runner::{stop_current_vcpu, ThreadInit, Vcpu, VcpuHandle, VcpuState};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
@@ -43,6 +43,14 @@ pub enum Error {
     /// Spawning the vCPU thread failed.
     #[error("spawning the vCPU thread: {0}")]
     Spawn(#[source] std::io::Error),
+    /// The per-thread set-up given to [`Vcpu::start_with`] failed (e.g. a seccomp filter).
+    #[error("vCPU {index} thread set-up: {why}")]
+    ThreadInit {
+        /// The vCPU.
+        index: u32,
+        /// Why.
+        why: String,
+    },
 }
 
 /// Result type of this crate.

@@ -115,6 +115,14 @@ fn install_kick_handler() -> Result<()> {
     Ok(())
 }
 
+/// Per-thread set-up run on a new vCPU thread before the guest does (see
+/// [`Vcpu::start_with`]).
+pub type ThreadInit = Box<dyn FnOnce() -> std::result::Result<(), String> + Send>;
+
+fn control_finish(control: &Control) {
+    control.set_current(VcpuState::Finished);
+}
+
 /// One vCPU, configured and ready to run.
 pub struct Vcpu {
     fd: VcpuFd,
@@ -141,6 +149,14 @@ impl Vcpu {
     /// Starts the vCPU on its own thread named `kiln-vcpu<N>`, in the Running state (or
     /// Paused if `start_paused`).
     pub fn start(self, start_paused: bool) -> Result<VcpuHandle> {
+        self.start_with(start_paused, Box::new(|| Ok(())))
+    }
+
+    /// Like [`start`](Self::start), but first runs `init` on the new thread, before the
+    /// guest runs a single instruction (install a seccomp filter, set affinity or priority).
+    /// Waits for `init`; if it fails the thread ends and this returns
+    /// [`Error::ThreadInit`].
+    pub fn start_with(self, start_paused: bool, init: ThreadInit) -> Result<VcpuHandle> {
         install_kick_handler()?;
         let initial = if start_paused {
             VcpuState::Paused
@@ -154,10 +170,26 @@ impl Vcpu {
         });
         let thread_control = control.clone();
         let index = self.index;
+        let (init_tx, init_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(format!("kiln-vcpu{index}"))
-            .spawn(move || self.run_loop(&thread_control))
+            .spawn(move || {
+                let ok = init();
+                let failed = ok.is_err();
+                // The receiver waits below; it can only be gone if start_with panicked.
+                let _ = init_tx.send(ok);
+                if failed {
+                    control_finish(&thread_control);
+                    return StopReason::Requested;
+                }
+                self.run_loop(&thread_control)
+            })
             .map_err(Error::Spawn)?;
+        let init_result = init_rx.recv().unwrap_or_else(|_| Err("thread died".into()));
+        if let Err(why) = init_result {
+            let _ = thread.join();
+            return Err(Error::ThreadInit { index, why });
+        }
         Ok(VcpuHandle {
             index,
             thread: Some(thread),

@@ -151,10 +151,34 @@ impl EventLoop {
 
     /// Starts the loop on a thread named `kiln-virtio`.
     pub fn spawn(self) -> io::Result<EventLoopHandle> {
+        self.spawn_with(|| Ok(()))
+    }
+
+    /// Starts the loop on a thread named `kiln-virtio` that first runs `init` (install a
+    /// seccomp filter, set affinity) before it touches any queue; waits for `init` and
+    /// returns its error, with the thread gone, if it fails.
+    pub fn spawn_with(
+        self,
+        init: impl FnOnce() -> std::result::Result<(), String> + Send + 'static,
+    ) -> io::Result<EventLoopHandle> {
         let stop = self.stop.try_clone()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("kiln-virtio".into())
-            .spawn(move || self.run())?;
+            .spawn(move || {
+                let r = init();
+                let ok = r.is_ok();
+                let _ = tx.send(r);
+                if ok {
+                    self.run();
+                }
+            })?;
+        if let Err(why) = rx.recv().unwrap_or_else(|_| Err("thread died".into())) {
+            let _ = thread.join();
+            return Err(io::Error::other(format!(
+                "device event loop thread set-up: {why}"
+            )));
+        }
         Ok(EventLoopHandle {
             stop,
             thread: Some(thread),
@@ -321,6 +345,13 @@ mod tests {
         wait_for("the retry", || h.calls.load(Ordering::SeqCst) == 2);
         assert!(start.elapsed() >= Duration::from_millis(30));
         handle.stop();
+    }
+
+    #[test]
+    fn a_failing_init_is_reported_and_nothing_runs() {
+        let el = EventLoop::new().unwrap();
+        let e = el.spawn_with(|| Err("no filter".into())).unwrap_err();
+        assert!(e.to_string().contains("no filter"), "{e}");
     }
 
     #[test]
