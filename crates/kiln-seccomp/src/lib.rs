@@ -197,11 +197,9 @@ fn device_io(r: &mut Rules) {
         libc::SYS_fsync,
         libc::SYS_fallocate,
         libc::SYS_getrandom,
-        libc::SYS_read,
     ] {
         allow(r, nr);
     }
-    allow_values(r, libc::SYS_timerfd_settime, 1, &[0]);
 }
 
 // KVM ioctl request numbers (linux/kvm.h), computed like the kernel's _IO/_IOR macros.
@@ -241,9 +239,12 @@ fn rules(kind: ThreadKind) -> Rules {
         }
         ThreadKind::Device => {
             device_io(&mut r);
-            for nr in [libc::SYS_epoll_wait, libc::SYS_epoll_pwait] {
+            // Eventfds and timerfds.
+            for nr in [libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_read] {
                 allow(&mut r, nr);
             }
+            // Relative timers only (flags 0).
+            allow_values(&mut r, libc::SYS_timerfd_settime, 1, &[0]);
         }
         ThreadKind::Stdin => {
             allow(&mut r, libc::SYS_read);
@@ -256,6 +257,15 @@ fn rules(kind: ThreadKind) -> Rules {
 /// reports).
 pub fn allowed_count(kind: ThreadKind) -> usize {
     rules(kind).len()
+}
+
+/// The system calls the built-in filter for `kind` allows, by name, and whether the rule
+/// also checks arguments.
+pub fn allowed_syscalls(kind: ThreadKind) -> Vec<(&'static str, bool)> {
+    rules(kind)
+        .iter()
+        .map(|(nr, r)| (syscall_name(*nr).unwrap_or("?"), !r.is_empty()))
+        .collect()
 }
 
 impl Filters {
