@@ -75,7 +75,8 @@ impl std::str::FromStr for SerialArg {
 ///
 /// Exit status: 0 guest powered off; 1 error (message names the flag or resource);
 /// 2 bad command line; 3 guest requested a reset; 4 guest crashed (triple fault, KVM internal
-/// error; vCPU registers printed); 128+N stopped by signal N.
+/// error; vCPU registers printed); 148 a thread made a system call its seccomp filter
+/// forbids; 128+N stopped by signal N.
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about, long_about)]
 pub struct Cli {
