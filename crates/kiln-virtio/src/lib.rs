@@ -1,5 +1,6 @@
 //! Virtio device models for Kiln: the transport-independent [`VirtioDevice`] trait, the
-//! virtio-mmio (version 2) transport [`MmioTransport`], and the [`Block`] and [`Rng`] devices.
+//! virtio-mmio (version 2) transport [`MmioTransport`], and the [`Block`], [`Rng`] and
+//! [`Balloon`] devices.
 //!
 //! Everything here is KVM-free: devices see guest memory through vm-memory's
 //! [`GuestMemory`] trait, raise interrupts through [`VirtioInterrupt`] (the MMIO transport
@@ -9,6 +10,7 @@
 #![warn(missing_docs)]
 #![doc = include_str!("../README.md")]
 
+pub mod balloon;
 pub mod block;
 pub mod event_loop;
 pub mod mmio;
@@ -19,6 +21,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use balloon::{Balloon, BalloonConfig, BalloonStats};
 pub use block::{Block, BlockConfig};
 pub use event_loop::{EventLoop, EventLoopHandle, QueueHandler};
 pub use mmio::MmioTransport;
