@@ -7,8 +7,8 @@
 //! checks against docs/guest-contract.md ([`memmap`]), the `boot` checks ([`boot`]), CPUID
 //! interpretation ([`cpuid`]), the exit counter arithmetic ([`exits`]), FNV-1a 64 ([`fnv`]),
 //! scenario selection ([`scenario`]), output lines ([`line`]), ACPI table discovery and checks
-//! ([`acpi`]), local APIC / IOAPIC / IDT encodings ([`apic`]) and kvmclock arithmetic
-//! ([`pvclock`]).
+//! ([`acpi`]), local APIC / IOAPIC / IDT encodings ([`apic`]), kvmclock arithmetic
+//! ([`pvclock`]) and latency histograms ([`hist`]).
 //!
 //! ```
 //! use kiln_testguest::cmdline::Cmdline;
@@ -30,6 +30,7 @@ pub mod cmdline;
 pub mod cpuid;
 pub mod exits;
 pub mod fnv;
+pub mod hist;
 pub mod line;
 pub mod memmap;
 pub mod pvclock;
