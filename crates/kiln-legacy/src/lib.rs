@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 #![doc = include_str!("../README.md")]
 
+mod bench;
 pub mod consts;
 mod exit_test;
 mod i8042;
@@ -20,6 +21,10 @@ mod power;
 mod serial;
 
 // The constants are also reachable from the crate root (`kiln_legacy::COM1_PORT`).
+pub use bench::{
+    thread_cpu_us, BenchDevice, IrqInjector, BENCH_IOEVENTFD_MMIO, BENCH_IRQ_GSI, BENCH_MSR,
+    BENCH_PORT, BENCH_PORT_SIZE,
+};
 pub use consts::*;
 pub use exit_test::ExitTestDevice;
 pub use i8042::I8042Device;
