@@ -33,6 +33,8 @@ pub const DEFAULT_SLP_TYP_S5: u8 = 5;
 
 /// Generic Address Structure address space: system memory.
 pub const GAS_MEMORY: u8 = 0;
+/// IOAPICs remembered from the MADT.
+pub const MAX_IOAPICS: usize = 4;
 /// Generic Address Structure address space: system I/O.
 pub const GAS_IO: u8 = 1;
 
@@ -125,6 +127,13 @@ pub struct AcpiInfo {
     pub ioapics: u32,
     /// First IOAPIC's address.
     pub ioapic_addr: u32,
+    /// The first [`MAX_IOAPICS`] IOAPICs as (address, GSI base), in MADT order (routing a
+    /// GSI above 23: QEMU microvm puts its virtio-mmio GSIs on a second IOAPIC).
+    pub ioapic_list: [(u32, u32); MAX_IOAPICS],
+    /// The DSDT actually used (from `X_DSDT`, else `DSDT`) and its length.
+    pub dsdt_addr: u64,
+    /// Length of the DSDT in bytes (header included).
+    pub dsdt_len: u32,
     /// GSI of ISA IRQ 0 per an interrupt source override, if any.
     pub irq0_gsi: Option<u32>,
     /// The DSDT names `_S5_`.
@@ -143,6 +152,17 @@ impl AcpiInfo {
     /// True if `id` is an enabled APIC ID in the MADT.
     pub fn has_apic_id(&self, id: u32) -> bool {
         id < 256 && self.lapic_ids[(id / 64) as usize] & (1 << (id % 64)) != 0
+    }
+
+    /// The IOAPIC (address, GSI base) with the highest GSI base not above `gsi`; the caller
+    /// checks the pin against the IOAPIC's own redirection-entry count.
+    pub fn ioapic_for_gsi(&self, gsi: u32) -> Option<(u32, u32)> {
+        let n = (self.ioapics as usize).min(MAX_IOAPICS);
+        self.ioapic_list[..n]
+            .iter()
+            .copied()
+            .filter(|&(a, base)| a != 0 && base <= gsi)
+            .max_by_key(|&(_, base)| base)
     }
 
     /// SLP_TYP for S5: the DSDT's, else [`DEFAULT_SLP_TYP_S5`].
@@ -380,6 +400,9 @@ fn parse_madt(m: &[u8], info: &mut AcpiInfo) {
                 if info.ioapics == 0 {
                     info.ioapic_addr = le(m, off + 4, 4) as u32;
                 }
+                if let Some(slot) = info.ioapic_list.get_mut(info.ioapics as usize) {
+                    *slot = (le(m, off + 4, 4) as u32, le(m, off + 8, 4) as u32);
+                }
                 info.ioapics += 1;
             }
             // Interrupt Source Override on the ISA bus (0) for IRQ 0.
@@ -462,6 +485,8 @@ pub fn parse(mem: &dyn PhysMem, given: u64) -> Result<AcpiInfo, AcpiError> {
     };
     let dsdt = sdt(mem, dsdt_addr, "DSDT")?;
     info.tables += 1;
+    info.dsdt_addr = dsdt_addr;
+    info.dsdt_len = dsdt.len() as u32;
     info.has_s5 = contains(dsdt, b"_S5_");
     info.s5_slp_typ = s5_slp_typ(dsdt);
     info.has_com1 = has_hid(dsdt, b"PNP0501");
@@ -966,6 +991,32 @@ mod tests {
         assert_eq!(info.lapics, 2);
         assert!(info.has_apic_id(1));
         assert!(verdict(&info, &kiln(2)).0);
+    }
+
+    #[test]
+    fn ioapics_and_dsdt_location() {
+        let mut m = machine(1);
+        let info = parse(&m, 0xe_0000).unwrap();
+        assert_eq!((info.dsdt_addr, info.ioapics), (DSDT, 1));
+        assert_eq!(
+            info.dsdt_len as usize,
+            m.read(DSDT, 36).map(|h| le(h, 4, 4)).unwrap() as usize
+        );
+        assert_eq!(info.ioapic_for_gsi(16), Some((0xfec0_0000, 0)));
+        // QEMU microvm with ioapic2: a second IOAPIC for GSIs 24 and up.
+        let mut mb = std::vec![0u8; 8];
+        mb[..4].copy_from_slice(&0xfee0_0000u32.to_le_bytes());
+        mb.extend_from_slice(&[0, 8, 0, 0, 1, 0, 0, 0]);
+        mb.extend_from_slice(&[1, 12, 0, 0, 0, 0, 0xc0, 0xfe, 0, 0, 0, 0]);
+        mb.extend_from_slice(&[1, 12, 1, 0, 0, 0, 0xc1, 0xfe, 24, 0, 0, 0]);
+        put(&mut m.0, MADT, &sdt_bytes(b"APIC", &mb));
+        let info = parse(&m, 0xe_0000).unwrap();
+        assert_eq!(info.ioapics, 2);
+        assert_eq!(info.ioapic_for_gsi(5), Some((0xfec0_0000, 0)));
+        assert_eq!(info.ioapic_for_gsi(23), Some((0xfec0_0000, 0)));
+        assert_eq!(info.ioapic_for_gsi(24), Some((0xfec1_0000, 24)));
+        assert_eq!(info.ioapic_for_gsi(40), Some((0xfec1_0000, 24)));
+        assert_eq!(AcpiInfo::default().ioapic_for_gsi(0), None);
     }
 
     #[test]

@@ -108,6 +108,21 @@ pub fn ioredtbl_low(vector: u8, masked: bool) -> u32 {
     u32::from(vector) | (u32::from(masked) << 16)
 }
 
+/// Redirection entry, low dword, for a source with the given trigger mode and polarity
+/// (virtio-mmio: kiln's are edge/active-high, QEMU microvm's level/active-high): bit 15
+/// level, bit 13 active low, bit 16 masked; fixed delivery to a physical destination.
+pub fn ioredtbl_low_mode(vector: u8, masked: bool, level: bool, active_low: bool) -> u32 {
+    ioredtbl_low(vector, masked) | (u32::from(level) << 15) | (u32::from(active_low) << 13)
+}
+
+/// IOAPIC register: version; bits 16..23 hold the highest redirection entry index.
+pub const IOAPIC_REG_VERSION: u32 = 1;
+
+/// Number of redirection entries from the IOAPIC version register.
+pub fn ioapic_entries(version: u32) -> u32 {
+    ((version >> 16) & 0xff) + 1
+}
+
 /// Redirection entry, high dword: destination APIC ID in bits 24..31.
 pub fn ioredtbl_high(apic_id: u8) -> u32 {
     u32::from(apic_id) << 24
@@ -133,6 +148,10 @@ mod irq_tests {
         assert_eq!(ioredtbl_low(0x34, false), 0x34);
         assert_eq!(ioredtbl_low(0x34, true), 0x1_0034);
         assert_eq!(ioredtbl_high(3), 0x0300_0000);
+        assert_eq!(ioredtbl_low_mode(0x50, false, false, false), 0x50);
+        assert_eq!(ioredtbl_low_mode(0x51, false, true, false), 0x8051);
+        assert_eq!(ioredtbl_low_mode(0x51, true, true, true), 0x1_a051);
+        assert_eq!(ioapic_entries(0x0017_0011), 24);
     }
 
     #[test]
