@@ -9,6 +9,9 @@ use crate::exit::{ExitHandler, StopReason};
 /// Called on a vCPU thread when that vCPU stops for good.
 pub type StopCallback = Box<dyn Fn(u32, &StopReason) + Send + Sync>;
 
+/// Answers `rdmsr` of MSRs KVM forwards to user space: `Some(value)` or `None` for #GP.
+pub type MsrReadFn = Box<dyn Fn(u32) -> Option<u64> + Send + Sync>;
+
 /// Routes exits to the devices on a PIO and an MMIO bus. The buses are immutable and shared
 /// (`Arc`), so vCPU threads dispatch without any lock; a device that needs mutability holds
 /// its own. Accesses nothing claims read as all-ones (like an empty ISA/PCI bus) and writes
@@ -17,6 +20,7 @@ pub struct BusExitHandler {
     pio: Arc<PioBus>,
     mmio: Arc<MmioBus>,
     on_stop: Option<StopCallback>,
+    msr_read: Option<MsrReadFn>,
     misses: RateLimitedWarn,
 }
 
@@ -27,8 +31,15 @@ impl BusExitHandler {
             pio,
             mmio,
             on_stop,
+            msr_read: None,
             misses: RateLimitedWarn::new(),
         }
+    }
+
+    /// Answers forwarded `rdmsr`s with `f` (writes still get #GP).
+    pub fn with_msr_read(mut self, f: MsrReadFn) -> Self {
+        self.msr_read = Some(f);
+        self
     }
 
     /// How many accesses found no device (or were malformed) so far.
@@ -79,6 +90,10 @@ impl ExitHandler for BusExitHandler {
         if let Err(e) = self.mmio.write(MmioAddress(addr), data) {
             self.miss("MMIO write", addr, data.len(), &e);
         }
+    }
+
+    fn msr_read(&self, index: u32) -> Option<u64> {
+        self.msr_read.as_ref().and_then(|f| f(index))
     }
 
     fn vcpu_stopped(&self, cpu: u32, reason: &StopReason) {

@@ -16,6 +16,17 @@ pub trait ExitHandler: Send + Sync {
     fn mmio_read(&self, addr: u64, data: &mut [u8]);
     /// A write to unbacked guest-physical memory at `addr`.
     fn mmio_write(&self, addr: u64, data: &[u8]);
+    /// `rdmsr` of an MSR KVM forwarded to user space (see
+    /// [`enable_user_msr_exits`](crate::enable_user_msr_exits)): `Some(value)`, or `None` to
+    /// inject #GP as KVM would have. Default: #GP.
+    fn msr_read(&self, _index: u32) -> Option<u64> {
+        None
+    }
+    /// `wrmsr` of an MSR KVM forwarded to user space: `true` if accepted, `false` to inject
+    /// #GP. Default: #GP.
+    fn msr_write(&self, _index: u32, _value: u64) -> bool {
+        false
+    }
     /// Called on the vCPU thread when the vCPU stops for good, before its thread ends. The
     /// VMM uses it to wake its main loop. Default: nothing.
     fn vcpu_stopped(&self, _cpu: u32, _reason: &StopReason) {}
@@ -111,6 +122,15 @@ pub fn handle_exit(exit: VcpuExit<'_>, handler: &dyn ExitHandler) -> ExitAction 
         VcpuExit::IoOut(port, data) => handler.pio_write(port, data),
         VcpuExit::MmioRead(addr, data) => handler.mmio_read(addr, data),
         VcpuExit::MmioWrite(addr, data) => handler.mmio_write(addr, data),
+        VcpuExit::X86Rdmsr(exit) => match handler.msr_read(exit.index) {
+            Some(v) => *exit.data = v,
+            None => *exit.error = 1,
+        },
+        VcpuExit::X86Wrmsr(exit) => {
+            if !handler.msr_write(exit.index, exit.data) {
+                *exit.error = 1;
+            }
+        }
         // With the in-kernel irqchip KVM handles HLT itself; a HLT exit can only be spurious.
         VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
         VcpuExit::Shutdown => return ExitAction::Stop(StopKind::TripleFault),
@@ -181,6 +201,42 @@ mod tests {
                 .unwrap()
                 .push(format!("mw {addr:#x} {data:?}"));
         }
+    }
+
+    #[test]
+    fn msr_exits_answer_or_inject_gp() {
+        struct Msrs;
+        impl ExitHandler for Msrs {
+            fn pio_read(&self, _: u16, _: &mut [u8]) {}
+            fn pio_write(&self, _: u16, _: &[u8]) {}
+            fn mmio_read(&self, _: u64, _: &mut [u8]) {}
+            fn mmio_write(&self, _: u64, _: &[u8]) {}
+            fn msr_read(&self, index: u32) -> Option<u64> {
+                (index == 0x1234).then_some(42)
+            }
+        }
+        use kvm_ioctls::{MsrExitReason, ReadMsrExit, WriteMsrExit};
+        for (index, want_error, want_data) in [(0x1234, 0, 42), (0x9999, 1, 0)] {
+            let (mut error, mut data) = (0u8, 0u64);
+            let exit = VcpuExit::X86Rdmsr(ReadMsrExit {
+                error: &mut error,
+                reason: MsrExitReason::Unknown,
+                index,
+                data: &mut data,
+            });
+            assert_eq!(handle_exit(exit, &Msrs), ExitAction::Continue);
+            assert_eq!((error, data), (want_error, want_data), "{index:#x}");
+        }
+        // Writes default to #GP.
+        let mut error = 0u8;
+        let exit = VcpuExit::X86Wrmsr(WriteMsrExit {
+            error: &mut error,
+            reason: MsrExitReason::Unknown,
+            index: 0x1234,
+            data: 1,
+        });
+        assert_eq!(handle_exit(exit, &Msrs), ExitAction::Continue);
+        assert_eq!(error, 1);
     }
 
     #[test]

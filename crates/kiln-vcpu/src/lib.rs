@@ -7,7 +7,7 @@ pub mod exit;
 pub mod regs;
 pub mod runner;
 
-pub use bus_handler::{BusExitHandler, StopCallback};
+pub use bus_handler::{BusExitHandler, MsrReadFn, StopCallback};
 pub use exit::{handle_exit, ExitAction, ExitHandler, StopKind, StopReason};
 pub use regs::{BootMode, BootRegs, Segment};
 pub use runner::{stop_current_vcpu, ThreadInit, Vcpu, VcpuHandle, VcpuState};
@@ -87,4 +87,28 @@ pub fn create_vcpu(
 pub fn supported_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId> {
     kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))
+}
+
+/// Makes KVM forward guest accesses to MSRs it doesn't know to user space
+/// (`KVM_CAP_X86_USER_SPACE_MSR` with `KVM_MSR_EXIT_REASON_UNKNOWN`), where
+/// [`ExitHandler::msr_read`]/[`ExitHandler::msr_write`] answer them (by default with the #GP
+/// KVM would have injected). Returns `false` if the host lacks the capability. With the host's
+/// `kvm.ignore_msrs=1`, KVM answers unknown MSRs itself and nothing is forwarded.
+pub fn enable_user_msr_exits(vm: &kvm_ioctls::VmFd) -> Result<bool> {
+    if !vm.check_extension(kvm_ioctls::Cap::X86UserSpaceMsr) {
+        return Ok(false);
+    }
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+        args: [
+            u64::from(kvm_ioctls::MsrExitReason::Unknown.bits()),
+            0,
+            0,
+            0,
+        ],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap)
+        .map_err(|e| Error::Kvm("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)", e))?;
+    Ok(true)
 }
