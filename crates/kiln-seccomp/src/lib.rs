@@ -75,11 +75,22 @@ pub enum ThreadKind {
     Device,
     /// The serial console's stdin reader.
     Stdin,
+    /// The exit benchmark's irqfd injector (only with `kiln --exit-bench`).
+    Bench,
 }
 
 impl ThreadKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
+        ThreadKind::Vmm,
+        ThreadKind::Vcpu,
+        ThreadKind::Device,
+        ThreadKind::Stdin,
+        ThreadKind::Bench,
+    ];
+
+    /// Kinds a custom filter file must cover (the others exist only on request).
+    pub const REQUIRED: [ThreadKind; 4] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Device,
@@ -93,6 +104,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Device => "device",
             ThreadKind::Stdin => "stdin",
+            ThreadKind::Bench => "bench",
         }
     }
 
@@ -111,10 +123,12 @@ impl std::fmt::Display for ThreadKind {
     }
 }
 
-/// Compiled filters, one per thread kind.
+/// Compiled filters, one per thread kind (a custom file may leave out the kinds that exist
+/// only on request).
 #[derive(Debug, Clone)]
 pub struct Filters {
     programs: HashMap<ThreadKind, BpfProgram>,
+    source: Option<String>,
 }
 
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
@@ -212,6 +226,8 @@ pub const KVM_RUN: u64 = ioc(0, 0x80, 0);
 pub const KVM_GET_REGS: u64 = ioc(2, 0x81, std::mem::size_of::<kvm_bindings::kvm_regs>());
 /// `KVM_GET_SREGS` (crash reports).
 pub const KVM_GET_SREGS: u64 = ioc(2, 0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>());
+/// `KVM_GET_CLOCK` (the benchmark injector's timestamps).
+pub const KVM_GET_CLOCK: u64 = ioc(2, 0x7c, std::mem::size_of::<kvm_bindings::kvm_clock_data>());
 
 fn rules(kind: ThreadKind) -> Rules {
     let mut r = Rules::new();
@@ -236,6 +252,8 @@ fn rules(kind: ThreadKind) -> Rules {
             );
             // A QueueNotify that no ioeventfd matched is processed on the vCPU thread.
             device_io(&mut r);
+            // The exit benchmark's CPU-time marks (kiln-legacy's bench device).
+            allow_values(&mut r, libc::SYS_getrusage, 0, &[libc::RUSAGE_THREAD as u64]);
         }
         ThreadKind::Device => {
             device_io(&mut r);
@@ -248,6 +266,9 @@ fn rules(kind: ThreadKind) -> Rules {
         }
         ThreadKind::Stdin => {
             allow(&mut r, libc::SYS_read);
+        }
+        ThreadKind::Bench => {
+            allow_values(&mut r, libc::SYS_ioctl, 1, &[KVM_GET_CLOCK]);
         }
     }
     r
@@ -289,12 +310,15 @@ impl Filters {
             })?;
             programs.insert(kind, prog);
         }
-        Ok(Filters { programs })
+        Ok(Filters {
+            programs,
+            source: None,
+        })
     }
 
     /// Filters from a seccompiler JSON file (the format Firecracker's `--seccomp-filter`
     /// takes): an object with one filter per thread kind name (`vmm`, `vcpu`, `device`,
-    /// `stdin`); every kind must be present.
+    /// `stdin` required; `bench` needed only with `--exit-bench`).
     pub fn from_json(path: &std::path::Path, reader: impl Read) -> Result<Self> {
         let err = |why: String| Error::Custom {
             path: path.display().to_string(),
@@ -304,29 +328,42 @@ impl Filters {
             .map_err(|e| err(e.to_string()))?;
         let mut programs = HashMap::new();
         for kind in ThreadKind::ALL {
-            let prog = map
-                .remove(kind.name())
-                .ok_or_else(|| err(format!("no filter for the \"{}\" thread", kind.name())))?;
-            programs.insert(kind, prog);
+            match map.remove(kind.name()) {
+                Some(prog) => {
+                    programs.insert(kind, prog);
+                }
+                None if ThreadKind::REQUIRED.contains(&kind) => {
+                    return Err(err(format!("no filter for the \"{}\" thread", kind.name())));
+                }
+                None => {}
+            }
         }
         if let Some(extra) = map.keys().next() {
             return Err(err(format!(
-                "unknown thread kind \"{extra}\" (known: vmm, vcpu, device, stdin)"
+                "unknown thread kind \"{extra}\" (known: vmm, vcpu, device, stdin, bench)"
             )));
         }
-        Ok(Filters { programs })
+        Ok(Filters {
+            programs,
+            source: Some(path.display().to_string()),
+        })
     }
 
-    /// The compiled program for `kind`.
-    pub fn program(&self, kind: ThreadKind) -> &BpfProgram {
-        // Both constructors fill every kind.
-        &self.programs[&kind]
+    /// The compiled program for `kind`, if there is one.
+    pub fn program(&self, kind: ThreadKind) -> Option<&BpfProgram> {
+        self.programs.get(&kind)
     }
 
     /// Installs the filter for `kind` on the calling thread (and records the kind for the
     /// SIGSYS report). Call it before the thread handles any guest or client input.
     pub fn install(&self, kind: ThreadKind) -> Result<()> {
-        install(kind, self.program(kind))
+        match self.program(kind) {
+            Some(p) => install(kind, p),
+            None => Err(Error::Custom {
+                path: self.source.clone().unwrap_or_default(),
+                why: format!("no filter for the \"{}\" thread", kind.name()),
+            }),
+        }
     }
 }
 
@@ -449,7 +486,7 @@ mod tests {
     fn every_builtin_filter_compiles_and_names_are_right() {
         let f = Filters::builtin().unwrap();
         for k in ThreadKind::ALL {
-            assert!(!f.program(k).is_empty());
+            assert!(!f.program(k).unwrap().is_empty());
             assert!(allowed_count(k) > 10, "{k}");
             assert_eq!(ThreadKind::from_u8(k.to_u8()), Some(k));
         }
@@ -465,6 +502,7 @@ mod tests {
         assert_eq!(KVM_RUN, 0xAE80);
         assert_eq!(KVM_GET_REGS, 0x8090_AE81);
         assert_eq!(KVM_GET_SREGS, 0x8138_AE83);
+        assert_eq!(KVM_GET_CLOCK, 0x8030_AE7C);
     }
 
     #[test]
@@ -496,7 +534,7 @@ mod tests {
             e.to_string().contains("no filter for the \"vcpu\" thread"),
             "{e}"
         );
-        let all: String = ThreadKind::ALL
+        let all: String = ThreadKind::REQUIRED
             .iter()
             .map(|k| {
                 format!(
@@ -506,7 +544,9 @@ mod tests {
             })
             .collect::<Vec<_>>()
             .join(",");
-        Filters::from_json("f.json".as_ref(), format!("{{{all}}}").as_bytes()).unwrap();
+        let f = Filters::from_json("f.json".as_ref(), format!("{{{all}}}").as_bytes()).unwrap();
+        let e = f.install(ThreadKind::Bench).unwrap_err();
+        assert!(e.to_string().contains("no filter for the \"bench\" thread"), "{e}");
         let extra = format!(
             r#"{{{all}, "api": {{"mismatch_action": "trap", "match_action": "allow", "filter": []}}}}"#
         );
