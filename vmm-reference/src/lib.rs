@@ -2,6 +2,7 @@
 //! another VMM would want lives in those crates, not here.
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod config;
 pub mod guest;
 pub mod virtio;
