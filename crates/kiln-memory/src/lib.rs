@@ -7,8 +7,14 @@
 //!   `[0xC000_0000, 4 GiB)` that is never RAM, and high RAM from 4 GiB for the rest
 //!   ([`MemoryLayout`]);
 //! * the **e820 / PVH memory map** derived from that layout ([`MemoryLayout::e820`]);
-//! * the **host mappings** backing the guest RAM ([`create_guest_memory`]) and their
-//!   registration as KVM memory slots ([`register_memory`]).
+//! * the **host mappings** backing the guest RAM ([`create_guest_memory`],
+//!   [`create_guest_memory_with`]) and their registration as KVM memory slots
+//!   ([`register_memory`]).
+//!
+//! What backs the RAM ([`Backing`]: private anonymous memory, a shared memfd, hugetlb pages
+//! or a host file) is part of [`MemoryConfig`]; what the host kernel is asked to do with the
+//! pages (prefault, KSM, transparent hugepages, NUMA binding) is a [`MemoryPolicy`]. Guest
+//! RAM is always excluded from core dumps (`MADV_DONTDUMP`).
 //!
 //! ```
 //! use kiln_memory::{Backing, MemoryConfig, MemoryLayout, E820Type, create_guest_memory};
@@ -23,16 +29,32 @@
 //! let e820 = layout.e820();
 //! assert_eq!(e820[1].kind, E820Type::Reserved);
 //! ```
+//!
+//! With a policy:
+//!
+//! ```
+//! use kiln_memory::{create_guest_memory_with, Backing, MemoryConfig, MemoryPolicy};
+//!
+//! let cfg = MemoryConfig { size: 32 << 20, backing: Backing::Anonymous };
+//! // Fault every page in now (no page faults once the guest runs) and let KSM merge them.
+//! let policy = MemoryPolicy { prefault: true, mergeable: true, ..MemoryPolicy::default() };
+//! let mem = create_guest_memory_with(&cfg, &policy).unwrap();
+//! ```
 
 #![warn(missing_docs)]
 
+mod host;
+
+use std::fmt;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     FileOffset, GuestMemoryBackend, GuestMemoryRegion, GuestRegionCollectionError, MmapRegion,
 };
@@ -100,6 +122,9 @@ pub enum Error {
     /// `sysconf` could not report the host's RAM size.
     #[error("cannot determine the host's RAM size: {0}")]
     HostRam(#[source] io::Error),
+    /// A host setting in sysfs could not be read.
+    #[error("cannot read the host's memory settings: {0}")]
+    HostQuery(#[source] io::Error),
     /// `memfd_create` failed.
     #[error("memfd_create for guest RAM failed: {0}")]
     MemfdCreate(#[source] io::Error),
@@ -107,6 +132,91 @@ pub enum Error {
     #[error("cannot size the guest RAM memfd to {size} bytes: {source}")]
     MemfdResize {
         /// Requested size in bytes.
+        size: u64,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The size is not a whole number of the backing's hugepages.
+    #[error("memory size {size} bytes is not a multiple of the {page_size} hugepage size")]
+    HugePageUnaligned {
+        /// Requested size in bytes.
+        size: u64,
+        /// The hugepage size.
+        page_size: HugePageSize,
+    },
+    /// A [`MemoryPolicy`] setting makes no sense with the chosen [`Backing`].
+    #[error("{what}: {why}")]
+    Conflict {
+        /// The two settings that clash.
+        what: &'static str,
+        /// Why they can't be combined.
+        why: &'static str,
+    },
+    /// The host has no pool of hugepages of this size.
+    #[error("the host has no {page_size} hugepage pool ({dir} is missing)")]
+    NoHugePagePool {
+        /// The hugepage size.
+        page_size: HugePageSize,
+        /// The sysfs directory that would describe it.
+        dir: PathBuf,
+    },
+    /// The host's hugepage pool is too small for guest RAM.
+    #[error(
+        "guest RAM needs {needed} {page_size} hugepages but only {available} are available \
+         ({free} free, {reserved} reserved, {overcommit} more allowed by overcommit, in \
+         {dir}); raise {dir}/nr_hugepages (for 2 MiB pages: /proc/sys/vm/nr_hugepages)"
+    )]
+    NotEnoughHugePages {
+        /// The hugepage size.
+        page_size: HugePageSize,
+        /// Pages guest RAM needs.
+        needed: u64,
+        /// Pages that can be had now: `free - reserved + overcommit`.
+        available: u64,
+        /// `free_hugepages`.
+        free: u64,
+        /// `resv_hugepages`: free pages already promised to other mappings.
+        reserved: u64,
+        /// `nr_overcommit_hugepages - surplus_hugepages`: surplus pages still allowed.
+        overcommit: u64,
+        /// The pool's sysfs directory.
+        dir: PathBuf,
+    },
+    /// The host has transparent hugepages turned off for this kind of memory.
+    #[error("transparent hugepages are off on the host ({knob} is {setting:?})")]
+    ThpDisabled {
+        /// The sysfs knob that says so.
+        knob: PathBuf,
+        /// Its current setting.
+        setting: String,
+    },
+    /// The requested host NUMA node does not exist or has no memory.
+    #[error(
+        "host NUMA node {node} does not exist or has no memory (nodes with memory: {available})"
+    )]
+    NoSuchNumaNode {
+        /// The node asked for.
+        node: u32,
+        /// The host's nodes with memory, as sysfs lists them (empty without NUMA support).
+        available: String,
+    },
+    /// The host file backing guest RAM can't be used.
+    #[error("guest RAM file {path}: {why}")]
+    HostFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// Applying a policy to a mapped region failed (`mbind`, `madvise`, prefaulting).
+    #[error("{what} on guest RAM at {addr:#x} ({size} bytes) failed: {source}")]
+    Policy {
+        /// What was being done.
+        what: String,
+        /// Guest physical start of the region.
+        addr: u64,
+        /// Region size in bytes.
         size: u64,
         /// The underlying error.
         #[source]
@@ -163,33 +273,142 @@ pub enum Error {
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Size of the hugetlb pages backing guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HugePageSize {
+    /// 2 MiB pages (x86_64 PMD size), the pool in `/proc/sys/vm/nr_hugepages`.
+    Size2M,
+    /// 1 GiB pages (x86_64 PUD size; the CPU must have `pdpe1gb`).
+    Size1G,
+}
+
+impl HugePageSize {
+    /// The page size in bytes.
+    pub fn bytes(self) -> u64 {
+        match self {
+            HugePageSize::Size2M => 2 << 20,
+            HugePageSize::Size1G => 1 << 30,
+        }
+    }
+
+    /// The pool's directory under `/sys/kernel/mm/hugepages`, e.g. `hugepages-2048kB`.
+    pub fn sysfs_name(self) -> String {
+        format!("hugepages-{}kB", self.bytes() >> 10)
+    }
+
+    fn mmap_flag(self) -> libc::c_int {
+        match self {
+            HugePageSize::Size2M => libc::MAP_HUGE_2MB,
+            HugePageSize::Size1G => libc::MAP_HUGE_1GB,
+        }
+    }
+
+    fn memfd_flag(self) -> libc::c_uint {
+        match self {
+            HugePageSize::Size2M => libc::MFD_HUGE_2MB,
+            HugePageSize::Size1G => libc::MFD_HUGE_1GB,
+        }
+    }
+}
+
+impl fmt::Display for HugePageSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HugePageSize::Size2M => "2 MiB",
+            HugePageSize::Size1G => "1 GiB",
+        })
+    }
+}
+
 /// How guest RAM is backed on the host.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+///
+/// Every backing maps low RAM and high RAM as two mappings of one object; the file-backed
+/// ones put low RAM at file offset 0 and high RAM at offset `low RAM size`, and each
+/// region's [`vm_memory::GuestMemoryRegion::file_offset`] names the fd and offset.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Backing {
     /// Private anonymous memory (`MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`).
     #[default]
     Anonymous,
     /// One `memfd` mapped `MAP_SHARED | MAP_NORESERVE`, so the same RAM can later be
     /// handed to another process (vhost-user backend) or written out for a snapshot.
-    /// Each region's [`vm_memory::GuestMemoryRegion::file_offset`] names the fd and offset:
-    /// low RAM at offset 0, high RAM at offset `low RAM size`.
     SharedMemfd,
+    /// Hugetlb pages from the host's preallocated pool: fewer TLB misses and page-table
+    /// walks (in the host and, with EPT/NPT, in the two-level walk the guest's accesses
+    /// take), and pages that are never swapped or merged.
+    ///
+    /// Private: `MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_*`; shared: a
+    /// `memfd_create(MFD_HUGETLB | MFD_HUGE_*)` mapped `MAP_SHARED`. Neither uses
+    /// `MAP_NORESERVE`, so the pool's pages are reserved when the RAM is mapped: a pool
+    /// that runs short fails then, not with a `SIGBUS` in the middle of a guest access.
+    /// The size must be a multiple of the page size; [`MemoryConfig::validate`] checks the
+    /// pool has enough pages.
+    Hugetlb {
+        /// Page size (which pool).
+        page_size: HugePageSize,
+        /// Shared memfd (true) or private anonymous (false).
+        shared: bool,
+    },
+    /// A host file mapped `MAP_SHARED`: created if missing (mode 0600), extended to the
+    /// RAM size if shorter (sparse; never shortened), and locked (`flock(LOCK_EX)`) so two
+    /// VMs can't share it by mistake. The guest's memory is the file's contents: it is there
+    /// before the VM starts and stays after the VMM exits, however it exits.
+    File(PathBuf),
+}
+
+impl Backing {
+    fn huge_page_size(&self) -> Option<HugePageSize> {
+        match self {
+            Backing::Hugetlb { page_size, .. } => Some(*page_size),
+            _ => None,
+        }
+    }
 }
 
 /// What guest RAM to create.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemoryConfig {
-    /// Total RAM in bytes (the `--memory` value). Must be a non-zero multiple of 4 KiB,
-    /// at least [`MIN_MEMORY_SIZE`] and at most the host's physical RAM.
+    /// Total RAM in bytes (the `--memory` value). Must be a non-zero multiple of 4 KiB (of
+    /// the hugepage size for [`Backing::Hugetlb`]), at least [`MIN_MEMORY_SIZE`] and at most
+    /// the host's physical RAM.
     pub size: u64,
     /// Host backing.
     pub backing: Backing,
 }
 
 impl MemoryConfig {
-    /// Checks the size against the layout rules and the host's RAM and returns the layout.
-    pub fn validate(&self) -> Result<MemoryLayout> {
+    /// Checks the rules that depend only on this configuration (size, hugepage alignment)
+    /// and returns the layout. Touches nothing on the host.
+    pub fn check(&self) -> Result<MemoryLayout> {
         let layout = MemoryLayout::new(self.size)?;
+        if let Some(page_size) = self.backing.huge_page_size() {
+            // Both regions are then whole pages too: the hole starts at 3 GiB.
+            if self.size % page_size.bytes() != 0 {
+                return Err(Error::HugePageUnaligned {
+                    size: self.size,
+                    page_size,
+                });
+            }
+        }
+        if let Backing::File(path) = &self.backing {
+            if path.as_os_str().is_empty() {
+                return Err(Error::HostFile {
+                    path: path.clone(),
+                    why: "the path is empty".into(),
+                });
+            }
+        }
+        Ok(layout)
+    }
+
+    /// [`MemoryConfig::check`], then against the host: the size fits the host's RAM and,
+    /// for [`Backing::Hugetlb`], the pool has enough free pages. Returns the layout.
+    pub fn validate(&self) -> Result<MemoryLayout> {
+        self.validate_on(Path::new(host::SYSFS))
+    }
+
+    fn validate_on(&self, sysfs: &Path) -> Result<MemoryLayout> {
+        let layout = self.check()?;
         let host = host_ram_bytes()?;
         if self.size > host {
             return Err(Error::TooLarge {
@@ -197,7 +416,92 @@ impl MemoryConfig {
                 host,
             });
         }
+        if let Some(page_size) = self.backing.huge_page_size() {
+            host::check_hugepage_pool(sysfs, page_size, self.size / page_size.bytes())?;
+        }
         Ok(layout)
+    }
+}
+
+/// What the host kernel is asked to do with guest RAM pages, whatever backs them.
+///
+/// The default asks for nothing (pages are allocated on first touch, by the first-touch
+/// NUMA policy). Guest RAM is excluded from core dumps (`MADV_DONTDUMP`) whatever the
+/// policy: a VMM's core dump is for debugging the VMM, and the guest's memory is both
+/// large and the guest's private data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryPolicy {
+    /// Fault every page in before the guest runs (`MADV_POPULATE_WRITE`, after the other
+    /// advice so the pages are allocated as hugepages and on the bound node): no page
+    /// faults later, at the price of committing all of the RAM up front.
+    pub prefault: bool,
+    /// Let KSM merge identical pages (`MADV_MERGEABLE`). Private anonymous memory only.
+    pub mergeable: bool,
+    /// Ask for transparent hugepages (`MADV_HUGEPAGE`). Anonymous memory or a shared
+    /// memfd, not hugetlb (already huge) nor a host file.
+    pub transparent_hugepages: bool,
+    /// Allocate pages only from this host NUMA node (`mbind(MPOL_BIND)`). Not for a host
+    /// file.
+    pub host_numa_node: Option<u32>,
+}
+
+impl MemoryPolicy {
+    /// Checks that this policy means something for `backing` (the kernel accepts most
+    /// advice on any mapping and silently ignores what it can't do). Touches nothing on
+    /// the host.
+    pub fn check(&self, backing: &Backing) -> Result<()> {
+        let conflict = |what, why| Err(Error::Conflict { what, why });
+        if self.mergeable && *backing != Backing::Anonymous {
+            return conflict(
+                "KSM (mergeable) needs private anonymous memory, not shared, hugetlb or file",
+                "KSM only merges ordinary private anonymous pages; on other memory the kernel \
+                 accepts the advice and ignores it",
+            );
+        }
+        if self.transparent_hugepages {
+            match backing {
+                Backing::Hugetlb { .. } => {
+                    return conflict(
+                        "transparent hugepages with hugetlb pages",
+                        "hugetlb pages are already huge; THP applies to ordinary anonymous \
+                         and shmem pages",
+                    )
+                }
+                Backing::File(_) => {
+                    return conflict(
+                        "transparent hugepages with a host file",
+                        "the kernel gives THP to anonymous and shmem memory, not to writable \
+                         file mappings",
+                    )
+                }
+                Backing::Anonymous | Backing::SharedMemfd => {}
+            }
+        }
+        if self.host_numa_node.is_some() && matches!(backing, Backing::File(_)) {
+            return conflict(
+                "NUMA binding with a host file",
+                "the kernel ignores mbind for shared file mappings: page-cache pages go where \
+                 the thread that faults them runs",
+            );
+        }
+        Ok(())
+    }
+
+    /// [`MemoryPolicy::check`], then against the host: transparent hugepages are not turned
+    /// off for this kind of memory, and the NUMA node exists and has memory.
+    pub fn validate(&self, backing: &Backing) -> Result<()> {
+        self.validate_on(backing, Path::new(host::SYSFS))
+    }
+
+    fn validate_on(&self, backing: &Backing, sysfs: &Path) -> Result<()> {
+        self.check(backing)?;
+        if self.transparent_hugepages {
+            host::check_thp(sysfs, matches!(backing, Backing::SharedMemfd))?;
+        }
+        if let Some(node) = self.host_numa_node {
+            host::check_numa_node(sysfs, node)?;
+        }
+        Ok(())
     }
 }
 
@@ -397,17 +701,61 @@ impl MemoryLayout {
     }
 }
 
-/// Creates guest RAM per `cfg` (validated with [`MemoryConfig::validate`]).
-///
-/// Mappings use `MAP_NORESERVE`: host memory is committed only when touched. Guest RAM is
-/// not excluded from core dumps (`MADV_DONTDUMP`); a VMM that wants that can `madvise`
-/// each region's host address.
+/// Creates guest RAM per `cfg` with the default [`MemoryPolicy`] (see
+/// [`create_guest_memory_with`]).
 pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap> {
+    create_guest_memory_with(cfg, &MemoryPolicy::default())
+}
+
+/// Creates guest RAM per `cfg` (validated with [`MemoryConfig::validate`]) and applies
+/// `policy` (validated with [`MemoryPolicy::validate`]) to every region.
+///
+/// Except for hugetlb and file backings, mappings use `MAP_NORESERVE`: host memory is
+/// committed only when touched (or prefaulted). Per region, in this order: `mbind` to the
+/// NUMA node, `MADV_DONTDUMP`, `MADV_MERGEABLE`, `MADV_HUGEPAGE`, a name for private
+/// anonymous mappings (`[anon:kiln-guest-ram]` in `/proc/PID/maps`, where the kernel
+/// supports it), then the prefault, so that the pages it allocates already follow the
+/// binding and the hugepage advice. (`MAP_POPULATE` would fault them in at `mmap` time,
+/// before any of that applies.)
+pub fn create_guest_memory_with(
+    cfg: &MemoryConfig,
+    policy: &MemoryPolicy,
+) -> Result<GuestMemoryMmap> {
     let layout = cfg.validate()?;
-    let file = match cfg.backing {
-        Backing::Anonymous => None,
-        Backing::SharedMemfd => Some(Arc::new(create_memfd(cfg.size)?)),
+    policy.validate(&cfg.backing)?;
+    let (file, flags) = match &cfg.backing {
+        Backing::Anonymous => (
+            None,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        ),
+        Backing::SharedMemfd => (
+            Some(create_memfd(cfg.size, 0)?),
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        ),
+        Backing::Hugetlb {
+            page_size,
+            shared: false,
+        } => (
+            None,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | page_size.mmap_flag(),
+        ),
+        Backing::Hugetlb {
+            page_size,
+            shared: true,
+        } => (
+            Some(create_memfd(
+                cfg.size,
+                libc::MFD_HUGETLB | page_size.memfd_flag(),
+            )?),
+            libc::MAP_SHARED,
+        ),
+        Backing::File(path) => (Some(open_host_file(path, cfg.size)?), libc::MAP_SHARED),
     };
+    let file = file.map(Arc::new);
+    let page = cfg
+        .backing
+        .huge_page_size()
+        .map_or(PAGE_SIZE, |p| p.bytes());
     let mut regions = Vec::with_capacity(2);
     let mut file_pos = 0u64;
     for (addr, len) in layout.regions() {
@@ -416,14 +764,27 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap> {
             size: len,
             source,
         };
-        let region = match &file {
-            None => MmapRegion::new(len as usize).map_err(mmap_err)?,
-            Some(f) => {
-                MmapRegion::from_file(FileOffset::from_arc(f.clone(), file_pos), len as usize)
-                    .map_err(mmap_err)?
-            }
-        };
+        let mut builder = MmapRegionBuilder::<()>::new(len as usize)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .with_hugetlbfs(cfg.backing.huge_page_size().is_some());
+        if let Some(f) = &file {
+            builder = builder.with_file_offset(FileOffset::from_arc(f.clone(), file_pos));
+        }
+        let region: MmapRegion = builder.build().map_err(mmap_err)?;
         file_pos += len;
+        let private_anon = flags & libc::MAP_ANONYMOUS != 0;
+        // SAFETY: `region` is a live mapping of exactly `len` bytes that nothing else uses
+        // yet (the guest does not exist); the calls below only change its policy, advice
+        // and name, and prefaulting keeps its contents.
+        unsafe { host::apply_policy(region.as_ptr(), len, page, policy, private_anon) }.map_err(
+            |(what, source)| Error::Policy {
+                what,
+                addr: addr.raw_value(),
+                size: len,
+                source,
+            },
+        )?;
         // The layout guarantees addr + len does not overflow, so `new` cannot fail; map it anyway.
         let region =
             GuestRegionMmap::new(region, addr).ok_or(Error::AddressOverflow { size: cfg.size })?;
@@ -432,10 +793,11 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap> {
     GuestMemoryMmap::from_regions(regions).map_err(Error::Regions)
 }
 
-fn create_memfd(size: u64) -> Result<File> {
+fn create_memfd(size: u64, extra_flags: libc::c_uint) -> Result<File> {
     // SAFETY: the name is a valid NUL-terminated C string; memfd_create has no other
     // memory-safety preconditions.
-    let fd = unsafe { libc::memfd_create(c"kiln-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(c"kiln-guest-ram".as_ptr(), libc::MFD_CLOEXEC | extra_flags) };
     if fd < 0 {
         return Err(Error::MemfdCreate(io::Error::last_os_error()));
     }
@@ -443,6 +805,41 @@ fn create_memfd(size: u64) -> Result<File> {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size)
         .map_err(|source| Error::MemfdResize { size, source })?;
+    Ok(file)
+}
+
+/// Opens (creating it if needed) and locks the file behind [`Backing::File`], and makes it
+/// at least `size` bytes long.
+fn open_host_file(path: &Path, size: u64) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |why: String| Error::HostFile {
+        path: path.to_path_buf(),
+        why,
+    };
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| err(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    // SAFETY: flock takes no pointers; the fd is valid while `file` lives, and the lock
+    // goes with it.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(err(format!(
+            "can't lock it ({e}); is another VM using it as its RAM?"
+        )));
+    }
+    if meta.len() < size {
+        file.set_len(size)
+            .map_err(|e| err(format!("can't extend it to {size} bytes: {e}")))?;
+    }
     Ok(file)
 }
 
@@ -484,7 +881,8 @@ pub unsafe fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     Ok(())
 }
 
-/// The raw fd and offset of a [`Backing::SharedMemfd`] region, if it has one.
+/// The raw fd and offset of a region backed by a file (shared memfd, shared hugetlb memfd
+/// or host file), if it has one.
 pub fn region_fd(region: &GuestRegionMmap) -> Option<(RawFd, u64)> {
     region
         .file_offset()
@@ -693,6 +1091,291 @@ mod tests {
         let mut buf = [0u8; 4];
         mem.read_slice(&mut buf, GuestAddress(0x2000)).unwrap();
         assert_eq!(&buf, b"back");
+    }
+
+    /// The `/proc/self/smaps` entry of the mapping that starts at `addr`: its lines.
+    fn smaps_entry(addr: *const u8) -> Vec<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{:x}-", addr as usize);
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        let mut out = vec![lines.next().expect("mapping in smaps").to_string()];
+        // Field lines are "Name: value"; the next mapping's header has no colon before
+        // its first space.
+        out.extend(
+            lines
+                .take_while(|l| {
+                    l.split_whitespace()
+                        .next()
+                        .is_some_and(|w| w.ends_with(':'))
+                })
+                .map(str::to_string),
+        );
+        out
+    }
+
+    fn smaps_kb(entry: &[String], field: &str) -> u64 {
+        entry
+            .iter()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{field} missing in {entry:?}"))
+    }
+
+    fn vm_flags(entry: &[String]) -> Vec<String> {
+        entry
+            .iter()
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .expect("VmFlags")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn scratch_file(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("kiln-memory-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    #[test]
+    fn hugepage_backing_needs_whole_pages() {
+        let cfg = |size| MemoryConfig {
+            size,
+            backing: Backing::Hugetlb {
+                page_size: HugePageSize::Size2M,
+                shared: false,
+            },
+        };
+        cfg(32 * MIB).check().unwrap();
+        let err = cfg(33 * MIB).check().unwrap_err();
+        assert!(matches!(err, Error::HugePageUnaligned { .. }), "{err}");
+        assert!(err.to_string().contains("2 MiB hugepage"), "{err}");
+        let gib = MemoryConfig {
+            size: 3 * GIB / 2,
+            backing: Backing::Hugetlb {
+                page_size: HugePageSize::Size1G,
+                shared: true,
+            },
+        };
+        assert!(gib.check().unwrap_err().to_string().contains("1 GiB"));
+        let empty = MemoryConfig {
+            size: 32 * MIB,
+            backing: Backing::File(PathBuf::new()),
+        };
+        assert!(matches!(empty.check(), Err(Error::HostFile { .. })));
+    }
+
+    #[test]
+    fn policies_that_mean_nothing_for_a_backing_are_refused() {
+        let huge = Backing::Hugetlb {
+            page_size: HugePageSize::Size2M,
+            shared: false,
+        };
+        let file = Backing::File("/tmp/x".into());
+        let p = |f: fn(&mut MemoryPolicy)| {
+            let mut p = MemoryPolicy::default();
+            f(&mut p);
+            p
+        };
+        let mergeable = p(|p| p.mergeable = true);
+        let thp = p(|p| p.transparent_hugepages = true);
+        let numa = p(|p| p.host_numa_node = Some(0));
+        let prefault = p(|p| p.prefault = true);
+        for (policy, backing, why) in [
+            (mergeable, Backing::SharedMemfd, "KSM only merges"),
+            (mergeable, huge.clone(), "KSM only merges"),
+            (mergeable, file.clone(), "KSM only merges"),
+            (thp, huge.clone(), "already huge"),
+            (thp, file.clone(), "not to writable file mappings"),
+            (numa, file.clone(), "ignores mbind"),
+        ] {
+            let err = policy.check(&backing).unwrap_err();
+            assert!(
+                err.to_string().contains(why),
+                "{policy:?} {backing:?}: {err}"
+            );
+        }
+        for (policy, backing) in [
+            (mergeable, Backing::Anonymous),
+            (thp, Backing::Anonymous),
+            (thp, Backing::SharedMemfd),
+            (numa, huge.clone()),
+            (prefault, file.clone()),
+            (prefault, huge),
+        ] {
+            policy.check(&backing).unwrap();
+        }
+    }
+
+    #[test]
+    fn guest_ram_is_never_dumped_and_committed_lazily() {
+        let mem = create_guest_memory(&MemoryConfig {
+            size: 32 * MIB,
+            backing: Backing::Anonymous,
+        })
+        .unwrap();
+        let e = smaps_entry(mem.iter().next().unwrap().as_ptr());
+        assert!(vm_flags(&e).contains(&"dd".to_string()), "{e:?}");
+        assert!(!vm_flags(&e).contains(&"mg".to_string()), "{e:?}");
+        assert_eq!(smaps_kb(&e, "Size"), 32 << 10);
+        assert!(smaps_kb(&e, "Rss") < 1024, "{e:?}");
+    }
+
+    #[test]
+    fn prefault_and_mergeable_show_in_smaps() {
+        let policy = MemoryPolicy {
+            prefault: true,
+            mergeable: true,
+            ..MemoryPolicy::default()
+        };
+        let cfg = MemoryConfig {
+            size: 32 * MIB,
+            backing: Backing::Anonymous,
+        };
+        let mem = create_guest_memory_with(&cfg, &policy).unwrap();
+        let e = smaps_entry(mem.iter().next().unwrap().as_ptr());
+        // Every page is resident before anything touched it.
+        assert_eq!(smaps_kb(&e, "Rss"), 32 << 10, "{e:?}");
+        let flags = vm_flags(&e);
+        assert!(flags.contains(&"mg".to_string()), "{e:?}");
+        assert!(flags.contains(&"dd".to_string()), "{e:?}");
+    }
+
+    #[test]
+    fn transparent_hugepages_advice() {
+        let policy = MemoryPolicy {
+            transparent_hugepages: true,
+            ..MemoryPolicy::default()
+        };
+        let cfg = MemoryConfig {
+            size: 32 * MIB,
+            backing: Backing::Anonymous,
+        };
+        match policy.validate(&cfg.backing) {
+            Err(Error::ThpDisabled { .. }) => {
+                // The refusal is the behaviour under test on such a host.
+                let err = create_guest_memory_with(&cfg, &policy).unwrap_err();
+                assert!(matches!(err, Error::ThpDisabled { .. }), "{err}");
+            }
+            Err(e) => panic!("{e}"),
+            Ok(()) => {
+                let mem = create_guest_memory_with(&cfg, &policy).unwrap();
+                let e = smaps_entry(mem.iter().next().unwrap().as_ptr());
+                assert!(vm_flags(&e).contains(&"hg".to_string()), "{e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn numa_binding_shows_in_numa_maps() {
+        let Ok(nodes) = std::fs::read_to_string("/sys/devices/system/node/has_memory") else {
+            eprintln!("skipping: host kernel without NUMA support");
+            return;
+        };
+        let node: u32 = nodes
+            .trim()
+            .split([',', '-'])
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("a node with memory");
+        let policy = MemoryPolicy {
+            host_numa_node: Some(node),
+            prefault: true,
+            ..MemoryPolicy::default()
+        };
+        let mem = create_guest_memory_with(
+            &MemoryConfig {
+                size: 16 * MIB,
+                backing: Backing::Anonymous,
+            },
+            &policy,
+        )
+        .unwrap();
+        let addr = format!("{:x} ", mem.iter().next().unwrap().as_ptr() as usize);
+        let maps = std::fs::read_to_string("/proc/self/numa_maps").unwrap();
+        let line = maps
+            .lines()
+            .find(|l| l.starts_with(&addr))
+            .expect("in numa_maps");
+        assert!(line.contains(&format!("bind:{node} ")), "{line}");
+        assert!(line.contains(&format!("N{node}=4096")), "{line}");
+        let err = MemoryPolicy {
+            host_numa_node: Some(4095),
+            ..MemoryPolicy::default()
+        }
+        .validate(&Backing::Anonymous)
+        .unwrap_err();
+        assert!(
+            matches!(err, Error::NoSuchNumaNode { node: 4095, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn file_backing_keeps_the_guest_memory() {
+        let path = scratch_file("ram");
+        let cfg = MemoryConfig {
+            size: 16 * MIB,
+            backing: Backing::File(path.clone()),
+        };
+        let mem = create_guest_memory(&cfg).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 * MIB);
+        // A second VM can't take the same file.
+        let err = create_guest_memory(&cfg).unwrap_err();
+        assert!(err.to_string().contains("can't lock it"), "{err}");
+        mem.write_slice(b"guest data", GuestAddress(0x20000))
+            .unwrap();
+        drop(mem);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[0x20000..0x2000a], b"guest data");
+        // Mapping it again shows the same memory; a longer file is not shortened.
+        let f = File::options().write(true).open(&path).unwrap();
+        f.set_len(20 * MIB).unwrap();
+        drop(f);
+        let mem = create_guest_memory(&cfg).unwrap();
+        let mut buf = [0u8; 10];
+        mem.read_slice(&mut buf, GuestAddress(0x20000)).unwrap();
+        assert_eq!(&buf, b"guest data");
+        let fo = mem.iter().next().unwrap().file_offset().unwrap();
+        assert_eq!(fo.start(), 0);
+        drop(mem);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 20 * MIB);
+        std::fs::remove_file(&path).unwrap();
+        // Something that is not a regular file.
+        let dir = std::env::temp_dir();
+        let err = create_guest_memory(&MemoryConfig {
+            size: 16 * MIB,
+            backing: Backing::File(dir),
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::HostFile { .. }), "{err}");
+    }
+
+    #[test]
+    fn hugetlb_backing_uses_the_pool() {
+        // Whether the pool has pages depends on the host (the kiln integration test sizes
+        // it); either the mapping is made of hugepages or the error says how many are
+        // missing.
+        for shared in [false, true] {
+            let cfg = MemoryConfig {
+                size: 16 * MIB,
+                backing: Backing::Hugetlb {
+                    page_size: HugePageSize::Size2M,
+                    shared,
+                },
+            };
+            match create_guest_memory(&cfg) {
+                Ok(mem) => {
+                    let region = mem.iter().next().unwrap();
+                    assert_eq!(region.file_offset().is_some(), shared);
+                    let e = smaps_entry(region.as_ptr());
+                    assert_eq!(smaps_kb(&e, "KernelPageSize"), 2048, "{e:?}");
+                    mem.write_obj(1u8, GuestAddress(0)).unwrap();
+                }
+                Err(Error::NotEnoughHugePages { needed, .. }) => assert_eq!(needed, 8),
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     #[test]
