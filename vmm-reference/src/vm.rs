@@ -717,7 +717,8 @@ fn segment(selector: u16, descriptor: u64) -> Segment {
     }
 }
 
-fn boot_regs(entry: &kiln_boot::BootEntry) -> BootRegs {
+/// The vCPU entry registers for a loaded kernel (shared with the exit benchmark's floor).
+pub fn boot_regs(entry: &kiln_boot::BootEntry) -> BootRegs {
     let gdt = &entry.gdt;
     let pvh = entry.protocol == kiln_boot::Protocol::Pvh;
     BootRegs {

@@ -1,0 +1,146 @@
+//! The floor: the same conformance guest, set up with kiln's crates, but run by the thinnest
+//! possible kvm-ioctls loop — one `match` on the exit, no bus, no devices, no locks. What
+//! kiln adds per exit is the difference between kiln's numbers and these.
+
+use std::fs::File;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{Kvm, VcpuExit};
+
+use kiln_legacy as legacy;
+use kiln_memory::{Backing, MemoryConfig};
+
+/// Guest RAM of the floor VM.
+const MEM: u64 = 256 << 20;
+
+fn e<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
+    move |err| format!("floor: {what}: {err}")
+}
+
+fn set_le(data: &mut [u8], v: u32) {
+    let b = v.to_le_bytes();
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = b.get(i).copied().unwrap_or(0);
+    }
+}
+
+/// Boots the guest with `cmdline` on one vCPU and runs it to power-off; returns its serial
+/// output.
+pub fn run(cmdline: &str, pin: Option<usize>, timeout: Duration) -> Result<String, String> {
+    if let Some(cpu) = pin {
+        // This thread runs the vCPU below.
+        crate::vmms::pin_thread(cpu)
+            .map_err(|err| format!("floor: pinning to CPU {cpu}: {err}"))?;
+    }
+    let kvm = Kvm::new().map_err(e("/dev/kvm"))?;
+    let vm = kvm.create_vm().map_err(e("KVM_CREATE_VM"))?;
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(e("KVM_SET_TSS_ADDR"))?;
+    let _chip = kiln_irq::IrqChip::create(&vm).map_err(e("irqchip"))?;
+    let mem = kiln_memory::create_guest_memory(&MemoryConfig {
+        size: MEM,
+        backing: Backing::Anonymous,
+    })
+    .map_err(e("guest memory"))?;
+    // SAFETY: `mem` outlives the vCPU, which is dropped at the end of this function.
+    unsafe { kiln_memory::register_memory(&vm, &mem) }.map_err(e("memory slots"))?;
+    kiln_vcpu::enable_user_msr_exits(&vm).map_err(e("MSR exits"))?;
+    let rsdp = kiln_acpi::write(
+        &mem,
+        &kiln_acpi::AcpiConfig {
+            cpus: 1,
+            serial: true,
+            ged_gsi: legacy::GED_GSI,
+            virtio_mmio: Vec::new(),
+        },
+    )
+    .map_err(e("ACPI tables"))?;
+    let elf = crate::vmms::guest_elf()?;
+    let kernel = File::open(&elf).map_err(e("guest ELF"))?;
+    let _ = std::fs::remove_file(&elf);
+    let entry = kiln_boot::load(
+        &mem,
+        kiln_boot::BootConfig {
+            kernel,
+            initrd: None::<File>,
+            cmdline: format!("{cmdline} kiln.cpus=1"),
+            protocol: kiln_boot::Protocol::Auto,
+            acpi_rsdp: Some(rsdp),
+        },
+    )
+    .map_err(e("loading the guest"))?;
+    let supported = kiln_vcpu::supported_cpuid(&kvm).map_err(e("CPUID"))?;
+    let mut vcpu = kiln_vcpu::create_vcpu(&vm, &supported, 0, 1).map_err(e("vCPU"))?;
+    kiln_vcpu::regs::setup_boot_regs(&vcpu, &kiln::vm::boot_regs(&entry))
+        .map_err(e("vCPU registers"))?;
+
+    let mut serial = Vec::new();
+    let mut begin = (0u64, 0u64);
+    let mut last = (0u32, 0u32);
+    let mut msr_reads = 0u64;
+    let deadline = Instant::now() + timeout;
+    let mut exits = 0u64;
+    loop {
+        exits += 1;
+        if exits % 4096 == 0 && Instant::now() > deadline {
+            return Err(format!(
+                "floor: the guest did not power off within {timeout:?}\n{}",
+                String::from_utf8_lossy(&serial)
+            ));
+        }
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => match port {
+                legacy::COM1_PORT => serial.extend_from_slice(data),
+                legacy::POWER_PORT | legacy::QEMU_DEBUG_EXIT_PORT => break,
+                legacy::BENCH_PORT => {
+                    // Bit 31 of the mark: end of a measured run.
+                    let end = data.get(3).is_some_and(|b| b & 0x80 != 0);
+                    let now = legacy::thread_cpu_us();
+                    if end {
+                        last = (
+                            now.0.saturating_sub(begin.0) as u32,
+                            now.1.saturating_sub(begin.1) as u32,
+                        );
+                    } else {
+                        begin = now;
+                    }
+                }
+                _ => {}
+            },
+            Ok(VcpuExit::IoIn(port, data)) => set_le(
+                data,
+                match port {
+                    // LSR: transmitter empty, so the guest never waits to print.
+                    0x3fd => 0x60,
+                    legacy::BENCH_PORT => last.0,
+                    0x70c => last.1,
+                    _ => 0,
+                },
+            ),
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
+            Ok(VcpuExit::MmioWrite(..))
+            | Ok(VcpuExit::Hlt)
+            | Ok(VcpuExit::Intr)
+            | Ok(VcpuExit::IrqWindowOpen) => {}
+            Ok(VcpuExit::X86Rdmsr(m)) => {
+                if m.index == legacy::BENCH_MSR {
+                    msr_reads += 1;
+                    *m.data = msr_reads;
+                } else {
+                    *m.error = 1;
+                }
+            }
+            Ok(VcpuExit::X86Wrmsr(m)) => *m.error = 1,
+            Ok(VcpuExit::SystemEvent(..)) => break,
+            Ok(other) => {
+                return Err(format!(
+                    "floor: unexpected exit {other:?}\n{}",
+                    String::from_utf8_lossy(&serial)
+                ))
+            }
+            Err(err) if err.errno() == libc::EINTR || err.errno() == libc::EAGAIN => {}
+            Err(err) => return Err(format!("floor: KVM_RUN: {err}")),
+        }
+    }
+    Ok(String::from_utf8_lossy(&serial).into_owned())
+}

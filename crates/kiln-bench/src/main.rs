@@ -1,0 +1,284 @@
+//! `kiln-bench exits`: VM-exit latency, measured by the conformance guest with its TSC
+//! (through kvmclock) for each kind of exit, as histograms; with the VMM's own CPU time per
+//! exit (user and system time of the vCPU thread, `RUSAGE_THREAD`), a raw kvm-ioctls floor
+//! running the identical guest code for the kinds that leave the kernel, and optionally the
+//! same guest under other VMMs (`--compare qemu=PATH`, `--compare firecracker=PATH`).
+//!
+//! Output: a table (kind, VMM, p50/p90/p99/p99.9 in ns, user and system ns per exit, VMM
+//! share, ratio to the floor), `--json FILE` with host metadata, `--svg FILE` histograms.
+#![warn(missing_docs)]
+
+mod floor;
+mod meta;
+mod plot;
+mod report;
+mod vmms;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+use kiln_testguest::hist::{bucket_high, bucket_low, BUCKETS};
+use report::{RunResult, FLOOR_KINDS, KINDS, PERCENTILES};
+
+/// Kiln's VM-exit latency benchmark suite.
+#[derive(Debug, Parser)]
+#[command(name = "kiln-bench", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure every kind of VM exit (see --list).
+    Exits(ExitsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ExitsArgs {
+    /// Comma-separated kinds to run (default: all; --list shows them).
+    #[arg(long, value_delimiter = ',')]
+    kinds: Vec<String>,
+    /// Timed round trips per kind.
+    #[arg(long, default_value_t = 10_000)]
+    n: u32,
+    /// Untimed round trips before each kind.
+    #[arg(long, default_value_t = 1_000)]
+    warmup: u32,
+    /// The kiln binary (default: `kiln` next to this binary).
+    #[arg(long, value_name = "PATH")]
+    kiln: Option<PathBuf>,
+    /// Skip the raw kvm-ioctls floor.
+    #[arg(long)]
+    no_floor: bool,
+    /// Pin each VMM (all its threads) and the floor to this host CPU.
+    #[arg(long, value_name = "CPU")]
+    pin: Option<usize>,
+    /// Also run under another VMM: `qemu=PATH` or `firecracker=PATH` (repeatable).
+    #[arg(long, value_name = "NAME=PATH")]
+    compare: Vec<String>,
+    /// Write all results with host metadata as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Draw the histograms into an SVG file.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+    /// Per-VMM time limit in seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// List the kinds and what they measure, then exit.
+    #[arg(long)]
+    list: bool,
+}
+
+/// The guest command line for `kinds`.
+fn guest_cmdline(kinds: &[&str], a: &ExitsArgs) -> String {
+    format!(
+        "console=ttyS0 kiln.test=bench-exits kiln.bench.kinds={} kiln.bench.n={} kiln.bench.warmup={}",
+        kinds.join(","),
+        a.n,
+        a.warmup
+    )
+}
+
+fn fmt_ns(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn print_table(runs: &[(String, RunResult)], kinds: &[&str]) {
+    println!(
+        "{:<15} {:<12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>6} {:>7}",
+        "kind",
+        "vmm",
+        "p50 ns",
+        "p90 ns",
+        "p99 ns",
+        "p99.9 ns",
+        "user ns/x",
+        "sys ns/x",
+        "vmm%",
+        "/floor"
+    );
+    for kind in kinds {
+        let floor_p50 = runs
+            .iter()
+            .find(|(n, _)| n == "floor")
+            .and_then(|(_, r)| r.kinds.get(*kind))
+            .map(|k| k.hist.percentile(50_000) as f64);
+        for (name, r) in runs {
+            let Some(k) = r.kinds.get(*kind) else {
+                if let Some(why) = r.skipped.get(*kind) {
+                    println!("{kind:<15} {name:<12} skipped: {why}");
+                }
+                continue;
+            };
+            let p: Vec<String> = PERCENTILES
+                .iter()
+                .map(|(_, p)| k.hist.percentile(*p).to_string())
+                .collect();
+            let (user, sys, share) = match k.cpu_per_exit_ns() {
+                Some((u, s)) => (
+                    fmt_ns(u),
+                    fmt_ns(s),
+                    if u + s > 0.0 {
+                        format!("{:.0}", u / (u + s) * 100.0)
+                    } else {
+                        "-".into()
+                    },
+                ),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            let ratio = match floor_p50 {
+                Some(f) if f > 0.0 => format!("{:.3}", k.hist.percentile(50_000) as f64 / f),
+                _ => "-".into(),
+            };
+            println!(
+                "{kind:<15} {name:<12} {:>9} {:>9} {:>9} {:>9} {user:>10} {sys:>10} {share:>6} {ratio:>7}",
+                p[0], p[1], p[2], p[3]
+            );
+        }
+    }
+}
+
+fn run_json(r: &RunResult) -> Value {
+    let kinds: serde_json::Map<String, Value> = r
+        .kinds
+        .iter()
+        .map(|(kind, k)| {
+            let h = &k.hist;
+            let mut o = json!({
+                "n": h.count(),
+                "min_ns": h.min(),
+                "max_ns": h.max(),
+                "mean_ns": h.sum() as f64 / h.count().max(1) as f64,
+                "buckets": (0..BUCKETS)
+                    .filter(|&i| h.bucket(i) > 0)
+                    .map(|i| json!([bucket_low(i), bucket_high(i), h.bucket(i)]))
+                    .collect::<Vec<_>>(),
+            });
+            for (name, p) in PERCENTILES {
+                o[format!("{name}_ns")] = json!(h.percentile(p));
+            }
+            if let Some((u, s)) = k.cpu_per_exit_ns() {
+                o["user_ns_per_exit"] = json!(u);
+                o["sys_ns_per_exit"] = json!(s);
+            }
+            (kind.clone(), o)
+        })
+        .collect();
+    json!({ "kinds": kinds, "skipped": r.skipped })
+}
+
+fn exits(a: ExitsArgs) -> Result<(), String> {
+    if a.list {
+        for (k, what) in KINDS {
+            println!("{k:<15} {what}");
+        }
+        return Ok(());
+    }
+    let kinds: Vec<&str> = if a.kinds.is_empty() {
+        KINDS.iter().map(|(k, _)| *k).collect()
+    } else {
+        for k in &a.kinds {
+            if !KINDS.iter().any(|(known, _)| known == k) {
+                return Err(format!("--kinds: unknown kind {k:?} (see --list)"));
+            }
+        }
+        a.kinds.iter().map(String::as_str).collect()
+    };
+    if a.n == 0 {
+        return Err("--n must be at least 1".into());
+    }
+    let others = a
+        .compare
+        .iter()
+        .map(|c| vmms::Other::parse(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let timeout = Duration::from_secs(a.timeout);
+    let host = meta::host();
+    println!("host: {}", meta::summary(&host));
+    let mut runs: Vec<(String, RunResult)> = Vec::new();
+
+    let kiln = match &a.kiln {
+        Some(p) => p.clone(),
+        None => vmms::default_kiln()?,
+    };
+    eprintln!("== kiln ({})", kiln.display());
+    let out = vmms::run_kiln(&kiln, &guest_cmdline(&kinds, &a), a.pin, timeout)?;
+    runs.push((
+        "kiln".into(),
+        report::parse(&out).map_err(|e| format!("kiln: {e}"))?,
+    ));
+
+    if !a.no_floor {
+        let fk: Vec<&str> = kinds
+            .iter()
+            .copied()
+            .filter(|k| FLOOR_KINDS.contains(k))
+            .collect();
+        if !fk.is_empty() {
+            eprintln!("== floor (raw kvm-ioctls loop)");
+            let out = floor::run(&guest_cmdline(&fk, &a), a.pin, timeout)?;
+            runs.push((
+                "floor".into(),
+                report::parse(&out).map_err(|e| format!("floor: {e}"))?,
+            ));
+        }
+    }
+    for o in &others {
+        let ok: Vec<&str> = kinds.iter().copied().filter(|k| o.supports(k)).collect();
+        eprintln!("== {} ({}): {}", o.name(), o.path.display(), ok.join(","));
+        let out = o.run(&guest_cmdline(&ok, &a), a.pin, timeout)?;
+        let mut r = report::parse(&out).map_err(|e| format!("{}: {e}", o.name()))?;
+        for k in kinds.iter().filter(|k| !ok.contains(k)) {
+            r.skipped
+                .insert((*k).to_string(), format!("{} can't run it", o.name()));
+        }
+        runs.push((o.name().to_string(), r));
+    }
+
+    println!(
+        "\nexit round trips measured in the guest (kvmclock), {} per kind after {} warm-up:",
+        a.n, a.warmup
+    );
+    print_table(&runs, &kinds);
+    if let Some(p) = &a.json {
+        let doc = json!({
+            "tool": "kiln-bench exits",
+            "version": env!("CARGO_PKG_VERSION"),
+            "host": host,
+            "config": { "kinds": kinds, "n": a.n, "warmup": a.warmup, "pin": a.pin },
+            "vmms": runs.iter().map(|(n, r)| (n.clone(), run_json(r))).collect::<serde_json::Map<_, _>>(),
+        });
+        let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+        std::fs::write(p, text).map_err(|e| format!("--json {}: {e}", p.display()))?;
+        println!("JSON: {}", p.display());
+    }
+    if let Some(p) = &a.svg {
+        plot::svg(p, &runs, &kinds).map_err(|e| format!("--svg {}: {e}", p.display()))?;
+        println!("SVG: {}", p.display());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Exits(a) => exits(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiln-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Reading the guest's `bench-exits` output and summarising it.
+
+use std::collections::BTreeMap;
+
+use kiln_testguest::hist::Histogram;
+
+/// Every exit kind the guest knows, in table order, with what it measures.
+pub const KINDS: [(&str, &str); 12] = [
+    ("pio-out", "out to a user-space device port (0x700)"),
+    ("pio-in", "in from a user-space device port (0x700)"),
+    (
+        "mmio-out",
+        "MMIO write to a user-space device (0xC000_0000)",
+    ),
+    (
+        "mmio-in",
+        "MMIO read from a user-space device (0xC000_0000)",
+    ),
+    (
+        "mmio-ioeventfd",
+        "MMIO write to an ioeventfd-backed address (stays in the kernel)",
+    ),
+    ("serial-scr", "write to the 16550 scratch register (0x3ff)"),
+    ("cpuid", "CPUID (handled in the kernel)"),
+    ("rdmsr", "RDMSR of an in-kernel MSR (IA32_APIC_BASE)"),
+    (
+        "msr-user",
+        "RDMSR forwarded to user space (KVM user-space MSR exit)",
+    ),
+    (
+        "hlt-timer",
+        "HLT woken by the LAPIC timer: deadline to handler",
+    ),
+    (
+        "ipi",
+        "fixed IPI from vCPU 0 to vCPU 1: send to handler entry",
+    ),
+    (
+        "irqfd",
+        "irqfd from a host thread: host stamp to guest handler",
+    ),
+];
+
+/// Kinds that leave the kernel, so a raw kvm-ioctls loop (the floor) can run them.
+pub const FLOOR_KINDS: [&str; 4] = ["pio-out", "pio-in", "mmio-out", "mmio-in"];
+
+/// One kind's result from one VMM.
+#[derive(Debug, Clone)]
+pub struct KindResult {
+    /// Latency histogram (ns).
+    pub hist: Histogram,
+    /// CPU time of the measuring vCPU thread during the run, if the VMM reported it:
+    /// (user µs, system µs).
+    pub cpu_us: Option<(u64, u64)>,
+}
+
+impl KindResult {
+    /// (user ns, system ns) per exit.
+    pub fn cpu_per_exit_ns(&self) -> Option<(f64, f64)> {
+        let (u, s) = self.cpu_us?;
+        let n = self.hist.count().max(1) as f64;
+        Some((u as f64 * 1e3 / n, s as f64 * 1e3 / n))
+    }
+}
+
+/// What one VMM run produced.
+#[derive(Debug, Clone, Default)]
+pub struct RunResult {
+    /// Results by kind.
+    pub kinds: BTreeMap<String, KindResult>,
+    /// Kinds the guest skipped, with its reason.
+    pub skipped: BTreeMap<String, String>,
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn num(line: &str, key: &str) -> Option<u64> {
+    field(line, key)?.parse().ok()
+}
+
+/// Parses the guest's serial output. Lines that aren't benchmark lines are ignored; a
+/// summary without bucket lines (or the reverse) is an error.
+pub fn parse(output: &str) -> Result<RunResult, String> {
+    let mut hists: BTreeMap<String, Histogram> = BTreeMap::new();
+    let mut out = RunResult::default();
+    for raw in output.lines() {
+        let line = raw.trim_end_matches('\r');
+        if line.starts_with("KBENCH-H ") {
+            let kind = line.split(' ').nth(1).unwrap_or_default().to_string();
+            let h = hists.entry(kind).or_default();
+            if h.parse_bucket_line(line).is_none() {
+                return Err(format!("malformed histogram line: {line}"));
+            }
+        } else if let Some(rest) = line.strip_prefix("KBENCH exits ") {
+            let kind = field(rest, "kind")
+                .ok_or_else(|| format!("no kind in: {line}"))?
+                .to_string();
+            if let Some(why) = rest.split_once("skipped=").map(|(_, w)| w) {
+                out.skipped.insert(kind, why.to_string());
+                continue;
+            }
+            let n = num(rest, "n").ok_or_else(|| format!("no n in: {line}"))?;
+            let mut h = hists
+                .remove(&kind)
+                .ok_or_else(|| format!("{kind}: summary without histogram lines"))?;
+            if h.count() != n {
+                return Err(format!(
+                    "{kind}: histogram holds {} samples, summary says {n}",
+                    h.count()
+                ));
+            }
+            h.set_summary(
+                num(rest, "min").unwrap_or(0),
+                num(rest, "max").unwrap_or(0),
+                num(rest, "sum").unwrap_or(0),
+            );
+            let cpu_us = match (num(rest, "host_user_us"), num(rest, "host_sys_us")) {
+                // The bench device reads all-ones where it doesn't exist (other VMMs).
+                (Some(u), Some(s)) if u != u64::from(u32::MAX) && s != u64::from(u32::MAX) => {
+                    Some((u, s))
+                }
+                _ => None,
+            };
+            out.kinds.insert(kind, KindResult { hist: h, cpu_us });
+        }
+    }
+    if let Some(kind) = hists.keys().next() {
+        return Err(format!("{kind}: histogram lines without a summary"));
+    }
+    Ok(out)
+}
+
+/// The percentiles the table and JSON report, in thousandths of a percent.
+pub const PERCENTILES: [(&str, u32); 4] = [
+    ("p50", 50_000),
+    ("p90", 90_000),
+    ("p99", 99_000),
+    ("p99.9", 99_900),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn emit(kind: &str, values: &[u64], extra: &str) -> String {
+        let mut h = Histogram::new();
+        for v in values {
+            h.record(*v);
+        }
+        let mut s = String::new();
+        h.emit_buckets(kind, 3, |l| {
+            s.push_str(l.as_str());
+            s.push('\n');
+        });
+        let mut l = kiln_testguest::line::LineBuf::new();
+        h.summary_line(kind, &mut l);
+        s.push_str(l.as_str());
+        s.push_str(extra);
+        s.push('\n');
+        s
+    }
+
+    #[test]
+    fn parses_kinds_cpu_and_skips() {
+        let out = format!(
+            "KTEST boot PASS\n{}{}KBENCH exits kind=msr-user skipped=no user-space MSR exits\n",
+            emit(
+                "pio-out",
+                &[8000, 8100, 8200, 9000],
+                " host_user_us=3 host_sys_us=30"
+            ),
+            emit(
+                "cpuid",
+                &[300, 310],
+                " host_user_us=4294967295 host_sys_us=4294967295"
+            ),
+        );
+        let r = parse(&out).unwrap();
+        assert_eq!(r.kinds.len(), 2);
+        let pio = &r.kinds["pio-out"];
+        assert_eq!(pio.hist.count(), 4);
+        assert_eq!(pio.cpu_us, Some((3, 30)));
+        let (u, s) = pio.cpu_per_exit_ns().unwrap();
+        assert!((u - 750.0).abs() < 1e-9 && (s - 7500.0).abs() < 1e-9);
+        assert_eq!(r.kinds["cpuid"].cpu_us, None);
+        assert_eq!(r.skipped["msr-user"], "no user-space MSR exits");
+    }
+
+    #[test]
+    fn inconsistent_output_is_an_error() {
+        let mut bad = emit("pio-out", &[1, 2, 3], "");
+        bad = bad.replace("n=3", "n=4");
+        assert!(parse(&bad).unwrap_err().contains("summary says 4"));
+        let orphan = "KBENCH-H pio-out 1:1\n";
+        assert!(parse(orphan).unwrap_err().contains("without a summary"));
+        let lonely = "KBENCH exits kind=x n=1 min=1 max=1 sum=1\n";
+        assert!(parse(lonely).unwrap_err().contains("without histogram"));
+        assert!(parse("KBENCH-H pio-out 1:x\n").is_err());
+    }
+}
