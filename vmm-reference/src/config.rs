@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
+use kiln_memory::{Backing, HugePageSize, MemoryConfig, MemoryPolicy};
 
 /// Errors in the user's configuration; each names the flag at fault.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +21,22 @@ pub enum ConfigError {
     /// `--serial` could not be parsed.
     #[error("--serial {0:?}: expected stdio, null or file:PATH")]
     Serial(String),
+    /// `--cpu-affinity` could not be parsed or names a vCPU or host CPU that isn't there.
+    #[error("--cpu-affinity {value:?}: {why}")]
+    CpuAffinity {
+        /// What the user gave.
+        value: String,
+        /// Why it is wrong.
+        why: String,
+    },
+    /// `--vcpu-priority` could not be parsed.
+    #[error("--vcpu-priority {value:?}: {why}")]
+    VcpuPriority {
+        /// What the user gave.
+        value: String,
+        /// Why it is wrong.
+        why: String,
+    },
     /// A `KEY=VALUE,...` device option could not be parsed.
     #[error("{flag} {value:?}: {why}")]
     DeviceOption {
@@ -94,9 +111,20 @@ pub struct Cli {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub cpus: u32,
-    /// Guest memory: MiB, or with a K, M or G suffix.
-    #[arg(long, default_value = "128M", value_name = "SIZE")]
+    /// Guest memory: a size (MiB, or with a K, M or G suffix), or `KEY=VALUE,...` with
+    /// `size=SIZE` (default 128M), `shared=on|off`, `hugepages=on`, `hugepage-size=2M|1G`,
+    /// `file=PATH`, `prefault=on`, `mergeable=on` (KSM), `thp=on`, `host-numa-node=N`
+    /// (see docs/resources.md).
+    #[arg(long, default_value = "128M", value_name = "SIZE|OPTIONS")]
     pub memory: String,
+    /// Pin a vCPU's thread (`VCPU` = its index) or the VMM's own threads (`vmm`: main, device
+    /// event loop, stdin reader) to host CPUs, e.g. `0=2`, `1=0-1,3`, `vmm=0` (repeatable).
+    #[arg(long, value_name = "VCPU=HOSTCPUS")]
+    pub cpu_affinity: Vec<CpuAffinityArg>,
+    /// Run vCPU threads under a real-time policy: `fifo:N` is SCHED_FIFO at priority N
+    /// (1-99). Needs CAP_SYS_NICE or a high enough RLIMIT_RTPRIO.
+    #[arg(long, value_name = "fifo:N")]
+    pub vcpu_priority: Option<VcpuPriorityArg>,
     /// Serial console: stdio, null or file:PATH.
     #[arg(long, default_value = "stdio", value_name = "WHERE")]
     pub serial: SerialArg,
@@ -391,34 +419,278 @@ pub const BUNDLED_GUEST_CMDLINE: &str = "console=ttyS0 kiln.test=all";
 /// Parses a `--memory` value into bytes: a plain number is MiB; K, M, G (or KiB, MiB, GiB)
 /// suffixes are binary multiples. The result must be a whole number of 4 KiB pages.
 pub fn parse_memory(value: &str) -> Result<u64, ConfigError> {
-    let err = |why| ConfigError::MemorySyntax {
+    parse_size(value).map_err(|why| ConfigError::MemorySyntax {
         value: value.to_string(),
         why,
-    };
+    })
+}
+
+fn parse_size(value: &str) -> Result<u64, &'static str> {
     let v = value.trim();
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (digits, suffix) = v.split_at(split);
     if digits.is_empty() {
-        return Err(err("expected a number"));
+        return Err("expected a number");
     }
-    let n: u64 = digits.parse().map_err(|_| err("number too large"))?;
+    let n: u64 = digits.parse().map_err(|_| "number too large")?;
     let shift = match suffix.trim().to_ascii_uppercase().as_str() {
         "" | "M" | "MB" | "MIB" => 20,
         "K" | "KB" | "KIB" => 10,
         "G" | "GB" | "GIB" => 30,
-        _ => return Err(err("unknown unit")),
+        _ => return Err("unknown unit"),
     };
     let bytes = n
         .checked_shl(shift)
         .filter(|b| b >> shift == n)
-        .ok_or(err("too large"))?;
+        .ok_or("too large")?;
     if bytes == 0 {
-        return Err(err("must be more than zero"));
+        return Err("must be more than zero");
     }
     if bytes % 4096 != 0 {
-        return Err(err("must be a multiple of 4 KiB"));
+        return Err("must be a multiple of 4 KiB");
     }
     Ok(bytes)
+}
+
+/// The default guest memory size (the `--memory` default, and `size=` when left out).
+pub const DEFAULT_MEMORY: u64 = 128 << 20;
+
+/// A parsed `--memory`: what backs guest RAM and what the host does with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryArg {
+    /// Size and backing.
+    pub config: MemoryConfig,
+    /// Prefault, KSM, THP, NUMA binding.
+    pub policy: MemoryPolicy,
+}
+
+/// Parses `--memory`: a plain size (`512M`), or `KEY=VALUE,...` (see [`Cli::memory`]).
+///
+/// Rejects combinations [`kiln_memory`] can't even express (a hugepage size without
+/// hugepages, hugepages in a file, a private file); the rest of the rules are
+/// [`MemoryConfig::check`] and [`MemoryPolicy::check`], which [`crate::vm::VmSpec::from_cli`]
+/// applies.
+pub fn parse_memory_arg(value: &str) -> Result<MemoryArg, ConfigError> {
+    const FLAG: &str = "--memory";
+    if !value.contains('=') {
+        return Ok(MemoryArg {
+            config: MemoryConfig {
+                size: parse_memory(value)?,
+                backing: Backing::Anonymous,
+            },
+            policy: MemoryPolicy::default(),
+        });
+    }
+    let err = |why: String| ConfigError::DeviceOption {
+        flag: FLAG,
+        value: value.to_string(),
+        why,
+    };
+    let mut size = DEFAULT_MEMORY;
+    let mut shared = None;
+    let mut hugepages = false;
+    let mut page_size = None;
+    let mut file = None;
+    let mut policy = MemoryPolicy::default();
+    let mut rest = Vec::new();
+    for (k, v) in split_options(FLAG, value)? {
+        match k {
+            "size" => size = parse_size(v).map_err(|why| err(format!("size={v}: {why}")))?,
+            "shared" => shared = Some(parse_switch(FLAG, value, k, v)?),
+            "hugepages" => hugepages = parse_switch(FLAG, value, k, v)?,
+            "hugepage-size" => {
+                page_size = Some(match v.to_ascii_uppercase().as_str() {
+                    "2M" | "2MB" | "2MIB" => HugePageSize::Size2M,
+                    "1G" | "1GB" | "1GIB" => HugePageSize::Size1G,
+                    _ => return Err(err(format!("hugepage-size={v}: expected 2M or 1G"))),
+                })
+            }
+            "file" if v.is_empty() => return Err(err("file=: the path is empty".into())),
+            "file" => file = Some(PathBuf::from(v)),
+            "prefault" => policy.prefault = parse_switch(FLAG, value, k, v)?,
+            "mergeable" => policy.mergeable = parse_switch(FLAG, value, k, v)?,
+            "thp" => policy.transparent_hugepages = parse_switch(FLAG, value, k, v)?,
+            "host-numa-node" => {
+                policy.host_numa_node = Some(
+                    v.parse()
+                        .map_err(|_| err(format!("host-numa-node={v}: expected a node number")))?,
+                )
+            }
+            _ => rest.push((k, v)),
+        }
+    }
+    unknown_options(
+        FLAG,
+        value,
+        &rest,
+        "size, shared, hugepages, hugepage-size, file, prefault, mergeable, thp, \
+         host-numa-node",
+    )?;
+    if page_size.is_some() && !hugepages {
+        return Err(err("hugepage-size= needs hugepages=on".into()));
+    }
+    let backing = match (file, hugepages) {
+        (Some(_), true) => {
+            return Err(err(
+                "hugepages=on and file= don't go together: for a hugepage-backed file, put \
+                 the file on a hugetlbfs mount and leave hugepages off"
+                    .into(),
+            ))
+        }
+        (Some(_), false) if shared == Some(false) => {
+            return Err(err(
+                "file= with shared=off: file memory is always MAP_SHARED, or the guest's \
+                 writes would never reach the file"
+                    .into(),
+            ))
+        }
+        (Some(path), false) => Backing::File(path),
+        (None, true) => Backing::Hugetlb {
+            page_size: page_size.unwrap_or(HugePageSize::Size2M),
+            shared: shared.unwrap_or(false),
+        },
+        (None, false) if shared == Some(true) => Backing::SharedMemfd,
+        (None, false) => Backing::Anonymous,
+    };
+    Ok(MemoryArg {
+        config: MemoryConfig { size, backing },
+        policy,
+    })
+}
+
+/// Host CPU numbers kiln accepts in a list (the kernel's `cpu_set_t` size).
+pub const MAX_HOST_CPUS: usize = libc::CPU_SETSIZE as usize;
+
+/// Parses a CPU list such as `2` or `0-1,3` into sorted, distinct CPU numbers.
+pub fn parse_cpu_list(list: &str) -> Result<Vec<usize>, String> {
+    let mut cpus = Vec::new();
+    if list.is_empty() {
+        return Err("empty CPU list (expected e.g. 2 or 0-1,3)".into());
+    }
+    for part in list.split(',') {
+        let num = |s: &str| -> Result<usize, String> {
+            let n: usize = s
+                .parse()
+                .map_err(|_| format!("{s:?} is not a CPU number (expected e.g. 2 or 0-1,3)"))?;
+            if n >= MAX_HOST_CPUS {
+                return Err(format!(
+                    "CPU {n} is beyond the {MAX_HOST_CPUS} kiln supports"
+                ));
+            }
+            Ok(n)
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("range {part} runs backwards"));
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(num(part)?),
+        }
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+/// Formats sorted CPU numbers as a list with ranges (`0-1,3`), as the kernel does.
+pub fn format_cpu_list(cpus: &[usize]) -> String {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(&start) = cpus.get(i) {
+        let mut end = start;
+        while cpus.get(i + 1) == Some(&(end + 1)) {
+            end += 1;
+            i += 1;
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    out.join(",")
+}
+
+/// Whose threads a `--cpu-affinity` pins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AffinityTarget {
+    /// The vCPU with this index.
+    Vcpu(u32),
+    /// The VMM's own threads: main, device event loop, stdin reader.
+    Vmm,
+}
+
+/// One `--cpu-affinity VCPU=HOSTCPUS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuAffinityArg {
+    /// Whose threads.
+    pub target: AffinityTarget,
+    /// Sorted, distinct host CPU numbers.
+    pub host_cpus: Vec<usize>,
+    /// What the user wrote, for error messages.
+    pub text: String,
+}
+
+impl std::str::FromStr for CpuAffinityArg {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let err = |why: String| ConfigError::CpuAffinity {
+            value: s.to_string(),
+            why,
+        };
+        let (who, list) = s
+            .split_once('=')
+            .ok_or_else(|| err("expected VCPU=HOSTCPUS, e.g. 0=2 or vmm=0-1".into()))?;
+        let target = match who {
+            "vmm" => AffinityTarget::Vmm,
+            n => AffinityTarget::Vcpu(n.parse().map_err(|_| {
+                err(format!(
+                    "{n:?} is neither a vCPU index nor vmm (expected VCPU=HOSTCPUS)"
+                ))
+            })?),
+        };
+        Ok(CpuAffinityArg {
+            target,
+            host_cpus: parse_cpu_list(list).map_err(err)?,
+            text: s.to_string(),
+        })
+    }
+}
+
+/// `--vcpu-priority`: the scheduling policy of vCPU threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuPriorityArg {
+    /// SCHED_FIFO at this priority (1-99).
+    Fifo(u8),
+}
+
+impl std::str::FromStr for VcpuPriorityArg {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let err = |why: &str| ConfigError::VcpuPriority {
+            value: s.to_string(),
+            why: why.to_string(),
+        };
+        let n = s
+            .strip_prefix("fifo:")
+            .ok_or_else(|| err("expected fifo:N (SCHED_FIFO at priority N, 1-99)"))?;
+        match n.parse::<u8>() {
+            Ok(p @ 1..=99) => Ok(VcpuPriorityArg::Fifo(p)),
+            _ => Err(err("the priority must be a number from 1 to 99")),
+        }
+    }
+}
+
+impl std::fmt::Display for VcpuPriorityArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VcpuPriorityArg::Fifo(p) => write!(f, "fifo:{p}"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -449,6 +721,108 @@ mod tests {
         ] {
             let e = parse_memory(bad).expect_err(bad).to_string();
             assert!(e.starts_with("--memory"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn memory_plain_and_keyed() {
+        let m = parse_memory_arg("512M").unwrap();
+        assert_eq!(m.config.size, 512 << 20);
+        assert_eq!(m.config.backing, Backing::Anonymous);
+        assert_eq!(m.policy, MemoryPolicy::default());
+        let m = parse_memory_arg("size=1G,hugepages=on,hugepage-size=1G,shared=on").unwrap();
+        assert_eq!(m.config.size, 1 << 30);
+        assert_eq!(
+            m.config.backing,
+            Backing::Hugetlb {
+                page_size: HugePageSize::Size1G,
+                shared: true
+            }
+        );
+        let m = parse_memory_arg("hugepages=on").unwrap();
+        assert_eq!(m.config.size, DEFAULT_MEMORY);
+        assert_eq!(
+            m.config.backing,
+            Backing::Hugetlb {
+                page_size: HugePageSize::Size2M,
+                shared: false
+            }
+        );
+        let m = parse_memory_arg("size=64M,shared=on,thp=on,prefault=on").unwrap();
+        assert_eq!(m.config.backing, Backing::SharedMemfd);
+        assert!(m.policy.transparent_hugepages && m.policy.prefault && !m.policy.mergeable);
+        let m = parse_memory_arg("size=64M,mergeable=on,host-numa-node=1,shared=off").unwrap();
+        assert_eq!(m.config.backing, Backing::Anonymous);
+        assert!(m.policy.mergeable);
+        assert_eq!(m.policy.host_numa_node, Some(1));
+        let m = parse_memory_arg("file=/var/vm/ram,size=2G,shared=on").unwrap();
+        assert_eq!(m.config.backing, Backing::File("/var/vm/ram".into()));
+    }
+
+    #[test]
+    fn memory_rejections_name_the_flag_and_reason() {
+        for (bad, why) in [
+            ("size=12X", "size=12X: unknown unit"),
+            ("size=64M,hugepage-size=2M", "needs hugepages=on"),
+            (
+                "size=64M,hugepages=on,hugepage-size=4M",
+                "expected 2M or 1G",
+            ),
+            ("hugepages=on,file=/x", "don't go together"),
+            ("hugepages=on,hugepage-size=1G,file=/x", "don't go together"),
+            ("file=/x,shared=off", "always MAP_SHARED"),
+            ("file=", "path is empty"),
+            ("file=/x,hugepage-size=1G", "needs hugepages=on"),
+            ("size=64M,thp=maybe", "thp=maybe: expected on or off"),
+            ("size=64M,host-numa-node=-1", "expected a node number"),
+            ("size=64M,balloon=on", "unknown option \"balloon\""),
+            ("size=64M,size=128M", "size given twice"),
+        ] {
+            let e = parse_memory_arg(bad).unwrap_err().to_string();
+            assert!(e.starts_with("--memory"), "{bad}: {e}");
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("2").unwrap(), vec![2]);
+        assert_eq!(parse_cpu_list("3,0-1,1").unwrap(), vec![0, 1, 3]);
+        for bad in ["", "a", "1-", "-1", "3-1", "1,,2", "4096", "0-99999"] {
+            assert!(parse_cpu_list(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_cpu_list(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
+        assert_eq!(format_cpu_list(&[]), "");
+    }
+
+    #[test]
+    fn cpu_affinity_values() {
+        let a: CpuAffinityArg = "1=0-1,3".parse().unwrap();
+        assert_eq!(a.target, AffinityTarget::Vcpu(1));
+        assert_eq!(a.host_cpus, vec![0, 1, 3]);
+        let a: CpuAffinityArg = "vmm=0".parse().unwrap();
+        assert_eq!(a.target, AffinityTarget::Vmm);
+        for bad in ["0", "x=1", "=1", "0=", "-1=0", "0=1-0", "vcpu0=1"] {
+            let e = bad.parse::<CpuAffinityArg>().unwrap_err().to_string();
+            assert!(e.starts_with("--cpu-affinity"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn vcpu_priority_values() {
+        assert_eq!(
+            "fifo:1".parse::<VcpuPriorityArg>().unwrap(),
+            VcpuPriorityArg::Fifo(1)
+        );
+        assert_eq!(
+            "fifo:99".parse::<VcpuPriorityArg>().unwrap().to_string(),
+            "fifo:99"
+        );
+        for bad in [
+            "fifo:0", "fifo:100", "fifo:", "fifo", "rr:5", "10", "fifo:-1",
+        ] {
+            let e = bad.parse::<VcpuPriorityArg>().unwrap_err().to_string();
+            assert!(e.starts_with("--vcpu-priority"), "{bad}: {e}");
         }
     }
 

@@ -15,11 +15,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use kiln_bus::{MmioAddress, MmioBus, PioAddress, PioBus};
 use kiln_irq::{InterruptLine, IrqChip};
 use kiln_legacy as legacy;
-use kiln_memory::{Backing, GuestMemoryMmap, MemoryConfig};
+use kiln_memory::GuestMemoryMmap;
 use kiln_vcpu::{BootMode, BootRegs, BusExitHandler, Segment, StopReason, Vcpu, VcpuHandle};
 
 use crate::config::{
-    parse_memory, BootProtocolArg, Cli, ConfigError, DiskArg, RngArg, SeccompSelftest, SerialArg,
+    format_cpu_list, parse_memory_arg, AffinityTarget, BootProtocolArg, Cli, ConfigError,
+    CpuAffinityArg, DiskArg, MemoryArg, RngArg, SeccompSelftest, SerialArg, VcpuPriorityArg,
     BUNDLED_GUEST_CMDLINE,
 };
 use crate::virtio::VirtioSlot;
@@ -182,6 +183,12 @@ pub struct VmSpec {
     pub memory: u64,
     /// The `--memory` text, for error messages.
     pub memory_arg: String,
+    /// Guest memory backing and host policy (`--memory`).
+    pub memory_options: MemoryArg,
+    /// `--cpu-affinity`, checked against `cpus` and the host CPUs kiln may use.
+    pub cpu_affinity: Vec<CpuAffinityArg>,
+    /// `--vcpu-priority`.
+    pub vcpu_priority: Option<VcpuPriorityArg>,
     /// Serial console.
     pub serial: SerialArg,
     /// Boot protocol.
@@ -217,14 +224,149 @@ fn seccomp_filters(cli: &Cli) -> Result<Option<Arc<kiln_seccomp::Filters>>, VmmE
     Ok(Some(Arc::new(filters)))
 }
 
+/// The host CPUs this process may run on (`sched_getaffinity`).
+fn allowed_host_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((0..crate::config::MAX_HOST_CPUS)
+        // SAFETY: the index is below CPU_SETSIZE, inside `set`.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
+/// Checks `--cpu-affinity` against `--cpus` and the host CPUs this process may use.
+fn check_affinity(args: &[CpuAffinityArg], cpus: u32) -> Result<(), VmmError> {
+    let allowed = allowed_host_cpus().map_err(|source| VmmError::Os {
+        what: "--cpu-affinity: sched_getaffinity",
+        source,
+    })?;
+    // SAFETY: sysconf only reads a system parameter.
+    let configured = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize;
+    for (i, a) in args.iter().enumerate() {
+        let err = |why: String| {
+            VmmError::Config(ConfigError::CpuAffinity {
+                value: a.text.clone(),
+                why,
+            })
+        };
+        if let AffinityTarget::Vcpu(v) = a.target {
+            if v >= cpus {
+                return Err(err(format!(
+                    "vCPU {v} does not exist with --cpus {cpus} (the highest index is {})",
+                    cpus.saturating_sub(1)
+                )));
+            }
+        }
+        if args[..i].iter().any(|b| b.target == a.target) {
+            let who = match a.target {
+                AffinityTarget::Vcpu(v) => format!("vCPU {v}"),
+                AffinityTarget::Vmm => "vmm".to_string(),
+            };
+            return Err(err(format!(
+                "{who} is already pinned by an earlier --cpu-affinity"
+            )));
+        }
+        for &c in &a.host_cpus {
+            if c >= configured {
+                return Err(err(format!(
+                    "host CPU {c} does not exist (this host has CPUs 0-{})",
+                    configured - 1
+                )));
+            }
+            if !allowed.contains(&c) {
+                return Err(err(format!(
+                    "host CPU {c} is not one kiln may run on ({}; see taskset, cgroup cpusets)",
+                    format_cpu_list(&allowed)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Pins the calling thread to `cpus`.
+fn set_thread_affinity(cpus: &[usize]) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: the parser keeps CPU numbers below CPU_SETSIZE, inside `set`.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Puts the calling thread under `--vcpu-priority`.
+fn set_thread_priority(priority: VcpuPriorityArg) -> Result<(), String> {
+    let VcpuPriorityArg::Fifo(p) = priority;
+    let param = libc::sched_param {
+        sched_priority: i32::from(p),
+    };
+    // SAFETY: `param` is a valid sched_param; pid 0 is the calling thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    Err(if e.raw_os_error() == Some(libc::EPERM) {
+        format!(
+            "--vcpu-priority {priority}: the host does not permit SCHED_FIFO ({e}): kiln needs \
+             CAP_SYS_NICE, or an RLIMIT_RTPRIO of at least {p} (ulimit -r), and real-time \
+             runtime in its cgroup"
+        )
+    } else {
+        format!("--vcpu-priority {priority}: sched_setscheduler: {e}")
+    })
+}
+
 /// What a new thread of `kind` runs first: its seccomp filter (and the self-test hook).
+/// vCPU threads use [`vcpu_thread_init`].
 fn thread_init(
     spec: &VmSpec,
     kind: ThreadKind,
 ) -> Box<dyn FnOnce() -> Result<(), String> + Send + 'static> {
+    // Every thread that isn't a vCPU is one of the VMM's own.
+    let placement = (kind != ThreadKind::Vcpu)
+        .then(|| spec.affinity_of(AffinityTarget::Vmm))
+        .flatten();
+    thread_init_placed(spec, kind, placement, None)
+}
+
+/// [`thread_init`] for vCPU `index`: its `--cpu-affinity` and `--vcpu-priority` too.
+fn vcpu_thread_init(
+    spec: &VmSpec,
+    index: u32,
+) -> Box<dyn FnOnce() -> Result<(), String> + Send + 'static> {
+    let placement = spec.affinity_of(AffinityTarget::Vcpu(index));
+    thread_init_placed(spec, ThreadKind::Vcpu, placement, spec.vcpu_priority)
+}
+
+fn thread_init_placed(
+    spec: &VmSpec,
+    kind: ThreadKind,
+    affinity: Option<CpuAffinityArg>,
+    priority: Option<VcpuPriorityArg>,
+) -> Box<dyn FnOnce() -> Result<(), String> + Send + 'static> {
     let filters = spec.seccomp.clone();
     let selftest = spec.seccomp_selftest == Some(kind);
     Box::new(move || {
+        // Before the filter: it allows neither sched_setaffinity nor sched_setscheduler.
+        if let Some(a) = affinity {
+            set_thread_affinity(&a.host_cpus)
+                .map_err(|e| format!("--cpu-affinity {}: sched_setaffinity: {e}", a.text))?;
+        }
+        if let Some(p) = priority {
+            set_thread_priority(p)?;
+        }
         if let Some(f) = filters {
             f.install(kind).map_err(|e| e.to_string())?;
         }
@@ -236,10 +378,29 @@ fn thread_init(
 }
 
 impl VmSpec {
+    /// The `--cpu-affinity` for `target`, if any.
+    fn affinity_of(&self, target: AffinityTarget) -> Option<CpuAffinityArg> {
+        self.cpu_affinity
+            .iter()
+            .find(|a| a.target == target)
+            .cloned()
+    }
+
     /// Validates the command line.
     pub fn from_cli(cli: Cli) -> Result<Self, VmmError> {
         let seccomp = seccomp_filters(&cli)?;
-        let memory = parse_memory(&cli.memory)?;
+        let memory_options = parse_memory_arg(&cli.memory)?;
+        let memory_err = |source| VmmError::Memory {
+            value: cli.memory.clone(),
+            source,
+        };
+        memory_options.config.check().map_err(memory_err)?;
+        memory_options
+            .policy
+            .check(&memory_options.config.backing)
+            .map_err(memory_err)?;
+        let memory = memory_options.config.size;
+        check_affinity(&cli.cpu_affinity, cli.cpus)?;
         let kernel = cli.kernel.map_or(KernelSource::Bundled, KernelSource::Path);
         let cmdline = match (&kernel, cli.cmdline) {
             (_, Some(c)) => c,
@@ -268,6 +429,9 @@ impl VmSpec {
             cpus: cli.cpus,
             memory,
             memory_arg: cli.memory,
+            memory_options,
+            cpu_affinity: cli.cpu_affinity,
+            vcpu_priority: cli.vcpu_priority,
             serial: cli.serial,
             protocol: cli.boot_protocol,
             shutdown_timeout: Duration::from_secs_f64(cli.shutdown_timeout),
@@ -745,6 +909,15 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
         kiln_seccomp::install_sigsys_handler()?;
     }
     let inputs = open_inputs(&spec)?;
+    let memory_err = |source| VmmError::Memory {
+        value: spec.memory_arg.clone(),
+        source,
+    };
+    // Host limits (RAM, hugepage pool, THP switch, NUMA node), before anything is built.
+    let mem_cfg = &spec.memory_options.config;
+    let mem_policy = &spec.memory_options.policy;
+    mem_cfg.validate().map_err(memory_err)?;
+    mem_policy.validate(&mem_cfg.backing).map_err(memory_err)?;
     let kvm_path = std::env::var("KILN_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".to_string());
     let kvm_err = |source| VmmError::Kvm {
         path: kvm_path.clone(),
@@ -764,20 +937,10 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
             max: max_cpus,
         });
     }
-    let mem_cfg = MemoryConfig {
-        size: spec.memory,
-        backing: Backing::Anonymous,
-    };
-    let memory_err = |source| VmmError::Memory {
-        value: spec.memory_arg.clone(),
-        source,
-    };
-    mem_cfg.validate().map_err(memory_err)?;
-
     let vm = kvm.create_vm().map_err(kvm_err)?;
     vm_setup("KVM_SET_TSS_ADDR", vm.set_tss_address(KVM_TSS_ADDRESS))?;
     let chip = IrqChip::create(&vm)?;
-    let mem = kiln_memory::create_guest_memory(&mem_cfg).map_err(memory_err)?;
+    let mem = kiln_memory::create_guest_memory_with(mem_cfg, mem_policy).map_err(memory_err)?;
     // Registering the memory with KVM costs milliseconds on some hosts (kvm-pvm: ~5 ms) and
     // needs nothing from the kernel load, which only writes the host mapping: overlap them.
     // The vCPUs start only after both are done.
@@ -862,7 +1025,8 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
     }
     let handles: Vec<VcpuHandle> = vcpus
         .into_iter()
-        .map(|v| v.start_with(false, thread_init(&spec, ThreadKind::Vcpu)))
+        .zip(0..)
+        .map(|(v, index)| v.start_with(false, vcpu_thread_init(&spec, index)))
         .collect::<Result<_, _>>()?;
     // Every thread exists now; from here on the main thread only waits, kicks and tears
     // down.

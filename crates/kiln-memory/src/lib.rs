@@ -165,7 +165,7 @@ pub enum Error {
     #[error(
         "guest RAM needs {needed} {page_size} hugepages but only {available} are available \
          ({free} free, {reserved} reserved, {overcommit} more allowed by overcommit, in \
-         {dir}); raise {dir}/nr_hugepages (for 2 MiB pages: /proc/sys/vm/nr_hugepages)"
+         {dir}); raise {dir}/nr_hugepages"
     )]
     NotEnoughHugePages {
         /// The hugepage size.
