@@ -1,6 +1,7 @@
 //! Interrupt delivery: a 64-bit IDT, the 8259 PIC masked, the IOAPIC routing COM1's IRQ 4 to
 //! the BSP, and the local APIC timer. Counts what arrives; `run` says whether COM1 RX, COM1
-//! THRE and the LAPIC timer interrupts were all taken.
+//! THRE and the LAPIC timer interrupts were all taken. The virtio scenarios use [`init`] and
+//! the vectors from [`crate::virtio_hw::VEC_BASE`] (handled in `crate::virtio_hw::isr`).
 //!
 //! Interrupts are taken only in long mode (kvm-pvm can't `iret` in 32-bit protected mode),
 //! at CPL 0 on the current stack (the guest is built without a red zone).
@@ -9,7 +10,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 
 use kiln_testguest::apic::{
     idt_gate, ioredtbl_high, ioredtbl_index, ioredtbl_low, IOAPIC_BASE, IOAPIC_IOREGSEL,
-    IOAPIC_IOWIN, LAPIC, LAPIC_EOI, LAPIC_LVT_TIMER, LAPIC_SVR, LAPIC_TIMER_DIV, LAPIC_TIMER_INIT,
+    IOAPIC_IOWIN, LAPIC_EOI, LAPIC_LVT_TIMER, LAPIC_SVR, LAPIC_TIMER_DIV, LAPIC_TIMER_INIT,
 };
 
 use crate::io;
@@ -159,6 +160,9 @@ extern "C" fn ktg_irq_dispatch(vector: u64, frame: *const u64) {
         VEC_TIMER => {
             TIMER.fetch_add(1, Ordering::SeqCst);
         }
+        v if (crate::virtio_hw::VEC_BASE..crate::virtio_hw::VEC_END).contains(&v) => {
+            crate::virtio_hw::isr(usize::from(v - crate::virtio_hw::VEC_BASE));
+        }
         VEC_SPURIOUS => return, // no EOI for spurious interrupts
         _ => {
             OTHER.fetch_add(1, Ordering::SeqCst);
@@ -168,8 +172,41 @@ extern "C" fn ktg_irq_dispatch(vector: u64, frame: *const u64) {
 }
 
 fn ioapic_write(index: u32, value: u32) {
-    io::mmio_write32(IOAPIC_BASE + IOAPIC_IOREGSEL, index);
-    io::mmio_write32(IOAPIC_BASE + IOAPIC_IOWIN, value);
+    ioapic_write_at(IOAPIC_BASE, index, value);
+}
+
+/// Writes register `index` of the IOAPIC at `base`.
+pub fn ioapic_write_at(base: u64, index: u32, value: u32) {
+    io::mmio_write32(base + IOAPIC_IOREGSEL, index);
+    io::mmio_write32(base + IOAPIC_IOWIN, value);
+}
+
+/// Reads register `index` of the IOAPIC at `base`.
+pub fn ioapic_read_at(base: u64, index: u32) -> u32 {
+    io::mmio_write32(base + IOAPIC_IOREGSEL, index);
+    io::mmio_read32(base + IOAPIC_IOWIN)
+}
+
+/// Loads the IDT, masks the 8259 and enables the local APIC; interrupts stay off. Safe to
+/// call again.
+pub fn init() {
+    load_idt();
+    // The 8259 would deliver IRQs as ExtINT at vector base 0: mask both.
+    io::outb(0x21, 0xff);
+    io::outb(0xa1, 0xff);
+    io::mmio_write32(LAPIC_SVR, 0x100 | u32::from(VEC_SPURIOUS));
+}
+
+/// Enables interrupts.
+pub fn enable() {
+    // SAFETY: every vector has a stub in the IDT that `init` loaded.
+    unsafe { core::arch::asm!("sti", options(nomem, nostack)) };
+}
+
+/// Disables interrupts.
+pub fn disable() {
+    // SAFETY: turning interrupts off has no other effect.
+    unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
 }
 
 /// Fills every IDT entry with its stub (interrupt gates, CS 0x10) and loads the IDT.
@@ -197,11 +234,7 @@ pub fn run(timeout_cycles: u64) -> (u32, u32, u32, u32) {
     for c in [&RX, &THRE, &TIMER, &OTHER] {
         c.store(0, Ordering::SeqCst);
     }
-    load_idt();
-    // The 8259 would deliver IRQs as ExtINT at vector base 0: mask both.
-    io::outb(0x21, 0xff);
-    io::outb(0xa1, 0xff);
-    io::mmio_write32(LAPIC_SVR, 0x100 | u32::from(VEC_SPURIOUS));
+    init();
     ioapic_write(ioredtbl_index(4) + 1, ioredtbl_high(0));
     ioapic_write(ioredtbl_index(4), ioredtbl_low(VEC_COM1, false));
     io::serial_line(b"KTEST-IRQ-READY");

@@ -8,7 +8,9 @@
 //! interpretation ([`cpuid`]), the exit counter arithmetic ([`exits`]), FNV-1a 64 ([`fnv`]),
 //! scenario selection ([`scenario`]), output lines ([`line`]), ACPI table discovery and checks
 //! ([`acpi`]), local APIC / IOAPIC / IDT encodings ([`apic`]), kvmclock arithmetic
-//! ([`pvclock`]) and latency histograms ([`hist`]).
+//! ([`pvclock`]), latency histograms ([`hist`]) and the virtio-mmio driver with its
+//! scenarios, generic over the machine so that they also run against kiln's device models
+//! on the host ([`virtio`]).
 //!
 //! ```
 //! use kiln_testguest::cmdline::Cmdline;
@@ -35,3 +37,4 @@ pub mod line;
 pub mod memmap;
 pub mod pvclock;
 pub mod scenario;
+pub mod virtio;

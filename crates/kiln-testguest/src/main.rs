@@ -12,6 +12,7 @@ mod io;
 mod irq;
 mod mem;
 mod smp;
+mod virtio_hw;
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -23,6 +24,7 @@ use kiln_testguest::exits::{self, Window};
 use kiln_testguest::line::{done_line, result_line, Describe, InputLine, LineBuf};
 use kiln_testguest::memmap::{FOUR_GIB, MMIO_HOLE_START};
 use kiln_testguest::scenario::{select, Scenario, SelectError};
+use kiln_testguest::virtio as vio;
 
 /// Results so far; also read by the panic handler.
 static PASSED: AtomicU32 = AtomicU32::new(0);
@@ -55,7 +57,7 @@ struct Ctx<'a> {
 
 type RunFn = fn(&Ctx<'_>, &mut LineBuf) -> bool;
 
-/// The scenario table: later scenarios (SMP, IRQ, ACPI, virtio) add a row here.
+/// The scenario table: a new scenario adds a row here.
 const TABLE: &[(Scenario, RunFn)] = &[
     (Scenario::Boot, run_boot),
     (Scenario::Cpuid, run_cpuid),
@@ -67,6 +69,21 @@ const TABLE: &[(Scenario, RunFn)] = &[
     (Scenario::Clock, run_clock),
     (Scenario::Poweroff, run_poweroff),
     (Scenario::Reset, run_reset),
+    (Scenario::VirtioBlk, |c, o| {
+        virtio_hw::run(c, o, vio::blk::run_blk)
+    }),
+    (Scenario::VirtioRng, |c, o| {
+        virtio_hw::run(c, o, vio::rng::run_rng)
+    }),
+    (Scenario::VirtioReset, |c, o| {
+        virtio_hw::run(c, o, vio::reset::run_reset)
+    }),
+    (Scenario::VirtioEvil, |c, o| {
+        virtio_hw::run(c, o, vio::evil::run_evil)
+    }),
+    (Scenario::BlkBench, |c, o| {
+        virtio_hw::run(c, o, vio::bench::run_bench)
+    }),
 ];
 
 fn report(name: &str, pass: bool, detail: &[u8]) {

@@ -25,10 +25,22 @@ pub enum Scenario {
     Poweroff,
     /// Reset through the FADT reset register (ends the VM).
     Reset,
+    /// virtio-blk: reads, writes, flush, discard, write zeroes, errors, ID (needs a disk).
+    VirtioBlk,
+    /// virtio-rng: three requests answered with varied, distinct bytes.
+    VirtioRng,
+    /// Resetting virtio devices with requests in flight, then using them again (needs a
+    /// disk).
+    VirtioReset,
+    /// Malformed chains, rings and register sequences; the devices must stay safe and
+    /// recover (needs a disk).
+    VirtioEvil,
+    /// virtio-blk IOPS and throughput (needs a disk).
+    BlkBench,
 }
 
 /// Every scenario, in the order `all` would run them if they needed no input.
-pub const SCENARIOS: [Scenario; 10] = [
+pub const SCENARIOS: [Scenario; 15] = [
     Scenario::Boot,
     Scenario::Cpuid,
     Scenario::Serial,
@@ -39,6 +51,11 @@ pub const SCENARIOS: [Scenario; 10] = [
     Scenario::Clock,
     Scenario::Poweroff,
     Scenario::Reset,
+    Scenario::VirtioBlk,
+    Scenario::VirtioRng,
+    Scenario::VirtioReset,
+    Scenario::VirtioEvil,
+    Scenario::BlkBench,
 ];
 
 impl Scenario {
@@ -55,6 +72,11 @@ impl Scenario {
             Scenario::Clock => "clock",
             Scenario::Poweroff => "poweroff",
             Scenario::Reset => "reset",
+            Scenario::VirtioBlk => "virtio-blk",
+            Scenario::VirtioRng => "virtio-rng",
+            Scenario::VirtioReset => "virtio-reset",
+            Scenario::VirtioEvil => "virtio-evil",
+            Scenario::BlkBench => "blk-bench",
         }
     }
 
@@ -74,6 +96,15 @@ impl Scenario {
     /// Scenarios that end the VM themselves are left out of `all` too.
     pub fn ends_vm(self) -> bool {
         matches!(self, Scenario::Poweroff | Scenario::Reset)
+    }
+
+    /// Scenarios that need a disk image in the contract's pattern are left out of `all`
+    /// (kiln always has an entropy device, so `virtio-rng` is in).
+    pub fn needs_disk(self) -> bool {
+        matches!(
+            self,
+            Scenario::VirtioBlk | Scenario::VirtioReset | Scenario::VirtioEvil | Scenario::BlkBench
+        )
     }
 }
 
@@ -109,12 +140,12 @@ impl Selection {
         &self.list[..self.len]
     }
 
-    /// `all`: every scenario that needs no input.
+    /// `all`: every scenario that needs no input or disk and doesn't end the VM.
     pub fn all() -> Self {
         let mut s = Selection::new();
         for sc in SCENARIOS
             .iter()
-            .filter(|s| !s.needs_input() && !s.ends_vm())
+            .filter(|s| !s.needs_input() && !s.ends_vm() && !s.needs_disk())
         {
             s.push(*sc);
         }
@@ -169,20 +200,33 @@ mod tests {
 
     #[test]
     fn default_and_all_skip_input_scenarios() {
-        assert_eq!(
-            sel(b"").unwrap(),
-            ["boot", "cpuid", "exits", "acpi", "smp", "clock"]
-        );
-        assert_eq!(
-            sel(b"kiln.test=all").unwrap(),
-            ["boot", "cpuid", "exits", "acpi", "smp", "clock"]
-        );
+        let all = [
+            "boot",
+            "cpuid",
+            "exits",
+            "acpi",
+            "smp",
+            "clock",
+            "virtio-rng",
+        ];
+        assert_eq!(sel(b"").unwrap(), all);
+        assert_eq!(sel(b"kiln.test=all").unwrap(), all);
     }
 
     #[test]
     fn single_and_lists() {
         assert_eq!(sel(b"kiln.test=serial").unwrap(), ["serial"]);
         assert_eq!(sel(b"kiln.test=exits,boot").unwrap(), ["exits", "boot"]);
+        assert_eq!(
+            sel(b"kiln.test=virtio-blk,virtio-rng,virtio-reset,virtio-evil,blk-bench").unwrap(),
+            [
+                "virtio-blk",
+                "virtio-rng",
+                "virtio-reset",
+                "virtio-evil",
+                "blk-bench"
+            ]
+        );
     }
 
     #[test]

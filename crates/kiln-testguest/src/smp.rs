@@ -8,7 +8,7 @@
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use kiln_testguest::apic::{
-    icr_init_all_but_self, icr_init_to, icr_sipi_all_but_self, icr_sipi_to, AP_STACK_SIZE, LAPIC,
+    icr_init_all_but_self, icr_init_to, icr_sipi_all_but_self, icr_sipi_to, AP_STACK_SIZE,
     LAPIC_ICR_HIGH, LAPIC_ICR_LOW, LAPIC_ID, LAPIC_SVR, MAX_APS,
 };
 

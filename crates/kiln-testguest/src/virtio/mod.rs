@@ -1,0 +1,185 @@
+//! virtio-mmio (version 2, "modern" only) driver logic and the `virtio-*` / `blk-bench`
+//! scenarios.
+//!
+//! Everything here is generic over [`Platform`]: the guest binary implements it with its
+//! identity map, MMIO, kvmclock and the IOAPIC (`src/virtio.rs` of the binary); the host
+//! tests implement it over kiln-virtio's device models, so the scenarios run end to end in
+//! `cargo test`.
+//!
+//! - [`discover`]: `LNRO0005` devices from the DSDT, `virtio_mmio.device=` tokens.
+//! - [`transport`]: registers, the status handshake, feature negotiation, queue setup.
+//! - [`ring`]: split virtqueues in guest memory.
+//! - [`layout`]: the fixed guest-physical region the driver uses (docs/guest-contract.md).
+//! - [`blk`], [`rng`], [`reset`], [`evil`], [`bench`]: the scenarios.
+
+pub mod bench;
+pub mod blk;
+pub mod discover;
+pub mod evil;
+pub mod layout;
+pub mod reset;
+pub mod ring;
+pub mod rng;
+pub mod transport;
+
+#[cfg(test)]
+mod host;
+
+use crate::cmdline::Cmdline;
+use crate::line::LineBuf;
+use crate::memmap::MemMap;
+
+pub use discover::{DevList, MmioDev};
+
+/// What the driver needs from the machine.
+///
+/// Memory accessors take guest-physical addresses inside [`layout`]'s region; register
+/// accessors take addresses inside a device's window. Implementations may stop the run on
+/// anything else (the guest does: it never dereferences an address it did not check).
+pub trait Platform {
+    /// Reads a byte of guest memory.
+    fn read8(&self, addr: u64) -> u8;
+    /// Reads a little-endian u16 of guest memory.
+    fn read16(&self, addr: u64) -> u16;
+    /// Reads a little-endian u32 of guest memory.
+    fn read32(&self, addr: u64) -> u32;
+    /// Reads a little-endian u64 of guest memory.
+    fn read64(&self, addr: u64) -> u64;
+    /// Writes a byte of guest memory.
+    fn write8(&self, addr: u64, v: u8);
+    /// Writes a u16 of guest memory.
+    fn write16(&self, addr: u64, v: u16);
+    /// Writes a u32 of guest memory.
+    fn write32(&self, addr: u64, v: u32);
+    /// Writes a u64 of guest memory.
+    fn write64(&self, addr: u64, v: u64);
+    /// 32-bit read of a device register.
+    fn reg_read(&self, addr: u64) -> u32;
+    /// 32-bit write of a device register.
+    fn reg_write(&self, addr: u64, v: u32);
+    /// Monotonic nanoseconds (kvmclock in the guest).
+    fn now_ns(&self) -> u64;
+    /// Routes `dev`'s interrupt to a handler that reads `InterruptStatus`, writes it to
+    /// `InterruptAck` and counts; enables interrupts. False if it can't be routed.
+    fn irq_enable(&self, dev: &MmioDev) -> bool;
+    /// Masks `dev`'s interrupt again (and disables interrupts).
+    fn irq_disable(&self, dev: &MmioDev);
+    /// Interrupts the handler took for `dev` since boot.
+    fn irq_count(&self, dev: &MmioDev) -> u32;
+    /// Prints one line (`KTEST-INFO ...`, `KBENCH ...`).
+    fn info(&self, line: &[u8]);
+    /// Stops here for good (`kiln.blk.hold=1`): the guest spins until the host kills the
+    /// VMM. Host tests return.
+    fn hold(&self);
+}
+
+/// What every virtio scenario gets.
+#[derive(Clone, Copy)]
+pub struct Env<'a> {
+    /// Devices found by [`discover`].
+    pub devs: &'a [MmioDev],
+    /// Where they were found: `"dsdt"`, `"cmdline"` or `"none"`.
+    pub source: &'static str,
+    /// The command line (`kiln.blk.*`, `kiln.evil.*`).
+    pub cmdline: Cmdline<'a>,
+    /// The memory map: the driver's region must be RAM.
+    pub memmap: &'a MemMap,
+    /// Ranges the region must not overlap (initrd, command line), `(start, end)`.
+    pub reserved: [(u64, u64); 2],
+}
+
+impl Env<'_> {
+    /// The first device with `id` for which `accept` says yes, with its transport.
+    pub fn find<P: Platform>(
+        &self,
+        p: &P,
+        id: u32,
+        mut accept: impl FnMut(&P, &MmioDev) -> bool,
+    ) -> Option<MmioDev> {
+        self.devs
+            .iter()
+            .copied()
+            .find(|d| transport::Transport::new(d.base).identify(p) == Ok(id) && accept(p, d))
+    }
+
+    /// Says whether `[start, end)` is usable by the driver: inside one RAM entry of the map
+    /// and clear of the reserved ranges. Explains in `out` when it is not.
+    pub fn region_ok(&self, start: u64, end: u64, out: &mut LineBuf) -> bool {
+        let in_ram = self
+            .memmap
+            .as_slice()
+            .iter()
+            .any(|e| e.kind == crate::memmap::E820_RAM && e.addr <= start && end <= e.end());
+        let clash = self
+            .reserved
+            .iter()
+            .find(|&&(s, e)| s < e && s < end && start < e);
+        if in_ram && clash.is_none() {
+            return true;
+        }
+        out.push_str("the driver's memory [");
+        out.push_hex(start);
+        out.push_str(",");
+        out.push_hex(end);
+        match clash {
+            Some(&(s, e)) => {
+                out.push_str(") overlaps [");
+                out.push_hex(s);
+                out.push_str(",");
+                out.push_hex(e);
+                out.push_str(") (initrd or command line)");
+            }
+            None => out.push_str(") is not RAM in the memory map"),
+        }
+        false
+    }
+
+    /// `key` as a decimal number, `default` when absent; None (reason in `out`) when bad.
+    pub fn num(&self, key: &'static str, default: u64, out: &mut LineBuf) -> Option<u64> {
+        match self.cmdline.get_u64(key) {
+            Ok(v) => Some(v.unwrap_or(default)),
+            Err(e) => {
+                out.push_str("bad value for ");
+                out.push_str(e.key);
+                None
+            }
+        }
+    }
+
+    /// Says in `out` that no device with `what` was found, and where the guest looked.
+    pub fn none_found(&self, what: &str, out: &mut LineBuf) {
+        out.push_str("no ");
+        out.push_str(what);
+        out.push_str(" (");
+        out.push_dec(self.devs.len() as u64);
+        out.push_str(" virtio-mmio devices from ");
+        out.push_str(self.source);
+        out.push_str(")");
+    }
+}
+
+/// Polls `done` until it returns true or `timeout_ns` pass; true if it did.
+pub fn wait_until<P: Platform>(p: &P, timeout_ns: u64, mut done: impl FnMut() -> bool) -> bool {
+    let start = p.now_ns();
+    loop {
+        if done() {
+            return true;
+        }
+        if p.now_ns().wrapping_sub(start) > timeout_ns {
+            return done();
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// Starts a `KTEST-INFO <scenario> ` line.
+pub fn info_line(scenario: &str) -> LineBuf {
+    let mut l = LineBuf::new();
+    l.push_str("KTEST-INFO ");
+    l.push_str(scenario);
+    l.push_str(" ");
+    l
+}
+
+/// One second in nanoseconds.
+pub const SECOND: u64 = 1_000_000_000;
