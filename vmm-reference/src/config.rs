@@ -161,6 +161,10 @@ pub struct Cli {
     /// filter is installed (the process must then exit with 148).
     #[arg(long, hide = true, value_name = "KIND")]
     pub seccomp_selftest: Option<SeccompSelftest>,
+    /// Start the exit benchmark's irqfd injector thread, which the conformance guest's
+    /// `bench-exits` scenario asks for timed interrupts (used by `kiln-bench exits`).
+    #[arg(long)]
+    pub exit_bench: bool,
 }
 
 /// Thread kinds for `--seccomp-selftest`.

@@ -205,6 +205,8 @@ pub struct VmSpec {
     pub seccomp: Option<Arc<kiln_seccomp::Filters>>,
     /// `--seccomp-selftest`: the thread kind that makes a forbidden call.
     pub seccomp_selftest: Option<ThreadKind>,
+    /// `--exit-bench`: run the benchmark's irqfd injector.
+    pub exit_bench: bool,
 }
 
 fn seccomp_filters(cli: &Cli) -> Result<Option<Arc<kiln_seccomp::Filters>>, VmmError> {
@@ -440,6 +442,7 @@ impl VmSpec {
             virtio,
             seccomp,
             seccomp_selftest,
+            exit_bench: cli.exit_bench,
         })
     }
 }
@@ -989,6 +992,17 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
         &mut devices.mmio,
         thread_init(&spec, ThreadKind::Device),
     )?;
+    let bench = crate::bench::attach(
+        &vm,
+        &chip,
+        &mem,
+        &mut devices.pio,
+        spec.exit_bench,
+        thread_init(&spec, ThreadKind::Bench),
+    )?;
+    // Unknown MSRs come to user space, where only the bench MSR has an answer (#GP otherwise,
+    // as before); hosts without the capability just don't run the `msr-user` benchmark.
+    kiln_vcpu::enable_user_msr_exits(&vm)?;
     if spec.serial == SerialArg::Stdio {
         spawn_stdin_reader(
             devices.serial.clone(),
@@ -1011,7 +1025,8 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
                     events.wake_main();
                 }
             })),
-        ))
+        )
+        .with_msr_read(crate::bench::msr_reader(bench.device.clone())))
     };
 
     let supported = kiln_vcpu::supported_cpuid(&kvm)?;
@@ -1089,6 +1104,7 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
     if let Some(l) = virtio_loop {
         l.stop();
     }
+    bench.stop();
     drop(vm);
     drop(mem);
     Ok(outcome)
