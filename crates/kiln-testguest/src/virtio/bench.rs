@@ -259,7 +259,7 @@ pub fn run_bench<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool {
         let (cap, f) = blk::probe(p, d);
         f & F_RO == 0 && cap >= u64::from(SEQ_LEN) / blk::SECTOR && cap != u64::MAX
     }) else {
-        env.none_found("writable virtio-blk", out);
+        env.none_found(p, "writable virtio-blk", out);
         return false;
     };
     let mut b = match Blk::open(p, dev, layout::BLK_QA) {

@@ -421,7 +421,7 @@ pub fn run_blk<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool {
         return false;
     }
     let Some(dev) = find_writable(p, env) else {
-        env.none_found("writable virtio-blk of 32768 sectors or more", out);
+        env.none_found(p, "writable virtio-blk of 32768 sectors or more", out);
         return false;
     };
     let mut b = match Blk::open(p, dev, layout::BLK_QA) {

@@ -5,9 +5,10 @@
 //! for a request it could not have carried out, a write outside the given buffers or into
 //! a device-readable one), if recovery fails, or if an outcome is not one the case allows.
 //!
-//! `kiln.evil.skip=a,b` leaves cases out (for VMMs that exit on them); `kiln.evil.allow=a,b`
-//! accepts any safe outcome for them (for VMMs that legitimately differ, e.g. QEMU accepts
-//! a queue size of 3).
+//! `kiln.evil.skip=a,b` leaves cases out (for VMMs that exit or stall on them);
+//! `kiln.evil.allow=a,b` accepts any safe outcome for them (for VMMs that legitimately
+//! differ, e.g. QEMU accepts a queue size of 3). A name alone means both devices;
+//! `blk:name` or `rng:name` one of them.
 
 use super::blk::{self, req, Blk, S_IOERR, S_OK, S_UNSUPP, S_UNTOUCHED};
 use super::layout::{self, DATA, SCRATCH};
@@ -199,11 +200,28 @@ pub fn acceptable(kind: Kind, case: Case, o: Outcome) -> bool {
     }
 }
 
-/// Whether the comma-separated list in `key` names `case`.
-pub fn listed(env: &Env<'_>, key: &str, case: Case) -> bool {
-    env.cmdline
-        .get(key)
-        .is_some_and(|v| v.split(|&b| b == b',').any(|n| n == case.name().as_bytes()))
+impl Kind {
+    /// `blk` or `rng`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Kind::Blk => "blk",
+            Kind::Rng => "rng",
+        }
+    }
+}
+
+/// Whether the comma-separated list in `key` names `case` for `kind` (`case` or
+/// `kind:case`).
+pub fn listed(env: &Env<'_>, key: &str, kind: Kind, case: Case) -> bool {
+    let case = case.name().as_bytes();
+    let kind = kind.name().as_bytes();
+    env.cmdline.get(key).is_some_and(|v| {
+        v.split(|&b| b == b',')
+            .any(|n| match n.iter().position(|&b| b == b':') {
+                Some(i) => &n[..i] == kind && &n[i + 1..] == case,
+                None => n == case,
+            })
+    })
 }
 
 /// Where a case's data buffer is; canaries sit right before and after it.
@@ -311,6 +329,16 @@ fn inspect<P: Platform>(p: &P, kind: Kind, case: Case) -> Result<(), Unsafe> {
     Ok(())
 }
 
+/// The data buffer of the out-of-RAM cases.
+fn oob_addr(case: Case, ram_end: u64) -> Option<u64> {
+    match case {
+        Case::OobRamEnd => Some((ram_end + 0xfff) & !0xfff),
+        Case::OobTop => Some(0xffff_ffff_f000),
+        Case::OobMmio => Some(MMIO_HOLE_PAGE),
+        _ => None,
+    }
+}
+
 /// Writes the chain for a request case, headed by descriptor 0, into the table of `q`.
 fn build<P: Platform>(p: &P, kind: Kind, case: Case, q: &QueueMem, ram_end: u64) {
     let d = q.desc;
@@ -322,12 +350,7 @@ fn build<P: Platform>(p: &P, kind: Kind, case: Case, q: &QueueMem, ram_end: u64)
     if kind == Kind::Blk {
         Blk::header(p, 0, req::IN, 0);
     }
-    let oob = match case {
-        Case::OobRamEnd => Some((ram_end + 0xfff) & !0xfff),
-        Case::OobTop => Some(0xffff_ffff_f000),
-        Case::OobMmio => Some(MMIO_HOLE_PAGE),
-        _ => None,
-    };
+    let oob = oob_addr(case, ram_end);
     match (kind, case) {
         (Kind::Blk, Case::Loop) => {
             write_desc(p, d, 0, hdr, 16, DESC_F_NEXT, 1);
@@ -599,10 +622,7 @@ fn run_device<P: Platform>(
     tally: &mut Tally,
     out: &mut LineBuf,
 ) -> bool {
-    let dev_name = match kind {
-        Kind::Blk => "blk",
-        Kind::Rng => "rng",
-    };
+    let dev_name = kind.name();
     let ram_end = ram_end(env);
     let mut first = true;
     for case in CASES {
@@ -614,7 +634,7 @@ fn run_device<P: Platform>(
         l.push_str(" ");
         l.push_str(case.name());
         l.push_str(" ");
-        if listed(env, "kiln.evil.skip", case) {
+        if listed(env, "kiln.evil.skip", kind, case) {
             l.push_str("skipped");
             p.info(l.as_bytes());
             tally.skipped += 1;
@@ -639,8 +659,12 @@ fn run_device<P: Platform>(
             }
         };
         outcome.describe(&mut l);
+        if let Some(a) = oob_addr(case, ram_end) {
+            l.push_str(" addr=");
+            l.push_hex(a);
+        }
         let fine = acceptable(kind, case, outcome);
-        let allowed = !fine && listed(env, "kiln.evil.allow", case);
+        let allowed = !fine && listed(env, "kiln.evil.allow", kind, case);
         let unsafe_act = inspect(p, kind, case);
         match (&unsafe_act, fine, allowed) {
             (Err(_), _, _) => l.push_str(" UNSAFE"),
@@ -688,7 +712,7 @@ pub fn run_evil<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool {
         return false;
     }
     let Some(blk_dev) = blk::find_writable(p, env) else {
-        env.none_found("writable virtio-blk of 32768 sectors or more", out);
+        env.none_found(p, "writable virtio-blk of 32768 sectors or more", out);
         return false;
     };
     let mut tally = Tally::default();

@@ -424,16 +424,21 @@ mod tests {
         // Skip and allow lists.
         h.lines.borrow_mut().clear();
         let (ok, detail) = h.run(
-            "kiln.evil.skip=loop,qnum3 kiln.evil.allow=oob-top",
+            "kiln.evil.skip=loop,rng:qnum3,blk:huge-len,xyz:oob-top kiln.evil.allow=oob-top",
             evil::run_evil,
         );
         assert!(ok, "{detail}");
         assert!(detail.contains("skipped=4"), "{detail}");
-        assert!(h
-            .lines
-            .borrow()
+        let lines = h.lines.borrow();
+        for l in ["blk loop", "rng loop", "rng qnum3", "blk huge-len"] {
+            let want = std::format!("{l} skipped");
+            assert!(lines.iter().any(|x| x.ends_with(&want)), "{l}");
+        }
+        assert!(lines.iter().any(|x| x.contains("blk qnum3 refused")));
+        assert!(lines
             .iter()
-            .any(|l| l.ends_with("blk loop skipped")));
+            .any(|x| x.contains("blk oob-top ioerr addr=0xfffffffff000")));
+        drop(lines);
         std::fs::remove_file(path).unwrap();
     }
 

@@ -146,14 +146,29 @@ impl Env<'_> {
         }
     }
 
-    /// Says in `out` that no device with `what` was found, and where the guest looked.
-    pub fn none_found(&self, what: &str, out: &mut LineBuf) {
+    /// Says in `out` that no device with `what` was found, where the guest looked and what
+    /// each device it found is.
+    pub fn none_found<P: Platform>(&self, p: &P, what: &str, out: &mut LineBuf) {
         out.push_str("no ");
         out.push_str(what);
         out.push_str(" (");
         out.push_dec(self.devs.len() as u64);
         out.push_str(" virtio-mmio devices from ");
         out.push_str(self.source);
+        for d in self.devs {
+            out.push_str("; ");
+            out.push_hex(d.base);
+            match transport::Transport::new(d.base).identify(p) {
+                Ok(id) => {
+                    out.push_str(" device id ");
+                    out.push_dec(u64::from(id));
+                }
+                Err(e) => {
+                    out.push_str(" ");
+                    crate::line::Describe::describe(&e, out);
+                }
+            }
+        }
         out.push_str(")");
     }
 }

@@ -40,7 +40,7 @@ fn old_ring_quiet(out: &mut LineBuf, what: &str, before: u16, after: u16) -> boo
 /// other queue area, one read of sectors 0..8 completed by interrupt and checked.
 fn blk_part<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool {
     let Some(dev) = blk::find_writable(p, env) else {
-        env.none_found("writable virtio-blk of 32768 sectors or more", out);
+        env.none_found(p, "writable virtio-blk of 32768 sectors or more", out);
         return false;
     };
     let mut b = match Blk::open(p, dev, layout::BLK_QA) {

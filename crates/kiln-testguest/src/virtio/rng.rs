@@ -83,7 +83,7 @@ pub fn run_rng<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool {
     }
     let base = BUFS;
     let Some(dev) = env.find(p, ID_RNG, |_, _| true) else {
-        env.none_found("virtio-rng", out);
+        env.none_found(p, "virtio-rng", out);
         return false;
     };
     let mut r = match Rng::open(p, dev, layout::RNG_QA) {
