@@ -1,6 +1,6 @@
-//! Property tests standing in for fuzzing (cargo-fuzz needs a nightly toolchain): whatever a
-//! guest writes to the registers or puts in a descriptor table, nothing panics and every
-//! call returns.
+//! Property tests, the stable-toolchain side of fuzzing (the libFuzzer targets, nightly, are
+//! in `fuzz/` at the workspace root): whatever a guest writes to the registers or puts in a
+//! descriptor table, nothing panics and every call returns.
 
 use std::sync::Arc;
 
