@@ -161,6 +161,11 @@ pub struct Cli {
     /// filter is installed (the process must then exit with 148).
     #[arg(long, hide = true, value_name = "KIND")]
     pub seccomp_selftest: Option<SeccompSelftest>,
+    /// A virtio memory balloon: `size=SIZE[,deflate-on-oom=on][,free-page-reporting=on]
+    /// [,stats-interval=SECS]` (SIZE: the initial target, MiB or with a K/M/G suffix). The
+    /// pages the guest gives up are returned to the host.
+    #[arg(long, value_name = "OPTIONS")]
+    pub balloon: Option<BalloonArg>,
     /// Start the exit benchmark's irqfd injector thread, which the conformance guest's
     /// `bench-exits` scenario asks for timed interrupts (used by `kiln-bench exits`).
     #[arg(long)]
@@ -407,6 +412,62 @@ impl std::str::FromStr for RngArg {
             enabled: true,
             rate_limit,
         })
+    }
+}
+
+/// `--balloon`: the virtio memory balloon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalloonArg {
+    /// Initial target size in bytes (`size=`, MiB or with a K/M/G suffix; default 0).
+    pub size: u64,
+    /// `deflate-on-oom=on`: the guest may take pages back when it runs out of memory.
+    pub deflate_on_oom: bool,
+    /// `free-page-reporting=on`: the guest reports free pages, which go back to the host.
+    pub free_page_reporting: bool,
+    /// `stats-interval=SECS` (default 1; 0 = no statistics queue).
+    pub stats_interval_s: u64,
+}
+
+impl std::str::FromStr for BalloonArg {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        const FLAG: &str = "--balloon";
+        let mut b = BalloonArg {
+            size: 0,
+            deflate_on_oom: false,
+            free_page_reporting: false,
+            stats_interval_s: 1,
+        };
+        if s == "on" {
+            return Ok(b);
+        }
+        let opts = split_options(FLAG, s)?;
+        let mut rest = Vec::new();
+        for (k, v) in opts {
+            match k {
+                "size" => {
+                    b.size = parse_memory(v).or_else(|e| match v {
+                        "0" => Ok(0),
+                        _ => Err(ConfigError::DeviceOption {
+                            flag: FLAG,
+                            value: s.to_string(),
+                            why: format!("size={v}: {e}"),
+                        }),
+                    })?
+                }
+                "deflate-on-oom" => b.deflate_on_oom = parse_switch(FLAG, s, k, v)?,
+                "free-page-reporting" => b.free_page_reporting = parse_switch(FLAG, s, k, v)?,
+                "stats-interval" => b.stats_interval_s = parse_u64(FLAG, s, k, v)?,
+                _ => rest.push((k, v)),
+            }
+        }
+        unknown_options(
+            FLAG,
+            s,
+            &rest,
+            "size, deflate-on-oom, free-page-reporting, stats-interval",
+        )?;
+        Ok(b)
     }
 }
 
@@ -871,6 +932,28 @@ mod tests {
             let e = bad.parse::<DiskArg>().unwrap_err().to_string();
             assert!(e.starts_with("--disk"), "{bad}: {e}");
             assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn balloon_options() {
+        let b: BalloonArg = "size=64,deflate-on-oom=on,free-page-reporting=on,stats-interval=0"
+            .parse()
+            .unwrap();
+        assert_eq!(b.size, 64 << 20);
+        assert!(b.deflate_on_oom && b.free_page_reporting);
+        assert_eq!(b.stats_interval_s, 0);
+        let b: BalloonArg = "on".parse().unwrap();
+        assert_eq!((b.size, b.stats_interval_s), (0, 1));
+        assert_eq!("size=0".parse::<BalloonArg>().unwrap().size, 0);
+        for (bad, why) in [
+            ("size=lots", "size=lots"),
+            ("size=1M,colour=red", "unknown option"),
+            ("deflate-on-oom=perhaps", "expected on or off"),
+            ("stats-interval=-1", "non-negative integer"),
+        ] {
+            let e = bad.parse::<BalloonArg>().unwrap_err().to_string();
+            assert!(e.starts_with("--balloon") && e.contains(why), "{bad}: {e}");
         }
     }
 

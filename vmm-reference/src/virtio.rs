@@ -15,9 +15,11 @@ use kiln_bus::{MmioAddress, MmioBus};
 use kiln_irq::IrqChip;
 use kiln_memory::GuestMemoryMmap;
 use kiln_virtio::mmio::{MMIO_SIZE, QUEUE_NOTIFY_OFFSET};
-use kiln_virtio::{Block, BlockConfig, EventLoop, EventLoopHandle, MmioTransport, Rng};
+use kiln_virtio::{
+    Balloon, BalloonConfig, Block, BlockConfig, EventLoop, EventLoopHandle, MmioTransport, Rng,
+};
 
-use crate::config::{DiskArg, RateLimitArg, RngArg};
+use crate::config::{BalloonArg, DiskArg, RateLimitArg, RngArg};
 use crate::vm::VmmError;
 
 /// Base of the first virtio-mmio window; window `i` is at `VIRTIO_MMIO_BASE + i * MMIO_SIZE`
@@ -35,6 +37,8 @@ pub enum VirtioKind {
     Block(usize),
     /// The entropy device.
     Rng,
+    /// The memory balloon.
+    Balloon,
 }
 
 /// One virtio-mmio device's place in the VM.
@@ -48,11 +52,17 @@ pub struct VirtioSlot {
     pub gsi: u32,
 }
 
-/// Assigns windows and GSIs: disks in command-line order, then the entropy device.
-pub fn slots(disks: &[DiskArg], rng: &RngArg) -> Result<Vec<VirtioSlot>, VmmError> {
+/// Assigns windows and GSIs: disks in command-line order, then the entropy device, then the
+/// balloon.
+pub fn slots(
+    disks: &[DiskArg],
+    rng: &RngArg,
+    balloon: Option<&BalloonArg>,
+) -> Result<Vec<VirtioSlot>, VmmError> {
     let kinds: Vec<VirtioKind> = (0..disks.len())
         .map(VirtioKind::Block)
         .chain(rng.enabled.then_some(VirtioKind::Rng))
+        .chain(balloon.map(|_| VirtioKind::Balloon))
         .collect();
     if kinds.len() > MAX_VIRTIO_DEVICES {
         return Err(VmmError::TooManyDevices {
@@ -136,6 +146,31 @@ fn limiter(
 
 type Transport<D> = MmioTransport<GuestMemoryMmap, D>;
 
+/// The balloon as the VMM holds it (to change its target, read its statistics).
+pub type BalloonHandle = Arc<Transport<Balloon<GuestMemoryMmap>>>;
+
+/// The running virtio devices.
+#[derive(Default)]
+pub struct VirtioDevices {
+    /// The device event loop (none without devices).
+    pub event_loop: Option<EventLoopHandle>,
+    /// The balloon, if `--balloon` was given.
+    pub balloon: Option<BalloonHandle>,
+}
+
+/// What `--balloon` asks of the device.
+fn balloon_config(b: &BalloonArg) -> BalloonConfig {
+    BalloonConfig {
+        // Checked against --memory (which fits in u32 pages) in VmSpec::from_cli.
+        target_pages: u32::try_from(b.size / kiln_virtio::balloon::PAGE_SIZE).unwrap_or(u32::MAX),
+        deflate_on_oom: b.deflate_on_oom,
+        stats_interval: (b.stats_interval_s > 0)
+            .then(|| std::time::Duration::from_secs(b.stats_interval_s)),
+        free_page_reporting: b.free_page_reporting,
+        ..BalloonConfig::default()
+    }
+}
+
 /// Creates every device in `slots`, registers it on `mmio` and with KVM, and starts the
 /// device event loop (if there is any device).
 #[allow(clippy::too_many_arguments)]
@@ -147,11 +182,13 @@ pub fn build(
     disks: &[DiskArg],
     mut disk_files: Vec<Option<File>>,
     rng: &RngArg,
+    balloon: Option<&BalloonArg>,
     mmio: &mut MmioBus,
     thread_init: Box<dyn FnOnce() -> Result<(), String> + Send>,
-) -> Result<Option<EventLoopHandle>, VmmError> {
+) -> Result<VirtioDevices, VmmError> {
+    let mut out = VirtioDevices::default();
     if slots.is_empty() {
-        return Ok(None);
+        return Ok(out);
     }
     let os = |what: &'static str| move |source: io::Error| VmmError::Os { what, source };
     let mut event_loop = EventLoop::new().map_err(os("creating the device event loop"))?;
@@ -198,6 +235,14 @@ pub fn build(
                 let n = t.num_queues();
                 (t.clone(), t, n, "virtio-rng".to_string())
             }
+            VirtioKind::Balloon => {
+                let cfg = balloon.map(balloon_config).unwrap_or_default();
+                let dev = Balloon::new(cfg).map_err(|e| VmmError::Balloon(e.to_string()))?;
+                let t: BalloonHandle = Arc::new(MmioTransport::new(mem.clone(), dev, line));
+                let n = t.num_queues();
+                out.balloon = Some(t.clone());
+                (t.clone(), t, n, "virtio-balloon".to_string())
+            }
         };
         mmio.insert(MmioAddress(slot.base), MMIO_SIZE, bus_dev)?;
         for q in 0..queues as u32 {
@@ -218,10 +263,12 @@ pub fn build(
                 .map_err(os("adding a queue to the device event loop"))?;
         }
     }
-    event_loop
-        .spawn_with(thread_init)
-        .map(Some)
-        .map_err(os("starting the device event loop"))
+    out.event_loop = Some(
+        event_loop
+            .spawn_with(thread_init)
+            .map_err(os("starting the device event loop"))?,
+    );
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -234,8 +281,10 @@ mod tests {
 
     #[test]
     fn disks_first_then_rng() {
-        let s = slots(&[disk("/a"), disk("/b")], &RngArg::default()).unwrap();
-        assert_eq!(s.len(), 3);
+        let b: BalloonArg = "size=8".parse().unwrap();
+        let s = slots(&[disk("/a"), disk("/b")], &RngArg::default(), Some(&b)).unwrap();
+        assert_eq!(s.len(), 4);
+        assert_eq!(s[3].kind, VirtioKind::Balloon);
         assert_eq!(s[0].kind, VirtioKind::Block(0));
         assert_eq!(s[1].kind, VirtioKind::Block(1));
         assert_eq!(s[2].kind, VirtioKind::Rng);
@@ -255,8 +304,10 @@ mod tests {
     fn too_many_devices_is_an_error_naming_the_limit() {
         let disks: Vec<DiskArg> = (0..7).map(|i| disk(&format!("/d{i}"))).collect();
         let off: RngArg = "off".parse().unwrap();
-        assert_eq!(slots(&disks, &off).unwrap().len(), 7);
-        let e = slots(&disks, &RngArg::default()).unwrap_err().to_string();
+        assert_eq!(slots(&disks, &off, None).unwrap().len(), 7);
+        let e = slots(&disks, &RngArg::default(), None)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("8 virtio devices") && e.contains("at most 7"),
             "{e}"

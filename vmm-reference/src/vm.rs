@@ -145,6 +145,9 @@ pub enum VmmError {
         /// The limit.
         max: usize,
     },
+    /// `--balloon` is unusable.
+    #[error("--balloon: {0}")]
+    Balloon(String),
     /// Building, loading or installing seccomp filters failed.
     #[error(transparent)]
     Seccomp(#[from] kiln_seccomp::Error),
@@ -207,6 +210,8 @@ pub struct VmSpec {
     pub seccomp_selftest: Option<ThreadKind>,
     /// `--exit-bench`: run the benchmark's irqfd injector.
     pub exit_bench: bool,
+    /// `--balloon`.
+    pub balloon: Option<crate::config::BalloonArg>,
 }
 
 fn seccomp_filters(cli: &Cli) -> Result<Option<Arc<kiln_seccomp::Filters>>, VmmError> {
@@ -417,7 +422,15 @@ impl VmSpec {
             ),
             KernelSource::Path(_) => cmdline,
         };
-        let virtio = crate::virtio::slots(&cli.disk, &cli.rng)?;
+        let virtio = crate::virtio::slots(&cli.disk, &cli.rng, cli.balloon.as_ref())?;
+        if let Some(b) = &cli.balloon {
+            if b.size > memory {
+                return Err(VmmError::Balloon(format!(
+                    "size={} bytes is more than the guest's memory ({memory} bytes)",
+                    b.size
+                )));
+            }
+        }
         let seccomp_selftest = cli.seccomp_selftest.map(|k| match k {
             SeccompSelftest::Vmm => ThreadKind::Vmm,
             SeccompSelftest::Vcpu => ThreadKind::Vcpu,
@@ -443,6 +456,7 @@ impl VmSpec {
             seccomp,
             seccomp_selftest,
             exit_bench: cli.exit_bench,
+            balloon: cli.balloon,
         })
     }
 }
@@ -981,7 +995,7 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
         })?,
     });
     let mut devices = build_devices(&vm, &chip, inputs.serial_out, &events)?;
-    let virtio_loop = crate::virtio::build(
+    let virtio = crate::virtio::build(
         &vm,
         &chip,
         &mem,
@@ -989,6 +1003,7 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
         &spec.disks,
         inputs.disks,
         &spec.rng,
+        spec.balloon.as_ref(),
         &mut devices.mmio,
         thread_init(&spec, ThreadKind::Device),
     )?;
@@ -1014,19 +1029,21 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
     let handler = {
         let events = events.clone();
         let stops = stops.clone();
-        Arc::new(BusExitHandler::new(
-            Arc::new(devices.pio),
-            Arc::new(devices.mmio),
-            Some(Box::new(move |cpu, reason: &StopReason| {
-                if *reason != StopReason::Requested {
-                    if let Ok(mut s) = stops.lock() {
-                        s.push((cpu, reason.clone()));
+        Arc::new(
+            BusExitHandler::new(
+                Arc::new(devices.pio),
+                Arc::new(devices.mmio),
+                Some(Box::new(move |cpu, reason: &StopReason| {
+                    if *reason != StopReason::Requested {
+                        if let Ok(mut s) = stops.lock() {
+                            s.push((cpu, reason.clone()));
+                        }
+                        events.wake_main();
                     }
-                    events.wake_main();
-                }
-            })),
+                })),
+            )
+            .with_msr_read(crate::bench::msr_reader(bench.device.clone())),
         )
-        .with_msr_read(crate::bench::msr_reader(bench.device.clone())))
     };
 
     let supported = kiln_vcpu::supported_cpuid(&kvm)?;
@@ -1101,7 +1118,7 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
     for h in handles {
         h.join();
     }
-    if let Some(l) = virtio_loop {
+    if let Some(l) = virtio.event_loop {
         l.stop();
     }
     bench.stop();
