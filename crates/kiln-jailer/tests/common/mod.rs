@@ -123,9 +123,17 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 impl Scratch {
     pub fn new(name: &str) -> Self {
         let tag = format!("kjt-{}-{name}", std::process::id());
-        let base = std::env::temp_dir().join(&tag);
+        // Under the target directory rather than /tmp, which is often a nodev tmpfs (where
+        // the jail's device nodes couldn't be opened, so the jailer refuses it).
+        let mut base = target_dir().join("jail-tests").join(&tag);
         let _ = std::fs::remove_dir_all(&base);
-        std::fs::create_dir_all(&base).expect("scratch base dir");
+        if std::fs::create_dir_all(&base).is_err() {
+            // Not ours to write (a non-root run of a root-built tree): the temp dir will do
+            // for the tests that can run then.
+            base = std::env::temp_dir().join(&tag);
+            let _ = std::fs::remove_dir_all(&base);
+            std::fs::create_dir_all(&base).expect("scratch base dir");
+        }
         Scratch {
             base,
             parent_cgroup: tag,
