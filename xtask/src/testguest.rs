@@ -193,6 +193,9 @@ struct Case {
     expect_pass: u32,
     /// A virtio-blk disk.
     disk: Option<Disk>,
+    /// `-machine acpi=off`: no DSDT, so the guest finds virtio devices through the
+    /// `virtio_mmio.device=` tokens QEMU appends to the command line.
+    acpi_off: bool,
 }
 
 /// Deterministic initrd contents, so a failure can be reproduced byte for byte.
@@ -229,6 +232,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             smp: 1,
             expect_pass: 1,
             disk: None,
+            acpi_off: false,
         },
         Case {
             name: "boot+initrd",
@@ -243,6 +247,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             smp: 1,
             expect_pass: 1,
             disk: None,
+            acpi_off: false,
         },
         Case {
             name: "cpuid",
@@ -252,6 +257,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             smp: 1,
             expect_pass: 1,
             disk: None,
+            acpi_off: false,
         },
         Case {
             name: "cpuid smp2",
@@ -261,6 +267,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             smp: 2,
             expect_pass: 1,
             disk: None,
+            acpi_off: false,
         },
         Case {
             name: "exits",
@@ -270,6 +277,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             smp: 1,
             expect_pass: 1,
             disk: None,
+            acpi_off: false,
         },
         Case {
             name: "serial",
@@ -279,6 +287,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             smp: 1,
             expect_pass: 1,
             disk: None,
+            acpi_off: false,
         },
         Case {
             name: "acpi+smp+clock smp2",
@@ -288,6 +297,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             smp: 2,
             expect_pass: 3,
             disk: None,
+            acpi_off: false,
         },
         Case {
             name: "default (all)",
@@ -297,6 +307,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             smp: 1,
             expect_pass: 7,
             disk: None,
+            acpi_off: false,
         },
         Case {
             name: "virtio-blk+rng+reset",
@@ -312,6 +323,20 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
                 cache: "none",
                 check_blk: true,
             }),
+            acpi_off: false,
+        },
+        Case {
+            name: "virtio-blk+rng acpi=off",
+            append: "kiln.test=virtio-blk,virtio-rng".into(),
+            initrd: None,
+            input: None,
+            smp: 1,
+            expect_pass: 2,
+            disk: Some(Disk {
+                cache: "writeback",
+                check_blk: true,
+            }),
+            acpi_off: true,
         },
         Case {
             name: "virtio-evil",
@@ -324,6 +349,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
                 cache: "writeback",
                 check_blk: false,
             }),
+            acpi_off: false,
         },
         Case {
             name: "blk-bench",
@@ -336,6 +362,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
                 cache: "writeback",
                 check_blk: false,
             }),
+            acpi_off: false,
         },
     ];
     let mut failed = 0;
@@ -383,6 +410,9 @@ fn run_case(elf: &Path, c: &Case, disk: &Path, timeout: Duration) -> Result<(), 
             .arg(format!("virtio-blk-device,drive=d0,serial={DISK_SERIAL}"));
     }
     cmd.args(["-device", "virtio-rng-device"]);
+    if c.acpi_off {
+        cmd.args(["-machine", "acpi=off"]);
+    }
     cmd.arg("-kernel").arg(elf).arg("-append").arg(&c.append);
     if let Some(i) = &c.initrd {
         cmd.arg("-initrd").arg(i);
