@@ -10,7 +10,7 @@
 //! - [`transport`]: registers, the status handshake, feature negotiation, queue setup.
 //! - [`ring`]: split virtqueues in guest memory.
 //! - [`layout`]: the fixed guest-physical region the driver uses (docs/guest-contract.md).
-//! - [`blk`], [`rng`], [`reset`], [`evil`], [`bench`]: the scenarios.
+//! - [`blk`], [`rng`], [`reset`], [`evil`], [`bench`](mod@bench): the scenarios.
 
 pub mod bench;
 pub mod blk;

@@ -24,9 +24,9 @@ pub const MAX_SIZE: u16 = 256;
 pub struct QueueMem {
     /// Descriptor table (16-byte aligned, 16 bytes per entry).
     pub desc: u64,
-    /// Available (driver) ring: flags, idx, ring[size], used_event.
+    /// Available (driver) ring: flags, idx, `ring[size]`, used_event.
     pub avail: u64,
-    /// Used (device) ring: flags, idx, ring[size] of (id, len), avail_event.
+    /// Used (device) ring: flags, idx, `ring[size]` of (id, len), avail_event.
     pub used: u64,
     /// Entries.
     pub size: u16,
