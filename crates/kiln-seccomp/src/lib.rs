@@ -253,7 +253,12 @@ fn rules(kind: ThreadKind) -> Rules {
             // A QueueNotify that no ioeventfd matched is processed on the vCPU thread.
             device_io(&mut r);
             // The exit benchmark's CPU-time marks (kiln-legacy's bench device).
-            allow_values(&mut r, libc::SYS_getrusage, 0, &[libc::RUSAGE_THREAD as u64]);
+            allow_values(
+                &mut r,
+                libc::SYS_getrusage,
+                0,
+                &[libc::RUSAGE_THREAD as u64],
+            );
         }
         ThreadKind::Device => {
             device_io(&mut r);
@@ -546,7 +551,10 @@ mod tests {
             .join(",");
         let f = Filters::from_json("f.json".as_ref(), format!("{{{all}}}").as_bytes()).unwrap();
         let e = f.install(ThreadKind::Bench).unwrap_err();
-        assert!(e.to_string().contains("no filter for the \"bench\" thread"), "{e}");
+        assert!(
+            e.to_string().contains("no filter for the \"bench\" thread"),
+            "{e}"
+        );
         let extra = format!(
             r#"{{{all}, "api": {{"mismatch_action": "trap", "match_action": "allow", "filter": []}}}}"#
         );

@@ -303,7 +303,9 @@ mod tests {
             h.record(v);
         }
         let mut lines = std::vec::Vec::new();
-        h.emit_buckets("pio-out", 2, |l| lines.push(std::string::String::from(l.as_str())));
+        h.emit_buckets("pio-out", 2, |l| {
+            lines.push(std::string::String::from(l.as_str()))
+        });
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(lines[0].starts_with("KBENCH-H pio-out 5:2 "));
         let mut summary = LineBuf::new();
