@@ -6,11 +6,13 @@
 #![no_std]
 #![no_main]
 
+mod benchexits;
 mod clock;
 mod entry;
 mod io;
 mod irq;
 mod mem;
+mod memstress;
 mod smp;
 mod virtio_hw;
 
@@ -84,6 +86,11 @@ const TABLE: &[(Scenario, RunFn)] = &[
     (Scenario::BlkBench, |c, o| {
         virtio_hw::run(c, o, vio::bench::run_bench)
     }),
+    (Scenario::Balloon, |c, o| {
+        virtio_hw::run(c, o, vio::balloon::run_balloon)
+    }),
+    (Scenario::MemoryStress, memstress::run),
+    (Scenario::BenchExits, benchexits::run),
 ];
 
 fn report(name: &str, pass: bool, detail: &[u8]) {

@@ -37,10 +37,17 @@ pub enum Scenario {
     VirtioEvil,
     /// virtio-blk IOPS and throughput (needs a disk).
     BlkBench,
+    /// virtio-balloon: inflate by the device's target, touch the rest, deflate, report
+    /// statistics (needs `--balloon`).
+    Balloon,
+    /// Touch all RAM with a pattern and verify it.
+    MemoryStress,
+    /// VM-exit latency histograms for each exit kind (`kiln-bench exits`).
+    BenchExits,
 }
 
 /// Every scenario, in the order `all` would run them if they needed no input.
-pub const SCENARIOS: [Scenario; 15] = [
+pub const SCENARIOS: [Scenario; 18] = [
     Scenario::Boot,
     Scenario::Cpuid,
     Scenario::Serial,
@@ -56,6 +63,9 @@ pub const SCENARIOS: [Scenario; 15] = [
     Scenario::VirtioReset,
     Scenario::VirtioEvil,
     Scenario::BlkBench,
+    Scenario::Balloon,
+    Scenario::MemoryStress,
+    Scenario::BenchExits,
 ];
 
 impl Scenario {
@@ -77,6 +87,9 @@ impl Scenario {
             Scenario::VirtioReset => "virtio-reset",
             Scenario::VirtioEvil => "virtio-evil",
             Scenario::BlkBench => "blk-bench",
+            Scenario::Balloon => "balloon",
+            Scenario::MemoryStress => "memory-stress",
+            Scenario::BenchExits => "bench-exits",
         }
     }
 
@@ -96,6 +109,15 @@ impl Scenario {
     /// Scenarios that end the VM themselves are left out of `all` too.
     pub fn ends_vm(self) -> bool {
         matches!(self, Scenario::Poweroff | Scenario::Reset)
+    }
+
+    /// Scenarios that need a device kiln adds only on request (`--balloon`), take long
+    /// (`memory-stress`) or are benchmarks are left out of `all`.
+    pub fn on_request(self) -> bool {
+        matches!(
+            self,
+            Scenario::Balloon | Scenario::MemoryStress | Scenario::BenchExits
+        )
     }
 
     /// Scenarios that need a disk image in the contract's pattern are left out of `all`
@@ -145,7 +167,7 @@ impl Selection {
         let mut s = Selection::new();
         for sc in SCENARIOS
             .iter()
-            .filter(|s| !s.needs_input() && !s.ends_vm() && !s.needs_disk())
+            .filter(|s| !s.needs_input() && !s.ends_vm() && !s.needs_disk() && !s.on_request())
         {
             s.push(*sc);
         }

@@ -12,6 +12,7 @@
 //! - [`layout`]: the fixed guest-physical region the driver uses (docs/guest-contract.md).
 //! - [`blk`], [`rng`], [`reset`], [`evil`], [`bench`](mod@bench): the scenarios.
 
+pub mod balloon;
 pub mod bench;
 pub mod blk;
 pub mod discover;
