@@ -67,6 +67,10 @@ struct ExitsArgs {
     /// Draw the histograms into an SVG file.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
+    /// Rounds: each round runs every VMM once, alternating, so host noise hits all alike;
+    /// the histograms of all rounds are merged.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
     /// Per-VMM time limit in seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -205,49 +209,59 @@ fn exits(a: ExitsArgs) -> Result<(), String> {
     let timeout = Duration::from_secs(a.timeout);
     let host = meta::host();
     println!("host: {}", meta::summary(&host));
-    let mut runs: Vec<(String, RunResult)> = Vec::new();
-
     let kiln = match &a.kiln {
         Some(p) => p.clone(),
         None => vmms::default_kiln()?,
     };
-    eprintln!("== kiln ({})", kiln.display());
-    let out = vmms::run_kiln(&kiln, &guest_cmdline(&kinds, &a), a.pin, timeout)?;
-    runs.push((
-        "kiln".into(),
-        report::parse(&out).map_err(|e| format!("kiln: {e}"))?,
-    ));
-
-    if !a.no_floor {
-        let fk: Vec<&str> = kinds
-            .iter()
-            .copied()
-            .filter(|k| FLOOR_KINDS.contains(k))
-            .collect();
-        if !fk.is_empty() {
-            eprintln!("== floor (raw kvm-ioctls loop)");
-            let out = floor::run(&guest_cmdline(&fk, &a), a.pin, timeout)?;
-            runs.push((
-                "floor".into(),
-                report::parse(&out).map_err(|e| format!("floor: {e}"))?,
-            ));
-        }
+    let floor_kinds: Vec<&str> = kinds
+        .iter()
+        .copied()
+        .filter(|k| FLOOR_KINDS.contains(k) && !a.no_floor)
+        .collect();
+    let mut runs: Vec<(String, RunResult)> = vec![("kiln".into(), RunResult::default())];
+    if !floor_kinds.is_empty() {
+        runs.push(("floor".into(), RunResult::default()));
     }
     for o in &others {
-        let ok: Vec<&str> = kinds.iter().copied().filter(|k| o.supports(k)).collect();
-        eprintln!("== {} ({}): {}", o.name(), o.path.display(), ok.join(","));
-        let out = o.run(&guest_cmdline(&ok, &a), a.pin, timeout)?;
-        let mut r = report::parse(&out).map_err(|e| format!("{}: {e}", o.name()))?;
-        for k in kinds.iter().filter(|k| !ok.contains(k)) {
-            r.skipped
-                .insert((*k).to_string(), format!("{} can't run it", o.name()));
+        runs.push((o.name().to_string(), RunResult::default()));
+    }
+    let rounds = a.rounds.max(1);
+    for round in 1..=rounds {
+        eprintln!("== round {round}/{rounds}: kiln ({})", kiln.display());
+        let out = vmms::run_kiln(&kiln, &guest_cmdline(&kinds, &a), a.pin, timeout)?;
+        let r = report::parse(&out).map_err(|e| format!("kiln: {e}"))?;
+        runs[0].1.merge(r);
+        let mut slot = 1;
+        if !floor_kinds.is_empty() {
+            eprintln!("== round {round}/{rounds}: floor (raw kvm-ioctls loop)");
+            let out = floor::run(&guest_cmdline(&floor_kinds, &a), a.pin, timeout)?;
+            runs[slot]
+                .1
+                .merge(report::parse(&out).map_err(|e| format!("floor: {e}"))?);
+            slot += 1;
         }
-        runs.push((o.name().to_string(), r));
+        for o in &others {
+            let ok: Vec<&str> = kinds.iter().copied().filter(|k| o.supports(k)).collect();
+            eprintln!(
+                "== round {round}/{rounds}: {} ({}): {}",
+                o.name(),
+                o.path.display(),
+                ok.join(",")
+            );
+            let out = o.run(&guest_cmdline(&ok, &a), a.pin, timeout)?;
+            let mut r = report::parse(&out).map_err(|e| format!("{}: {e}", o.name()))?;
+            for k in kinds.iter().filter(|k| !ok.contains(k)) {
+                r.skipped
+                    .insert((*k).to_string(), format!("{} can't run it", o.name()));
+            }
+            runs[slot].1.merge(r);
+            slot += 1;
+        }
     }
 
     println!(
-        "\nexit round trips measured in the guest (kvmclock), {} per kind after {} warm-up:",
-        a.n, a.warmup
+        "\nexit round trips measured in the guest (kvmclock), {} per kind per round after {} warm-up, {} rounds:",
+        a.n, a.warmup, rounds
     );
     print_table(&runs, &kinds);
     if let Some(p) = &a.json {
@@ -255,7 +269,7 @@ fn exits(a: ExitsArgs) -> Result<(), String> {
             "tool": "kiln-bench exits",
             "version": env!("CARGO_PKG_VERSION"),
             "host": host,
-            "config": { "kinds": kinds, "n": a.n, "warmup": a.warmup, "pin": a.pin },
+            "config": { "kinds": kinds, "n": a.n, "warmup": a.warmup, "rounds": rounds, "pin": a.pin },
             "vmms": runs.iter().map(|(n, r)| (n.clone(), run_json(r))).collect::<serde_json::Map<_, _>>(),
         });
         let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;

@@ -133,6 +133,29 @@ pub fn parse(output: &str) -> Result<RunResult, String> {
     Ok(out)
 }
 
+impl RunResult {
+    /// Adds another run of the same VMM (histograms and CPU time summed per kind).
+    pub fn merge(&mut self, other: RunResult) {
+        for (kind, k) in other.kinds {
+            match self.kinds.get_mut(&kind) {
+                Some(mine) => {
+                    mine.hist.merge(&k.hist);
+                    mine.cpu_us = match (mine.cpu_us, k.cpu_us) {
+                        (Some((u1, s1)), Some((u2, s2))) => Some((u1 + u2, s1 + s2)),
+                        _ => None,
+                    };
+                }
+                None => {
+                    self.kinds.insert(kind, k);
+                }
+            }
+        }
+        for (kind, why) in other.skipped {
+            self.skipped.entry(kind).or_insert(why);
+        }
+    }
+}
+
 /// The percentiles the table and JSON report, in thousandths of a percent.
 pub const PERCENTILES: [(&str, u32); 4] = [
     ("p50", 50_000),
@@ -187,6 +210,25 @@ mod tests {
         assert!((u - 750.0).abs() < 1e-9 && (s - 7500.0).abs() < 1e-9);
         assert_eq!(r.kinds["cpuid"].cpu_us, None);
         assert_eq!(r.skipped["msr-user"], "no user-space MSR exits");
+    }
+
+    #[test]
+    fn runs_merge_per_kind() {
+        let one = emit("pio-out", &[100, 200], " host_user_us=1 host_sys_us=10");
+        let mut a = parse(&one).unwrap();
+        let b = parse(&format!(
+            "{one}{}",
+            emit(
+                "cpuid",
+                &[50],
+                " host_user_us=4294967295 host_sys_us=4294967295"
+            )
+        ))
+        .unwrap();
+        a.merge(b);
+        assert_eq!(a.kinds["pio-out"].hist.count(), 4);
+        assert_eq!(a.kinds["pio-out"].cpu_us, Some((2, 20)));
+        assert_eq!(a.kinds["cpuid"].hist.count(), 1);
     }
 
     #[test]

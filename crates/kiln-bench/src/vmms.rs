@@ -198,8 +198,9 @@ impl Other {
         timeout: Duration,
     ) -> Result<String, String> {
         let elf = guest_elf()?;
-        // kiln.verify=0: no kiln test devices to read back from.
-        let cmdline = format!("{cmdline} kiln.verify=0");
+        // kiln.verify=0: no kiln test devices to read back from; kiln.cpus: kiln appends it
+        // itself, others don't (the `ipi` kind needs to know there is a second vCPU).
+        let cmdline = format!("{cmdline} kiln.verify=0 kiln.cpus=2");
         let mut c = Command::new(&self.path);
         let mut cleanup = vec![elf.clone()];
         match self.kind {

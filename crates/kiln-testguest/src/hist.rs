@@ -143,6 +143,20 @@ impl Histogram {
         }
     }
 
+    /// Adds `other`'s samples to this histogram (host side: several runs of one kind).
+    pub fn merge(&mut self, other: &Histogram) {
+        if other.n == 0 {
+            return;
+        }
+        for (c, o) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *c = c.saturating_add(*o);
+        }
+        self.n += other.n;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        self.sum = self.sum.saturating_add(other.sum);
+    }
+
     /// Sets min, max and sum (host side, from the summary line).
     pub fn set_summary(&mut self, min: u64, max: u64, sum: u64) {
         self.min = min;
@@ -323,6 +337,14 @@ mod tests {
         for p in [0, 50_000, 90_000, 100_000] {
             assert_eq!(back.percentile(p), h.percentile(p));
         }
+        let mut twice = back.clone();
+        twice.merge(&back);
+        assert_eq!(twice.count(), 14);
+        assert_eq!(twice.sum(), 2 * back.sum());
+        assert_eq!((twice.min(), twice.max()), (back.min(), back.max()));
+        assert_eq!(twice.percentile(50_000), back.percentile(50_000));
+        twice.merge(&Histogram::new());
+        assert_eq!(twice.count(), 14);
         assert_eq!(back.parse_bucket_line("KTEST boot PASS"), None);
         assert_eq!(back.parse_bucket_line("KBENCH-H x 1:zz"), None);
     }

@@ -130,10 +130,37 @@ fn exception(vector: u8, frame: *const u64) -> ! {
     crate::die(line.as_bytes())
 }
 
+/// Length of the instruction to skip if it raises #GP (set by a probe just before running
+/// an instruction that may fault, e.g. `rdmsr` of an MSR the VMM may not know); 0: a #GP is
+/// fatal as usual.
+pub static GP_SKIP: AtomicU32 = AtomicU32::new(0);
+/// Counts #GPs skipped through [`GP_SKIP`].
+pub static GP_HIT: AtomicU32 = AtomicU32::new(0);
+
+/// Skips the faulting instruction if a probe asked for it; true if handled.
+fn gp_fixup(frame: *const u64) -> bool {
+    let len = GP_SKIP.swap(0, Ordering::SeqCst);
+    if len == 0 {
+        return false;
+    }
+    // SAFETY: for #GP the CPU pushed an error code, then RIP, at `frame`; the frame is on
+    // this stack and `iretq` reads RIP back from it.
+    unsafe {
+        let rip = (frame as *mut u64).add(1);
+        rip.write(rip.read() + u64::from(len));
+    }
+    GP_HIT.fetch_add(1, Ordering::SeqCst);
+    true
+}
+
 #[unsafe(no_mangle)]
 extern "C" fn ktg_irq_dispatch(vector: u64, frame: *const u64) {
     let vector = vector as u8;
     if vector < 32 {
+        // Exceptions take no EOI.
+        if vector == 13 && gp_fixup(frame) {
+            return;
+        }
         exception(vector, frame);
     }
     match vector {
@@ -163,6 +190,7 @@ extern "C" fn ktg_irq_dispatch(vector: u64, frame: *const u64) {
         v if (crate::virtio_hw::VEC_BASE..crate::virtio_hw::VEC_END).contains(&v) => {
             crate::virtio_hw::isr(usize::from(v - crate::virtio_hw::VEC_BASE));
         }
+        v if crate::benchexits::VECTORS.contains(&v) => crate::benchexits::isr(v),
         VEC_SPURIOUS => return, // no EOI for spurious interrupts
         _ => {
             OTHER.fetch_add(1, Ordering::SeqCst);
@@ -207,6 +235,21 @@ pub fn enable() {
 pub fn disable() {
     // SAFETY: turning interrupts off has no other effect.
     unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+}
+
+/// On an AP: loads the IDT the BSP filled (`init`) and enables this CPU's local APIC.
+pub fn init_ap() {
+    let idt = core::ptr::addr_of!(IDT);
+    let idtr = Idtr {
+        limit: (core::mem::size_of::<Idt>() - 1) as u16,
+        base: idt as u64,
+    };
+    // SAFETY: the IDT is a static the BSP filled before starting this AP; lidt only reads
+    // the descriptor.
+    unsafe {
+        core::arch::asm!("lidt [{}]", in(reg) &idtr, options(readonly, nostack, preserves_flags));
+    }
+    io::mmio_write32(LAPIC_SVR, 0x100 | u32::from(VEC_SPURIOUS));
 }
 
 /// Fills every IDT entry with its stub (interrupt gates, CS 0x10) and loads the IDT.

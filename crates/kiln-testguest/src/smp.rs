@@ -141,6 +141,8 @@ pub static AP_TASK: AtomicU32 = AtomicU32::new(TASK_HALT);
 pub const TASK_HALT: u32 = 0;
 /// Check in, then answer the BSP's kvmclock ping-pong (`clock::ap_pingpong`), then halt.
 pub const TASK_CLOCK: u32 = 1;
+/// Check in, then take the exit benchmark's IPIs (`benchexits::ap_ipi_task`) until INITed.
+pub const TASK_BENCH_IPI: u32 = 2;
 
 /// First Rust code on an AP, on its own stack, in long mode with the kernel's GDT.
 #[unsafe(no_mangle)]
@@ -148,8 +150,10 @@ extern "C" fn ap_main() {
     let id = io::mmio_read32(LAPIC_ID) >> 24;
     AP_SEEN[(id / 64) as usize % 4].fetch_or(1 << (id % 64), Ordering::SeqCst);
     AP_COUNT.fetch_add(1, Ordering::SeqCst);
-    if AP_TASK.load(Ordering::SeqCst) == TASK_CLOCK {
-        crate::clock::ap_pingpong(id);
+    match AP_TASK.load(Ordering::SeqCst) {
+        TASK_CLOCK => crate::clock::ap_pingpong(id),
+        TASK_BENCH_IPI => crate::benchexits::ap_ipi_task(),
+        _ => {}
     }
 }
 

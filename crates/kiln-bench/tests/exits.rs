@@ -1,0 +1,124 @@
+//! `kiln-bench exits` end to end on KVM: kiln, the floor and the JSON/SVG outputs.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn skip_kvm(test: &str) -> bool {
+    if std::env::var_os("KILN_SKIP_KVM").is_some_and(|v| v == "1") {
+        eprintln!("SKIPPED {test}: KILN_SKIP_KVM=1");
+        return true;
+    }
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "{test} needs /dev/kvm; set KILN_SKIP_KVM=1 to skip KVM tests"
+    );
+    false
+}
+
+/// The `kiln` binary beside `kiln-bench` (built by `cargo test --workspace`; built here if
+/// this package's tests run alone).
+fn kiln() -> PathBuf {
+    let k = PathBuf::from(env!("CARGO_BIN_EXE_kiln-bench")).with_file_name("kiln");
+    if !k.is_file() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-p", "kiln"])
+            .status()
+            .expect("cargo build -p kiln");
+        assert!(st.success(), "building kiln failed");
+    }
+    k
+}
+
+#[test]
+fn measures_kiln_and_the_floor_and_writes_json() {
+    if skip_kvm("measures_kiln_and_the_floor_and_writes_json") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kiln-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("r.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln-bench"))
+        .args([
+            "exits",
+            "--n",
+            "300",
+            "--warmup",
+            "30",
+            "--rounds",
+            "2",
+            "--kinds",
+            "pio-out,mmio-in,cpuid,msr-user,hlt-timer,ipi,irqfd",
+            "--kiln",
+        ])
+        .arg(kiln())
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run kiln-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for row in [
+        "pio-out         kiln",
+        "pio-out         floor",
+        "ipi             kiln",
+    ] {
+        assert!(stdout.contains(row), "no row {row:?}:\n{stdout}");
+    }
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(!doc["host"]["kernel"].as_str().unwrap().is_empty());
+    assert!(doc["host"]["kvm_modules"]["kvm"].is_object());
+    let kiln = &doc["vmms"]["kiln"]["kinds"];
+    for kind in ["pio-out", "mmio-in", "cpuid", "hlt-timer", "ipi", "irqfd"] {
+        let k = &kiln[kind];
+        assert_eq!(k["n"], 600, "{kind}: two rounds of 300");
+        let (p50, p99) = (k["p50_ns"].as_u64().unwrap(), k["p99_ns"].as_u64().unwrap());
+        assert!(p50 > 0 && p50 <= p99, "{kind}: p50 {p50} p99 {p99}");
+        assert!(k["buckets"].as_array().is_some_and(|b| !b.is_empty()));
+    }
+    // The VMM's own CPU time per exit was measured for the exits that reach kiln.
+    assert!(kiln["pio-out"]["sys_ns_per_exit"].as_f64().unwrap() > 0.0);
+    // msr-user runs or says why not; nothing is silently missing.
+    assert!(kiln["msr-user"].is_object() || doc["vmms"]["kiln"]["skipped"]["msr-user"].is_string());
+    let floor = &doc["vmms"]["floor"]["kinds"];
+    assert_eq!(floor["pio-out"]["n"], 600);
+    assert!(
+        floor["cpuid"].is_null(),
+        "the floor runs only kinds that leave the kernel"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bad_arguments_are_named() {
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_kiln-bench"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&["exits", "--kinds", "pio-out,warp-drive"]);
+    assert!(
+        !ok && err.contains("--kinds: unknown kind \"warp-drive\""),
+        "{err}"
+    );
+    let (ok, err) = run(&["exits", "--compare", "bochs=/bin/sh"]);
+    assert!(!ok && err.contains("unknown VMM"), "{err}");
+    let (ok, err) = run(&["exits", "--n", "0"]);
+    assert!(!ok && err.contains("--n"), "{err}");
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln-bench"))
+        .args(["exits", "--list"])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        list.lines().count() == 12 && list.contains("irqfd"),
+        "{list}"
+    );
+}
