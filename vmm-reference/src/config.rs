@@ -1,4 +1,5 @@
-//! Command-line flags and their validation into a [`VmConfig`].
+//! Command-line flags and their parsing; [`crate::vm::VmSpec::from_cli`] validates them into a
+//! [`crate::vm::VmSpec`].
 //!
 //! Every error names the flag at fault, since that is what the user has to change.
 

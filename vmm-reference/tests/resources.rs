@@ -9,23 +9,39 @@
 //! all of it) while the test reads /proc.
 //!
 //! These tests change host-wide settings (`vm.nr_hugepages`, KSM) and restore them on the
-//! way out, panics included; they take one lock so they don't overlap each other.
+//! way out, panics included; they take one host-wide lock so they don't overlap each other,
+//! in this process or another.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::{kiln, run, run_with, scratch, skip_kvm, Run};
 
-static HOST: Mutex<()> = Mutex::new(());
+/// Held while a test changes host-wide settings or runs VMs it measures. An `flock` on a
+/// fixed path, not a mutex: another test process (someone else's `cargo xtask test`) must
+/// not restore `ksm/run` under our feet, nor we under theirs.
+struct HostLock {
+    _file: std::fs::File,
+}
 
-/// Serialises the tests in this file: they share host settings and a small host.
-fn host_lock() -> MutexGuard<'static, ()> {
-    HOST.lock().unwrap_or_else(|e| e.into_inner())
+fn host_lock() -> HostLock {
+    use std::os::fd::AsRawFd;
+    let path = "/tmp/kiln-tests-host-settings.lock";
+    let f = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    // SAFETY: flock takes no pointers; the fd is valid while `f` lives, and closing it
+    // releases the lock.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {path}: {}", std::io::Error::last_os_error());
+    HostLock { _file: f }
 }
 
 /// A procfs/sysfs setting changed for one test and put back on drop, even after a panic.
@@ -84,12 +100,12 @@ struct StoppedVm {
 }
 
 impl StoppedVm {
-    /// Starts kiln with `args` and the `serial` scenario, waits for the guest's ready line
-    /// and for `settled(pid)`, then stops it.
-    fn start(args: &[&str], settled: impl Fn(u32) -> bool) -> StoppedVm {
+    /// Starts kiln with `args` and `cmdline` (which must select the `serial` scenario),
+    /// waits for the guest's ready line and for `settled(pid)`, then stops it.
+    fn start(args: &[&str], cmdline: &str, settled: impl Fn(u32) -> bool) -> StoppedVm {
         let mut child = kiln()
             .args(args)
-            .args(["--cmdline", SERIAL])
+            .args(["--cmdline", cmdline])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -130,7 +146,7 @@ impl StoppedVm {
     }
 
     fn start_ready(args: &[&str]) -> StoppedVm {
-        Self::start(args, |_| true)
+        Self::start(args, SERIAL, |_| true)
     }
 }
 
@@ -459,23 +475,10 @@ fn file_backed_memory_outlives_kiln() {
         f.write_all_at(b"kiln sentinel", sentinel).expect("write");
     }
     let cmdline = format!("{SERIAL} kiln.marker={}", common::MARKER);
-    let mut child = kiln()
-        .args(["--memory", &format!("size=64M,file={}", path.display())])
-        .args(["--cmdline", &cmdline])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let _stdin = child.stdin.take();
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    assert!(
-        lines.any(|l| l.is_ok_and(|l| l.contains("KTEST-SERIAL-READY"))),
-        "guest never got ready"
-    );
-    // No clean exit: what the guest could see is in the file anyway.
-    child.kill().expect("kill");
-    child.wait().expect("wait");
+    let memory = format!("size=64M,file={}", path.display());
+    let vm = StoppedVm::start(&["--memory", &memory], &cmdline, |_| true);
+    // No clean exit (SIGKILL): what the guest could see is in the file anyway.
+    drop(vm);
     let bytes = std::fs::read(&path).expect("read");
     assert_eq!(bytes.len(), 64 << 20, "extended to the RAM size");
     let at = 0x20000;
@@ -488,12 +491,7 @@ fn file_backed_memory_outlives_kiln() {
     assert_eq!(&bytes[s..s + 13], b"kiln sentinel");
     // A second, clean run maps the same file: its command line replaces the first one and
     // the sentinel is still there.
-    let r = run(&[
-        "--memory",
-        &format!("size=64M,file={}", path.display()),
-        "--cmdline",
-        BOOT,
-    ]);
+    let r = run(&["--memory", &memory, "--cmdline", BOOT]);
     r.assert_passed(&["boot"]);
     let bytes = std::fs::read(&path).expect("read");
     assert_eq!(&bytes[s..s + 13], b"kiln sentinel");
@@ -591,6 +589,7 @@ fn threads_run_on_the_cpus_asked_for() {
             "--cpu-affinity",
             &format!("vmm={first}"),
         ],
+        SERIAL,
         // The main thread pins itself once the vCPUs run.
         |pid| {
             tasks(pid)
@@ -608,15 +607,20 @@ fn threads_run_on_the_cpus_asked_for() {
     drop(vm);
 
     // Control: without the flag every thread may run anywhere kiln may.
-    let vm = StoppedVm::start_ready(&["--cpus", "2"]);
-    let t = tasks(vm.pid);
-    for name in [
+    let names = [
         "kiln",
         "kiln-vcpu0",
         "kiln-vcpu1",
         "kiln-virtio",
         "kiln-stdin",
-    ] {
+    ];
+    // The guest can be up before vCPU 1's thread has named itself.
+    let vm = StoppedVm::start(&["--cpus", "2"], SERIAL, |pid| {
+        let t = tasks(pid);
+        names.iter().all(|n| t.iter().any(|t| t.comm == *n))
+    });
+    let t = tasks(vm.pid);
+    for name in names {
         assert_eq!(task(&t, name).cpus, all, "{name}");
     }
 }

@@ -134,8 +134,9 @@ pub(crate) fn check_numa_node(sysfs: &Path, node: u32) -> Result<()> {
 }
 
 fn madvise(addr: *mut u8, len: u64, advice: libc::c_int) -> io::Result<()> {
-    // SAFETY: forwarded from `apply_policy`'s contract: `addr .. addr + len` is one live
-    // mapping owned by the caller. The advice used here never frees or moves contents.
+    // SAFETY: the advice used here (DONTDUMP, MERGEABLE, HUGEPAGE, POPULATE_WRITE) never
+    // changes what memory holds, and the kernel checks the range; callers pass their own
+    // mapping (see `apply_policy`).
     let rc = unsafe { libc::madvise(addr.cast(), len as usize, advice) };
     if rc == 0 {
         Ok(())
@@ -153,9 +154,9 @@ fn mbind(addr: *mut u8, len: u64, node: u32) -> io::Result<()> {
     // The kernel reads `maxnode - 1` bits (a historical off-by-one every caller
     // compensates for, libnuma included).
     let maxnode = (words * 64 + 1) as libc::c_ulong;
-    // SAFETY: `mask` is `words` u64s, exactly the bits the kernel reads for `maxnode`; the
-    // range is a live mapping owned by the caller (see `apply_policy`). mbind only changes
-    // the allocation policy.
+    // SAFETY: `mask` is `words` u64s, exactly the bits the kernel reads for `maxnode`.
+    // Without MPOL_MF_MOVE, mbind only changes where future pages of the range come from,
+    // never what memory holds; callers pass their own mapping (see `apply_policy`).
     let rc = unsafe {
         libc::syscall(
             libc::SYS_mbind,
