@@ -114,7 +114,8 @@ fn run_series(
                 _ => return,
             }
         }
-        std::thread::sleep(Duration::from_micros(100));
+        // Let the guest get back into `hlt`, so each injection wakes a halted vCPU.
+        std::thread::sleep(Duration::from_micros(50));
         let Some(now) = kvm_clock_ns(vm) else {
             return;
         };
