@@ -16,6 +16,7 @@ use std::time::Instant;
 use kiln_ratelimit::RateLimiter;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::queue::{drain, ChainDone};
@@ -564,39 +565,79 @@ impl Backend {
         }
     }
 
-    /// Disk → guest, through the bounce buffer, one chunk at a time.
+    /// Disk → guest: `pread` straight into guest memory, no bounce copy (parse_request
+    /// checked every segment is device-writable guest RAM).
     fn read<M: GuestMemory>(&mut self, mem: &M, mut off: u64) -> std::result::Result<(), u8> {
         for s in &self.segs {
-            let mut done = 0u64;
-            while done < u64::from(s.len) {
-                let n = (u64::from(s.len) - done).min(BOUNCE_LEN as u64) as usize;
-                let buf = &mut self.bounce[..n];
-                self.file
-                    .read_exact_at(buf, off)
-                    .map_err(|_| status::IOERR)?;
-                let addr = s.addr.checked_add(done).ok_or(status::IOERR)?;
-                mem.write_slice(buf, addr).map_err(|_| status::IOERR)?;
-                done += n as u64;
-                off += n as u64;
+            let slices = mem
+                .get_slices(s.addr, s.len as usize, Permissions::Write)
+                .map_err(|_| status::IOERR)?;
+            for vs in slices {
+                let vs = vs.map_err(|_| status::IOERR)?;
+                let mut done = 0usize;
+                while done < vs.len() {
+                    let guard = vs.ptr_guard_mut();
+                    // SAFETY: `guard` points at `vs.len()` bytes of mapped guest memory that
+                    // stay mapped while `mem` lives; the kernel writes at most the remaining
+                    // length into it. The guest may touch the buffer meanwhile, which is the
+                    // same as any DMA and can't affect the VMM's memory.
+                    let n = unsafe {
+                        libc::pread(
+                            self.file.as_raw_fd(),
+                            guard.as_ptr().add(done).cast(),
+                            vs.len() - done,
+                            off as libc::off_t,
+                        )
+                    };
+                    match n {
+                        n if n > 0 => {
+                            vs.bitmap().mark_dirty(done, n as usize);
+                            done += n as usize;
+                            off += n as u64;
+                        }
+                        0 => return Err(status::IOERR), // short read: past the end
+                        _ if std::io::Error::last_os_error().kind()
+                            == std::io::ErrorKind::Interrupted => {}
+                        _ => return Err(status::IOERR),
+                    }
+                }
             }
         }
         Ok(())
     }
 
-    /// Guest → disk.
+    /// Guest → disk: `pwrite` straight from guest memory.
     fn write<M: GuestMemory>(&mut self, mem: &M, mut off: u64) -> std::result::Result<(), u8> {
         for s in &self.segs {
-            let mut done = 0u64;
-            while done < u64::from(s.len) {
-                let n = (u64::from(s.len) - done).min(BOUNCE_LEN as u64) as usize;
-                let buf = &mut self.bounce[..n];
-                let addr = s.addr.checked_add(done).ok_or(status::IOERR)?;
-                mem.read_slice(buf, addr).map_err(|_| status::IOERR)?;
-                self.file
-                    .write_all_at(buf, off)
-                    .map_err(|_| status::IOERR)?;
-                done += n as u64;
-                off += n as u64;
+            let slices = mem
+                .get_slices(s.addr, s.len as usize, Permissions::Read)
+                .map_err(|_| status::IOERR)?;
+            for vs in slices {
+                let vs = vs.map_err(|_| status::IOERR)?;
+                let mut done = 0usize;
+                while done < vs.len() {
+                    let guard = vs.ptr_guard();
+                    // SAFETY: `guard` points at `vs.len()` bytes of mapped guest memory; the
+                    // kernel only reads the remaining length from it.
+                    let n = unsafe {
+                        libc::pwrite(
+                            self.file.as_raw_fd(),
+                            guard.as_ptr().add(done).cast(),
+                            vs.len() - done,
+                            off as libc::off_t,
+                        )
+                    };
+                    match n {
+                        n if n > 0 => {
+                            done += n as usize;
+                            off += n as u64;
+                        }
+                        _ if n < 0
+                            && std::io::Error::last_os_error().kind()
+                                == std::io::ErrorKind::Interrupted => {}
+                        _ => return Err(status::IOERR),
+                    }
+                }
             }
         }
         Ok(())
