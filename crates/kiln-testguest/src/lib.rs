@@ -4,7 +4,8 @@
 //! does the hardware side: entry code, port I/O, serial, CPUID, power-off. Everything that only
 //! interprets bytes lives here so that it runs and is tested on the host:
 //! command-line parsing ([`cmdline`]), boot information parsing ([`bootinfo`]), memory map
-//! checks against docs/guest-contract.md ([`memmap`]), the `boot` checks ([`boot`]), CPUID
+//! checks against docs/guest-contract.md ([`memmap`]), the free RAM `memory-stress` and
+//! `balloon` use ([`freeram`]), the `boot` checks ([`boot`]), CPUID
 //! interpretation ([`cpuid`]), the exit counter arithmetic ([`exits`]), FNV-1a 64 ([`fnv`]),
 //! scenario selection ([`scenario`]), output lines ([`line`]), ACPI table discovery and checks
 //! ([`acpi`]), local APIC / IOAPIC / IDT encodings ([`apic`]), kvmclock arithmetic
@@ -32,6 +33,7 @@ pub mod cmdline;
 pub mod cpuid;
 pub mod exits;
 pub mod fnv;
+pub mod freeram;
 pub mod hist;
 pub mod line;
 pub mod memmap;
