@@ -10,7 +10,8 @@ use kiln_testguest::apic::{
     IOAPIC_REG_VERSION,
 };
 use kiln_testguest::bootinfo::PhysMem;
-use kiln_testguest::line::LineBuf;
+use kiln_testguest::line::{InputLine, LineBuf};
+use kiln_testguest::memmap::{MemMap, E820_RAM, MMIO_HOLE_START};
 use kiln_testguest::virtio::discover::{self, DevList, MAX_DEVICES};
 use kiln_testguest::virtio::transport::regs;
 use kiln_testguest::virtio::{layout, Env, MmioDev, Platform};
@@ -53,6 +54,9 @@ pub struct Guest {
     limit: u64,
     kvmclock: bool,
     acpi: Option<AcpiInfo>,
+    /// The memory map and the boot information's ranges, for [`Guest::page`].
+    ram: MemMap,
+    reserved: [(u64, u64); 2],
 }
 
 impl Guest {
@@ -60,6 +64,29 @@ impl Guest {
     fn mem(&self, addr: u64, len: u64) -> usize {
         if addr < layout::START || addr.wrapping_add(len) > self.limit {
             crate::die(b"KTEST-PANIC virtio driver memory access outside its region");
+        }
+        addr as usize
+    }
+
+    /// Checks a `page_*` access: 8-byte aligned, at or above the driver's region, below the
+    /// MMIO hole, inside one RAM entry and clear of the boot information's ranges.
+    #[inline(always)]
+    fn page(&self, addr: u64) -> usize {
+        let end = addr.wrapping_add(8);
+        let ok = addr % 8 == 0
+            && addr >= layout::END
+            && end <= MMIO_HOLE_START
+            && self
+                .reserved
+                .iter()
+                .all(|&(s, e)| s >= e || end <= s || e <= addr)
+            && self
+                .ram
+                .as_slice()
+                .iter()
+                .any(|r| r.kind == E820_RAM && r.addr <= addr && end <= r.end());
+        if !ok {
+            crate::die(b"KTEST-PANIC virtio scenario page access outside free RAM");
         }
         addr as usize
     }
@@ -180,6 +207,21 @@ impl Platform for Guest {
             core::hint::spin_loop();
         }
     }
+    fn page_read64(&self, a: u64) -> u64 {
+        // SAFETY: `page` checked that the aligned u64 at `a` is RAM in the identity map
+        // (below the MMIO hole), above the image and the driver's region (so no Rust object
+        // lives there) and outside what the boot information borrows; volatile because a
+        // device may discard it.
+        unsafe { (self.page(a) as *const u64).read_volatile() }
+    }
+    fn page_write64(&self, a: u64, v: u64) {
+        // SAFETY: as for `page_read64`.
+        unsafe { (self.page(a) as *mut u64).write_volatile(v) }
+    }
+    fn wait_line(&self) {
+        let mut line = InputLine::new();
+        while !line.push(io::serial_getb()) {}
+    }
 }
 
 /// The end of the driver's usable memory (see [`Guest::limit`]).
@@ -280,6 +322,8 @@ pub fn run(
         limit: limit(ctx),
         kvmclock: crate::clock::enable(0, features),
         acpi,
+        ram: ctx.info.memmap,
+        reserved: reserved(ctx),
     };
     let env = Env {
         devs: devs.as_slice(),

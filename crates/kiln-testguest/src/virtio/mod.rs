@@ -72,6 +72,20 @@ pub trait Platform {
     /// Stops here for good (`kiln.blk.hold=1`): the guest spins until the host kills the
     /// VMM. Host tests return.
     fn hold(&self);
+    /// Reads the u64 at `addr` in a page of free RAM outside the driver's region (from
+    /// [`crate::freeram::FreeRam`] with the floor at [`layout::END`]: the pages `balloon`
+    /// gives to the device and the rest it touches). The default is [`Platform::read64`],
+    /// for machines where all memory is alike.
+    fn page_read64(&self, addr: u64) -> u64 {
+        self.read64(addr)
+    }
+    /// Writes the u64 at `addr` in such a page (see [`Platform::page_read64`]).
+    fn page_write64(&self, addr: u64, v: u64) {
+        self.write64(addr, v)
+    }
+    /// Waits for one line of console input (`kiln.balloon.hold=1`: the host reads the VMM's
+    /// RSS meanwhile). The default, for host tests, returns at once.
+    fn wait_line(&self) {}
 }
 
 /// What every virtio scenario gets.
