@@ -1,8 +1,10 @@
 //! Host harness: the virtio scenarios against kiln-virtio's device models (transport,
-//! virtio-blk on a temporary image, virtio-rng) over a guest memory mapping. Register
-//! writes run the device synchronously, as a `QueueNotify` without an ioeventfd does in
-//! kiln; interrupts are counted and "handled" (status read and acknowledged) when the
-//! scenario looks at the count, as the guest's handler would.
+//! virtio-blk on a temporary image, virtio-rng, virtio-balloon) over a guest memory mapping.
+//! Register writes run the device synchronously, as a `QueueNotify` without an ioeventfd
+//! does in kiln; interrupts are counted and "handled" (status read and acknowledged) when the
+//! scenario looks at the count, as the guest's handler would. Each clock read retries the
+//! balloon's queues, as kiln's event loop does when a throttled queue's timer expires (the
+//! statistics queue holds its buffer for the interval).
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -16,7 +18,7 @@ use std::time::Instant;
 use std::vec::Vec;
 
 use kiln_bus::{MmioAddress, MmioDevice};
-use kiln_virtio::{Block, BlockConfig, MmioTransport, Rng};
+use kiln_virtio::{Balloon, BalloonConfig, Block, BlockConfig, MmioTransport, Rng};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::blk::{fresh_word, written_word, SECTOR};
@@ -28,6 +30,8 @@ use crate::line::LineBuf;
 use crate::memmap::{MemEntry, MemMap, E820_RAM};
 
 type Mem = GuestMemoryMmap<()>;
+/// The balloon as the harness holds it (statistics, counters, retries).
+pub type BalloonDev = MmioTransport<Mem, Balloon<Mem>>;
 
 /// Guest memory of the harness: 48 MiB from 0.
 const MEM_SIZE: u64 = 48 << 20;
@@ -56,6 +60,8 @@ pub struct Host {
     pub lines: RefCell<Vec<String>>,
     start: Instant,
     pub memmap: MemMap,
+    /// The balloon, if there is one.
+    pub balloon: Option<Arc<BalloonDev>>,
 }
 
 /// A unique scratch file name.
@@ -102,6 +108,15 @@ pub fn sector_word(f: &File, s: u64) -> u64 {
 impl Host {
     /// Devices: a block device on `disk` (if any), then an entropy device (if `rng`).
     pub fn new(disk: Option<&File>, rng: bool) -> Host {
+        Host::build(disk, rng, None)
+    }
+
+    /// An entropy device, then a balloon configured by `cfg` (last, as kiln places it).
+    pub fn with_balloon(cfg: BalloonConfig) -> Host {
+        Host::build(None, true, Some(cfg))
+    }
+
+    fn build(disk: Option<&File>, rng: bool, balloon: Option<BalloonConfig>) -> Host {
         let mem = Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let mut slots = Vec::new();
         let mut add = |regs: Arc<dyn MmioDevice>, line: Arc<CountLine>| {
@@ -144,6 +159,16 @@ impl Host {
                 line,
             );
         }
+        let balloon = balloon.map(|cfg| {
+            let line = Arc::new(CountLine(AtomicU32::new(0)));
+            let t = Arc::new(MmioTransport::new(
+                mem.clone(),
+                Balloon::new(cfg).unwrap(),
+                line.clone(),
+            ));
+            add(t.clone(), line);
+            t
+        });
         let mut memmap = MemMap::new();
         memmap.push(MemEntry {
             addr: 0x10_0000,
@@ -156,7 +181,13 @@ impl Host {
             lines: RefCell::new(Vec::new()),
             start: Instant::now(),
             memmap,
+            balloon,
         }
+    }
+
+    /// The u64 at `a` in guest memory (for checks after a scenario).
+    pub fn mem_u64(&self, a: u64) -> u64 {
+        self.mem.read_obj(GuestAddress(a)).unwrap()
     }
 
     pub fn devs(&self) -> DevList {
@@ -196,6 +227,15 @@ impl Host {
         let base = s.dev.base;
         drop(slots);
         f(&*regs, MmioAddress(base), addr - base)
+    }
+
+    /// A `page_*` access: aligned, in RAM above 1 MiB and outside the driver's region.
+    fn check_page(&self, a: u64) {
+        use super::layout::{END, START};
+        assert!(
+            a % 8 == 0 && a >= 0x10_0000 && a + 8 <= MEM_SIZE && (a >= END || a + 8 <= START),
+            "page access at {a:#x} outside free RAM"
+        );
     }
 
     fn check(&self, addr: u64, n: u64) {
@@ -252,6 +292,11 @@ impl Platform for Host {
         })
     }
     fn now_ns(&self) -> u64 {
+        if let Some(b) = &self.balloon {
+            for q in 0..b.num_queues() as u32 {
+                let _ = b.notify_queue(q);
+            }
+        }
         self.start.elapsed().as_nanos() as u64
     }
     fn irq_enable(&self, dev: &MmioDev) -> bool {
@@ -292,6 +337,17 @@ impl Platform for Host {
     }
     fn hold(&self) {
         self.info(b"(hold)");
+    }
+    fn page_read64(&self, a: u64) -> u64 {
+        self.check_page(a);
+        self.mem.read_obj(GuestAddress(a)).unwrap()
+    }
+    fn page_write64(&self, a: u64, v: u64) {
+        self.check_page(a);
+        self.mem.write_obj(v, GuestAddress(a)).unwrap()
+    }
+    fn wait_line(&self) {
+        self.info(b"(wait_line)");
     }
 }
 
