@@ -43,11 +43,11 @@ struct ExitsArgs {
     /// Comma-separated kinds to run (default: all; --list shows them).
     #[arg(long, value_delimiter = ',')]
     kinds: Vec<String>,
-    /// Timed round trips per kind.
-    #[arg(long, default_value_t = 10_000)]
+    /// Timed round trips per kind and round.
+    #[arg(long, default_value_t = 5_000)]
     n: u32,
     /// Untimed round trips before each kind.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 500)]
     warmup: u32,
     /// The kiln binary (default: `kiln` next to this binary).
     #[arg(long, value_name = "PATH")]
