@@ -314,10 +314,11 @@ fn inflate_chain<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>) -> u64 {
     pages
 }
 
-/// A free page report: each device-readable descriptor is a free range (address, length).
+/// A free page report: each descriptor is a free range (address, length). Linux adds them
+/// device-writable (`virtqueue_add_inbuf`), as QEMU expects; either direction is taken.
 fn report_chain<M: GuestMemory>(chain: DescriptorChain<&M>, mem: &M) -> u64 {
     let mut pages = 0;
-    for d in chain.filter(|d| !d.is_write_only()) {
+    for d in chain {
         let start = d.addr().0.next_multiple_of(PAGE_SIZE);
         let end = d.addr().0.saturating_add(u64::from(d.len())) & !(PAGE_SIZE - 1);
         if end > start && discard(mem, start, end - start) {
@@ -647,8 +648,9 @@ mod tests {
             mem.write_obj(0x1234u64, GuestAddress(start + i * PAGE_SIZE))
                 .unwrap();
         }
-        // A range starting mid-page: only the two whole pages inside it go.
-        drv.add(&mem, &[(start + 0x800, 3 * PAGE_SIZE as u32, false)]);
+        // A range starting mid-page, device-writable as Linux sends it: only the two whole
+        // pages inside it go.
+        drv.add(&mem, &[(start + 0x800, 3 * PAGE_SIZE as u32, true)]);
         b.process_queue(2).unwrap();
         let word = |i: u64| {
             mem.read_obj::<u64>(GuestAddress(start + i * PAGE_SIZE))
@@ -656,6 +658,11 @@ mod tests {
         };
         assert_eq!([word(0), word(1), word(2), word(3)], [0x1234, 0, 0, 0x1234]);
         assert_eq!(b.returned_pages(), (0, 2));
+        // A device-readable range is taken too.
+        drv.add(&mem, &[(start + 3 * PAGE_SIZE, PAGE_SIZE as u32, false)]);
+        b.process_queue(2).unwrap();
+        assert_eq!(word(3), 0);
+        assert_eq!(b.returned_pages(), (0, 3));
         // A queue the accepted features don't define is ignored.
         assert_eq!(b.process_queue(3).unwrap(), QueueOutcome::Done);
     }
