@@ -13,7 +13,8 @@
 //! first word of each deflated page (0 if the host really dropped it, the marker if it kept
 //! it; anything else fails), write and check a pattern there and check the rest kept its
 //! own; wait up to 3 s for the statistics buffer to come back and send fresh numbers; report
-//! one free run of 4 MiB if `REPORTING` was accepted and wait for it.
+//! one free run of 4 MiB (one device-writable buffer, as Linux sends its reports) if
+//! `REPORTING` was accepted, wait for it and count the pages that read zero afterwards.
 
 use super::layout;
 use super::ring::{Buf, QueueMem, SplitQueue};
@@ -424,7 +425,8 @@ fn exercise<P: Platform>(
     let mut reported = None;
     if let Some((i, q)) = b.report.as_mut() {
         if let Some(run) = fr.low_run(cut, REPORT_PAGES) {
-            let Some(head) = q.add(p, &[Buf::r(run.start, (run.end - run.start) as u32)]) else {
+            // Device-writable, as Linux adds it (`virtqueue_add_inbuf`) and QEMU expects.
+            let Some(head) = q.add(p, &[Buf::w(run.start, (run.end - run.start) as u32)]) else {
                 out.push_str("reporting queue: no free descriptor");
                 return false;
             };
