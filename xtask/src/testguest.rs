@@ -5,9 +5,11 @@
 //! once per scenario and checks that every `KTEST` line says PASS and `KTEST-DONE` reports no
 //! failure. Every boot has a virtio-rng device; the virtio-blk cases also get a disk image in
 //! the contract's pattern (`target/testguest/qemu-disk.img`, rewritten for each), checked
-//! afterwards the way kiln's own test checks its image.
+//! afterwards the way kiln's own test checks its image. The balloon case gets a
+//! virtio-balloon whose target is set through QMP while `memory-stress` holds.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -196,6 +198,20 @@ struct Case {
     /// `-machine acpi=off`: no DSDT, so the guest finds virtio devices through the
     /// `virtio_mmio.device=` tokens QEMU appends to the command line.
     acpi_off: bool,
+    /// A virtio-balloon.
+    balloon: Option<Balloon>,
+}
+
+/// A virtio-balloon for a case (after the entropy device, as kiln orders them), with free
+/// page reporting, deflate-on-OOM and 1 s statistics polling. QEMU's target starts at 0 and
+/// is set through QMP (`balloon`, the guest RAM to keep) when the guest prints
+/// `KTEST-INFO memory-stress touched` (`kiln.stress.hold=1`); the console line that lets the
+/// guest go on is typed after the answer, so the balloon scenario sees the target.
+struct Balloon {
+    /// Bytes of guest RAM QEMU should leave the guest.
+    keep: u64,
+    /// What the `balloon` PASS line must contain.
+    expect: &'static [&'static str],
 }
 
 /// Deterministic initrd contents, so a failure can be reproduced byte for byte.
@@ -233,6 +249,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             expect_pass: 1,
             disk: None,
             acpi_off: false,
+            balloon: None,
         },
         Case {
             name: "boot+initrd",
@@ -248,6 +265,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             expect_pass: 1,
             disk: None,
             acpi_off: false,
+            balloon: None,
         },
         Case {
             name: "cpuid",
@@ -258,6 +276,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             expect_pass: 1,
             disk: None,
             acpi_off: false,
+            balloon: None,
         },
         Case {
             name: "cpuid smp2",
@@ -268,6 +287,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             expect_pass: 1,
             disk: None,
             acpi_off: false,
+            balloon: None,
         },
         Case {
             name: "exits",
@@ -278,6 +298,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             expect_pass: 1,
             disk: None,
             acpi_off: false,
+            balloon: None,
         },
         Case {
             name: "serial",
@@ -288,6 +309,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             expect_pass: 1,
             disk: None,
             acpi_off: false,
+            balloon: None,
         },
         Case {
             name: "acpi+smp+clock smp2",
@@ -298,6 +320,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             expect_pass: 3,
             disk: None,
             acpi_off: false,
+            balloon: None,
         },
         Case {
             name: "default (all)",
@@ -308,6 +331,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
             expect_pass: 7,
             disk: None,
             acpi_off: false,
+            balloon: None,
         },
         Case {
             name: "virtio-blk+rng+reset",
@@ -324,6 +348,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
                 check_blk: true,
             }),
             acpi_off: false,
+            balloon: None,
         },
         Case {
             name: "virtio-blk+rng acpi=off",
@@ -337,6 +362,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
                 check_blk: true,
             }),
             acpi_off: true,
+            balloon: None,
         },
         Case {
             name: "virtio-evil",
@@ -350,6 +376,7 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
                 check_blk: false,
             }),
             acpi_off: false,
+            balloon: None,
         },
         Case {
             name: "blk-bench",
@@ -363,6 +390,28 @@ fn run_qemu_suite(elf: &Path, out: &Path, timeout: Duration) -> Result<(), Strin
                 check_blk: false,
             }),
             acpi_off: false,
+            balloon: None,
+        },
+        Case {
+            name: "memory-stress+balloon",
+            append: "kiln.test=memory-stress,balloon kiln.stress.hold=1".into(),
+            initrd: None,
+            input: None,
+            smp: 1,
+            expect_pass: 2,
+            disk: None,
+            acpi_off: false,
+            // 96 of 128 MiB: a target of 8192 pages.
+            balloon: Some(Balloon {
+                keep: 96 << 20,
+                expect: &[
+                    "features=version_1,stats_vq,deflate_on_oom,reporting ",
+                    "target=8192 inflated=8192 ",
+                    "deflated=8192 zero_after_deflate=8192/8192 ",
+                    "stats_round_trips=1 ",
+                    "reporting=done(pages=1024,zeroed=1024)",
+                ],
+            }),
         },
     ];
     let mut failed = 0;
@@ -410,6 +459,18 @@ fn run_case(elf: &Path, c: &Case, disk: &Path, timeout: Duration) -> Result<(), 
             .arg(format!("virtio-blk-device,drive=d0,serial={DISK_SERIAL}"));
     }
     cmd.args(["-device", "virtio-rng-device"]);
+    let qmp = disk.with_file_name("qemu-qmp.sock");
+    if c.balloon.is_some() {
+        let _ = std::fs::remove_file(&qmp);
+        cmd.args([
+            "-device",
+            "virtio-balloon-device,free-page-reporting=on,deflate-on-oom=on",
+            "-global",
+            "virtio-balloon-device.guest-stats-polling-interval=1",
+            "-qmp",
+        ])
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    }
     if c.acpi_off {
         cmd.args(["-machine", "acpi=off"]);
     }
@@ -450,6 +511,22 @@ fn run_case(elf: &Path, c: &Case, disk: &Path, timeout: Duration) -> Result<(), 
                         let _ = writeln!(w, "{input}").and_then(|_| w.flush());
                     }
                 }
+                if let (Some(b), true) = (
+                    &c.balloon,
+                    line.starts_with("KTEST-INFO memory-stress touched"),
+                ) {
+                    let typed = qmp_balloon(&qmp, b.keep).and_then(|()| {
+                        let w = stdin.as_mut().ok_or("no stdin")?;
+                        writeln!(w)
+                            .and_then(|_| w.flush())
+                            .map_err(|e| format!("typing to the guest: {e}"))
+                    });
+                    if let Err(e) = typed {
+                        result = Err(e);
+                        lines.push(line);
+                        break;
+                    }
+                }
                 if let Some(rest) = line.strip_prefix("KTEST-DONE ") {
                     result = check_done(rest, c.expect_pass);
                     lines.push(line);
@@ -487,6 +564,16 @@ fn run_case(elf: &Path, c: &Case, disk: &Path, timeout: Duration) -> Result<(), 
             result = Err(format!("failing line: {l}"));
         }
     }
+    if let (Some(b), true) = (&c.balloon, result.is_ok()) {
+        let pass = lines.iter().find(|l| l.starts_with("KTEST balloon PASS "));
+        if let Some(missing) = b
+            .expect
+            .iter()
+            .find(|want| !pass.is_some_and(|l| l.contains(*want)))
+        {
+            result = Err(format!("the balloon line lacks '{missing}'"));
+        }
+    }
     if let (Some(input), true) = (c.input, result.is_ok()) {
         let want = format!("KTEST-ECHO {input}");
         if !lines.contains(&want) {
@@ -513,6 +600,41 @@ fn run_case(elf: &Path, c: &Case, disk: &Path, timeout: Duration) -> Result<(), 
             msg.push_str(l);
         }
         return Err(msg);
+    }
+    Ok(())
+}
+
+/// Sets QEMU's balloon target through its QMP socket at `path`: the guest should keep `keep`
+/// bytes of RAM.
+fn qmp_balloon(path: &Path, keep: u64) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("QMP {}: {e}", path.display());
+    let s = UnixStream::connect(path).map_err(err)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(err)?;
+    let mut w = s.try_clone().map_err(err)?;
+    let mut r = BufReader::new(s);
+    // The greeting, then each command's answer (asynchronous events in between are skipped).
+    let answer = |r: &mut BufReader<UnixStream>| -> Result<String, String> {
+        loop {
+            let mut l = String::new();
+            if r.read_line(&mut l).map_err(err)? == 0 {
+                return Err("QMP closed the connection".into());
+            }
+            if !l.contains("\"event\"") {
+                return Ok(l);
+            }
+        }
+    };
+    answer(&mut r)?;
+    for cmd in [
+        "{\"execute\":\"qmp_capabilities\"}".to_string(),
+        format!("{{\"execute\":\"balloon\",\"arguments\":{{\"value\":{keep}}}}}"),
+    ] {
+        writeln!(w, "{cmd}").map_err(err)?;
+        let a = answer(&mut r)?;
+        if !a.contains("\"return\"") {
+            return Err(format!("QMP {cmd}: {}", a.trim()));
+        }
     }
     Ok(())
 }
