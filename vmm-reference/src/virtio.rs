@@ -146,6 +146,21 @@ fn limiter(
 
 type Transport<D> = MmioTransport<GuestMemoryMmap, D>;
 
+/// What the VMM needs of any virtio-mmio transport, whatever its device.
+trait VirtioMmio: kiln_virtio::QueueHandler + kiln_bus::MmioDevice {
+    fn queue_count(&self) -> usize;
+    fn set_activate_hook(&self, hook: kiln_virtio::mmio::ActivateHook);
+}
+
+impl<D: kiln_virtio::VirtioDevice<GuestMemoryMmap>> VirtioMmio for Transport<D> {
+    fn queue_count(&self) -> usize {
+        self.num_queues()
+    }
+    fn set_activate_hook(&self, hook: kiln_virtio::mmio::ActivateHook) {
+        MmioTransport::set_activate_hook(self, hook);
+    }
+}
+
 /// The balloon as the VMM holds it (to change its target, read its statistics).
 pub type BalloonHandle = Arc<Transport<Balloon<GuestMemoryMmap>>>;
 
@@ -195,12 +210,7 @@ pub fn build(
     let mut block_index = 0usize;
     for slot in slots {
         let line = Arc::new(chip.legacy_line(vm, slot.gsi)?);
-        let (handler, bus_dev, queues, name): (
-            Arc<dyn kiln_virtio::QueueHandler>,
-            Arc<dyn kiln_bus::MmioDevice>,
-            usize,
-            String,
-        ) = match slot.kind {
+        let (dev, name): (Arc<dyn VirtioMmio>, String) = match slot.kind {
             VirtioKind::Block(i) => {
                 let d = &disks[i];
                 let file = disk_files
@@ -213,16 +223,15 @@ pub fn build(
                     rate_limiter: limiter("--disk", &d.rate_limit)?,
                     ..BlockConfig::default()
                 };
-                let dev = Block::new(file, cfg).map_err(|e| disk_err(d, e))?;
-                let t: Arc<Transport<Block<GuestMemoryMmap>>> =
-                    Arc::new(MmioTransport::new(mem.clone(), dev, line));
-                let n = t.num_queues();
-                let name = format!("virtio-blk {block_index}");
+                let blk = Block::new(file, cfg).map_err(|e| disk_err(d, e))?;
                 block_index += 1;
-                (t.clone(), t, n, name)
+                (
+                    Arc::new(MmioTransport::new(mem.clone(), blk, line)),
+                    format!("virtio-blk {}", block_index - 1),
+                )
             }
             VirtioKind::Rng => {
-                let dev = Rng::new(
+                let rng = Rng::new(
                     kiln_virtio::rng::DEFAULT_QUEUE_SIZE,
                     limiter("--rng", &rng.rate_limit)?,
                 )
@@ -230,21 +239,24 @@ pub fn build(
                     flag: "--rng".into(),
                     why: e.to_string(),
                 })?;
-                let t: Arc<Transport<Rng<GuestMemoryMmap>>> =
-                    Arc::new(MmioTransport::new(mem.clone(), dev, line));
-                let n = t.num_queues();
-                (t.clone(), t, n, "virtio-rng".to_string())
+                (
+                    Arc::new(MmioTransport::new(mem.clone(), rng, line)),
+                    "virtio-rng".into(),
+                )
             }
             VirtioKind::Balloon => {
                 let cfg = balloon.map(balloon_config).unwrap_or_default();
-                let dev = Balloon::new(cfg).map_err(|e| VmmError::Balloon(e.to_string()))?;
-                let t: BalloonHandle = Arc::new(MmioTransport::new(mem.clone(), dev, line));
-                let n = t.num_queues();
+                let b = Balloon::new(cfg).map_err(|e| VmmError::Balloon(e.to_string()))?;
+                let t: BalloonHandle = Arc::new(MmioTransport::new(mem.clone(), b, line));
                 out.balloon = Some(t.clone());
-                (t.clone(), t, n, "virtio-balloon".to_string())
+                (t, "virtio-balloon".into())
             }
         };
+        let queues = dev.queue_count();
+        let handler: Arc<dyn kiln_virtio::QueueHandler> = dev.clone();
+        let bus_dev: Arc<dyn kiln_bus::MmioDevice> = dev.clone();
         mmio.insert(MmioAddress(slot.base), MMIO_SIZE, bus_dev)?;
+        let mut kicks = Vec::with_capacity(queues);
         for q in 0..queues as u32 {
             let evt = EventFd::new(EFD_NONBLOCK).map_err(os("creating a queue eventfd"))?;
             // A 4-byte write of the queue index to QueueNotify signals the eventfd inside
@@ -258,10 +270,19 @@ pub fn build(
                 what: "KVM_IOEVENTFD for a virtio queue",
                 source,
             })?;
+            kicks.push(evt.try_clone().map_err(os("cloning a queue eventfd"))?);
             event_loop
                 .add(handler.clone(), q, evt, format!("{name} queue {q}"))
                 .map_err(os("adding a queue to the device event loop"))?;
         }
+        // Look at every queue once the device is live: a driver may have made buffers
+        // available (and notified, into the void) before DRIVER_OK.
+        dev.set_activate_hook(Box::new(move || {
+            for k in &kicks {
+                // A full counter already means "look".
+                let _ = k.write(1);
+            }
+        }));
     }
     out.event_loop = Some(
         event_loop

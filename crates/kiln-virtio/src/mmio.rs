@@ -257,7 +257,11 @@ pub struct MmioTransport<M, D> {
     slot: Mutex<Slot<D>>,
     interrupt: Arc<MmioInterrupt>,
     needs_reset: AtomicBool,
+    on_activate: std::sync::OnceLock<ActivateHook>,
 }
+
+/// Called (on the vCPU thread that wrote `DRIVER_OK`) after the device activated.
+pub type ActivateHook = Box<dyn Fn() + Send + Sync>;
 
 impl<M, D> std::fmt::Debug for MmioTransport<M, D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -297,7 +301,17 @@ where
                 line,
             }),
             needs_reset: AtomicBool::new(false),
+            on_activate: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Runs `hook` every time the device activates. The VMM uses it to signal each queue's
+    /// notification eventfd, so buffers the driver made available (and notified) before
+    /// `DRIVER_OK` — Linux's balloon driver kicks its statistics queue that early — are
+    /// processed by the event loop, with its retry timers, instead of waiting for a kick that
+    /// never comes. Only the first hook set is kept.
+    pub fn set_activate_hook(&self, hook: ActivateHook) {
+        let _ = self.on_activate.set(hook);
     }
 
     /// Offset of `QueueNotify` for ioeventfd registration (`base + this`, 4 bytes,
@@ -460,7 +474,13 @@ where
         let mut slot = lock(&self.slot);
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
         match slot.dev.activate(self.mem.clone(), queues, interrupt) {
-            Ok(()) => slot.active = true,
+            Ok(()) => {
+                slot.active = true;
+                drop(slot);
+                if let Some(hook) = self.on_activate.get() {
+                    hook();
+                }
+            }
             Err(e) => {
                 drop(slot);
                 DEVICE_ERROR.warn(format_args!("virtio-mmio: activation failed: {e}"));
@@ -917,6 +937,31 @@ mod tests {
         w(&t, regs::DRIVER_FEATURES_SEL, 0);
         w(&t, regs::DRIVER_FEATURES, 0xffff_ffff);
         assert_eq!(lock(&t.regs).driver_features, VIRTIO_F_VERSION_1 | 0b100);
+    }
+
+    #[test]
+    fn activate_hook_runs_on_each_activation_only() {
+        let (t, _, _) = fake();
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let c = calls.clone();
+        t.set_activate_hook(Box::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        }));
+        // A refused DRIVER_OK doesn't call it.
+        w(
+            &t,
+            regs::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        for round in 1..=2 {
+            w(&t, regs::STATUS, 0);
+            assert!(negotiate(&t, VIRTIO_F_VERSION_1));
+            assert!(setup_queue(&t, 0, 8));
+            w(&t, regs::STATUS, ALL_OK);
+            assert!(t.is_active());
+            assert_eq!(calls.load(Ordering::SeqCst), round);
+        }
     }
 
     #[test]
