@@ -184,6 +184,8 @@ pub enum SeccompSelftest {
     Device,
     /// The stdin reader.
     Stdin,
+    /// The exit benchmark's irqfd injector (needs --exit-bench).
+    Bench,
 }
 
 /// Splits `KEY=VALUE,...` (a bare `KEY` means `KEY=on`), rejecting empty and repeated keys.

@@ -436,6 +436,7 @@ impl VmSpec {
             SeccompSelftest::Vcpu => ThreadKind::Vcpu,
             SeccompSelftest::Device => ThreadKind::Device,
             SeccompSelftest::Stdin => ThreadKind::Stdin,
+            SeccompSelftest::Bench => ThreadKind::Bench,
         });
         Ok(VmSpec {
             kernel,

@@ -11,9 +11,20 @@ use std::time::{Duration, Instant};
 
 use common::{kiln, run, scratch, skip_kvm};
 
+/// Every kind of thread kiln starts (with `--exit-bench`, `--disk`, 2 vCPUs, console on
+/// stdio).
+const THREADS: [&str; 6] = [
+    "kiln",
+    "kiln-vcpu0",
+    "kiln-vcpu1",
+    "kiln-virtio",
+    "kiln-stdin",
+    "kiln-bench",
+];
+
 /// Starts kiln with a guest that waits for console input (so every thread is alive), returns
 /// each thread's (name, Seccomp mode) and stops kiln.
-fn thread_modes(extra: &[&str], disk: &std::path::Path) -> Vec<(String, String)> {
+fn thread_modes(extra: &[&str], disk: &std::path::Path, filtered: bool) -> Vec<(String, String)> {
     let mut cmd: Command = kiln();
     cmd.args(["--cpus", "2", "--cmdline", "console=ttyS0 kiln.test=serial"])
         .arg("--disk")
@@ -42,11 +53,9 @@ fn thread_modes(extra: &[&str], disk: &std::path::Path) -> Vec<(String, String)>
             }
         }
         let has = |n: &str| modes.iter().any(|(c, _)| c == n);
-        if ["kiln-vcpu0", "kiln-vcpu1", "kiln-virtio", "kiln-stdin"]
-            .iter()
-            .all(|n| has(n))
+        if THREADS.iter().all(|n| has(n))
             // The main thread installs its filter last.
-            && modes.iter().any(|(c, m)| c == "kiln" && m != "0")
+            && (!filtered || modes.iter().any(|(c, m)| c == "kiln" && m != "0"))
             || Instant::now() > deadline
         {
             break modes;
@@ -68,14 +77,8 @@ fn every_thread_runs_with_a_filter() {
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(1 << 20))
         .unwrap();
-    let modes = thread_modes(&[], &disk);
-    for name in [
-        "kiln",
-        "kiln-vcpu0",
-        "kiln-vcpu1",
-        "kiln-virtio",
-        "kiln-stdin",
-    ] {
+    let modes = thread_modes(&["--exit-bench"], &disk, true);
+    for name in THREADS {
         assert!(
             modes.iter().any(|(c, _)| c == name),
             "no {name} thread: {modes:?}"
@@ -84,7 +87,7 @@ fn every_thread_runs_with_a_filter() {
     for (comm, mode) in &modes {
         assert_eq!(mode, "2", "thread {comm} is not filtered: {modes:?}");
     }
-    let modes = thread_modes(&["--no-seccomp"], &disk);
+    let modes = thread_modes(&["--no-seccomp", "--exit-bench"], &disk, false);
     assert!(
         modes.iter().all(|(_, m)| m == "0"),
         "--no-seccomp must leave threads unfiltered: {modes:?}"
@@ -112,8 +115,9 @@ fn a_forbidden_call_on_any_thread_kind_exits_148() {
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(1 << 20))
         .unwrap();
-    for kind in ["vmm", "vcpu", "device", "stdin"] {
-        let r = selftest(kind, &[], &disk);
+    for kind in ["vmm", "vcpu", "device", "stdin", "bench"] {
+        // The bench thread exists only with --exit-bench.
+        let r = selftest(kind, &["--exit-bench"], &disk);
         assert_eq!(r.code, Some(148), "{kind}: {r:?}");
         assert!(
             r.stderr.contains(&format!(
@@ -123,7 +127,7 @@ fn a_forbidden_call_on_any_thread_kind_exits_148() {
             r.stderr
         );
         // Without filters the same call is harmless.
-        let r = selftest(kind, &["--no-seccomp"], &disk);
+        let r = selftest(kind, &["--no-seccomp", "--exit-bench"], &disk);
         r.assert_passed(&["boot"]);
     }
     let _ = std::fs::remove_dir_all(dir);
