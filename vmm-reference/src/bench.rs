@@ -202,8 +202,12 @@ pub fn attach(
     } else {
         None
     };
+    // With --exit-bench the vCPU threads also time their exit handling (two clock reads per
+    // exit), which the bench device reports per run.
+    kiln_vcpu::set_exit_timing(injector);
     let device = Arc::new(legacy::BenchDevice::new(
         inj.clone().map(|i| i as Arc<dyn legacy::IrqInjector>),
+        Some(kiln_vcpu::vcpu_user_ns),
     ));
     pio.insert(
         PioAddress(legacy::BENCH_PORT),

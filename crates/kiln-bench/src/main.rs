@@ -99,7 +99,7 @@ fn fmt_ns(v: f64) -> String {
 
 fn print_table(runs: &[(String, RunResult)], kinds: &[&str]) {
     println!(
-        "{:<15} {:<12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>6} {:>7}",
+        "{:<15} {:<12} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>6} {:>6} {:>7}",
         "kind",
         "vmm",
         "p50 ns",
@@ -108,15 +108,18 @@ fn print_table(runs: &[(String, RunResult)], kinds: &[&str]) {
         "p99.9 ns",
         "user ns/x",
         "sys ns/x",
+        "vmm ns/x",
         "vmm%",
-        "/floor"
+        "/floor",
+        "vmm/fl"
     );
     for kind in kinds {
-        let floor_p50 = runs
+        let floor = runs
             .iter()
             .find(|(n, _)| n == "floor")
-            .and_then(|(_, r)| r.kinds.get(*kind))
-            .map(|k| k.hist.percentile(50_000) as f64);
+            .and_then(|(_, r)| r.kinds.get(*kind));
+        let floor_p50 = floor.map(|k| k.hist.percentile(50_000) as f64);
+        let floor_vmm = floor.and_then(|k| k.vmm_per_exit_ns());
         for (name, r) in runs {
             let Some(k) = r.kinds.get(*kind) else {
                 if let Some(why) = r.skipped.get(*kind) {
@@ -128,25 +131,28 @@ fn print_table(runs: &[(String, RunResult)], kinds: &[&str]) {
                 .iter()
                 .map(|(_, p)| k.hist.percentile(*p).to_string())
                 .collect();
-            let (user, sys, share) = match k.cpu_per_exit_ns() {
-                Some((u, s)) => (
-                    fmt_ns(u),
-                    fmt_ns(s),
-                    if u + s > 0.0 {
-                        format!("{:.0}", u / (u + s) * 100.0)
-                    } else {
-                        "-".into()
-                    },
-                ),
-                None => ("-".into(), "-".into(), "-".into()),
+            let (user, sys) = match k.cpu_per_exit_ns() {
+                Some((u, s)) => (fmt_ns(u), fmt_ns(s)),
+                None => ("-".into(), "-".into()),
             };
-            let ratio = match floor_p50 {
-                Some(f) if f > 0.0 => format!("{:.3}", k.hist.percentile(50_000) as f64 / f),
+            let vmm = k.vmm_per_exit_ns();
+            let p50 = k.hist.percentile(50_000) as f64;
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.3}", a / b),
                 _ => "-".into(),
             };
             println!(
-                "{kind:<15} {name:<12} {:>9} {:>9} {:>9} {:>9} {user:>10} {sys:>10} {share:>6} {ratio:>7}",
-                p[0], p[1], p[2], p[3]
+                "{kind:<15} {name:<12} {:>8} {:>8} {:>8} {:>9} {user:>9} {sys:>9} {:>8} {:>6} {:>6} {:>7}",
+                p[0],
+                p[1],
+                p[2],
+                p[3],
+                vmm.map_or("-".into(), fmt_ns),
+                // The VMM's share of the round trip the guest saw.
+                vmm.filter(|_| p50 > 0.0)
+                    .map_or("-".into(), |v| format!("{:.1}", v / p50 * 100.0)),
+                ratio(Some(p50), floor_p50),
+                ratio(vmm, floor_vmm),
             );
         }
     }
@@ -174,6 +180,9 @@ fn run_json(r: &RunResult) -> Value {
             if let Some((u, s)) = k.cpu_per_exit_ns() {
                 o["user_ns_per_exit"] = json!(u);
                 o["sys_ns_per_exit"] = json!(s);
+            }
+            if let Some(v) = k.vmm_per_exit_ns() {
+                o["vmm_ns_per_exit"] = json!(v);
             }
             (kind.clone(), o)
         })

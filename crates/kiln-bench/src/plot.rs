@@ -133,6 +133,7 @@ mod tests {
                     KindResult {
                         hist: h,
                         cpu_us: None,
+                        vmm_ns: None,
                     },
                 );
             }

@@ -52,9 +52,17 @@ pub struct KindResult {
     /// CPU time of the measuring vCPU thread during the run, if the VMM reported it:
     /// (user µs, system µs).
     pub cpu_us: Option<(u64, u64)>,
+    /// Nanoseconds the vCPU thread spent in user space handling these exits (between
+    /// `KVM_RUN` returning and the next `KVM_RUN`), if the VMM measured it.
+    pub vmm_ns: Option<u64>,
 }
 
 impl KindResult {
+    /// User-space ns per exit spent handling it in the VMM.
+    pub fn vmm_per_exit_ns(&self) -> Option<f64> {
+        Some(self.vmm_ns? as f64 / self.hist.count().max(1) as f64)
+    }
+
     /// (user ns, system ns) per exit.
     pub fn cpu_per_exit_ns(&self) -> Option<(f64, f64)> {
         let (u, s) = self.cpu_us?;
@@ -124,7 +132,17 @@ pub fn parse(output: &str) -> Result<RunResult, String> {
                 }
                 _ => None,
             };
-            out.kinds.insert(kind, KindResult { hist: h, cpu_us });
+            // 0: the VMM doesn't time its exits (kiln without --exit-bench); all-ones: no
+            // bench device.
+            let vmm_ns = num(rest, "host_vmm_ns").filter(|&v| v != 0 && v != u64::from(u32::MAX));
+            out.kinds.insert(
+                kind,
+                KindResult {
+                    hist: h,
+                    cpu_us,
+                    vmm_ns,
+                },
+            );
         }
     }
     if let Some(kind) = hists.keys().next() {
@@ -142,6 +160,10 @@ impl RunResult {
                     mine.hist.merge(&k.hist);
                     mine.cpu_us = match (mine.cpu_us, k.cpu_us) {
                         (Some((u1, s1)), Some((u2, s2))) => Some((u1 + u2, s1 + s2)),
+                        _ => None,
+                    };
+                    mine.vmm_ns = match (mine.vmm_ns, k.vmm_ns) {
+                        (Some(a), Some(b)) => Some(a + b),
                         _ => None,
                     };
                 }

@@ -80,6 +80,11 @@ fn measures_kiln_and_the_floor_and_writes_json() {
     }
     // The VMM's own CPU time per exit was measured for the exits that reach kiln.
     assert!(kiln["pio-out"]["sys_ns_per_exit"].as_f64().unwrap() > 0.0);
+    // And its user-space time handling each exit, as the floor measures its own.
+    for vmm in ["kiln", "floor"] {
+        let v = doc["vmms"][vmm]["kinds"]["pio-out"]["vmm_ns_per_exit"].as_f64();
+        assert!(v.is_some_and(|v| v > 0.0), "{vmm}: {v:?}");
+    }
     // msr-user runs or says why not; nothing is silently missing.
     assert!(kiln["msr-user"].is_object() || doc["vmms"]["kiln"]["skipped"]["msr-user"].is_string());
     let floor = &doc["vmms"]["floor"]["kinds"];

@@ -10,6 +10,7 @@
 //! | 0 | mark: bit 31 clear = begin, set = end of a measured run on this vCPU | user µs of the last ended run |
 //! | 4 | guest-physical address of the 16-byte irq stamp slot | system µs of the last ended run |
 //! | 8 | start N irqfd injections (see [`IrqInjector`]) | injections done so far |
+//! | 12 | — | ns the vCPU thread spent in user space handling exits during the last ended run (saturating u32; 0 without a clock) |
 //!
 //! The mark is handled on the vCPU thread that made the exit, which is the thread whose
 //! usage it measures; begin and end must come from the same vCPU.
@@ -23,7 +24,7 @@ use kiln_bus::{PioAddress, PioDevice, RateLimitedWarn};
 /// First port of the device.
 pub const BENCH_PORT: u16 = 0x708;
 /// Ports the device occupies.
-pub const BENCH_PORT_SIZE: u16 = 12;
+pub const BENCH_PORT_SIZE: u16 = 16;
 /// IOAPIC GSI the irqfd injections raise (edge, active high).
 pub const BENCH_IRQ_GSI: u32 = 12;
 /// An MSR unknown to KVM that kiln answers from user space (KVM user-space MSR exits), for
@@ -50,9 +51,13 @@ pub trait IrqInjector: Send + Sync {
 }
 
 thread_local! {
-    /// (user µs, system µs) at the last begin mark on this thread.
-    static BEGIN: Cell<Option<(u64, u64)>> = const { Cell::new(None) };
+    /// (user µs, system µs, VMM exit-handling ns) at the last begin mark on this thread.
+    static BEGIN: Cell<Option<(u64, u64, u64)>> = const { Cell::new(None) };
 }
+
+/// Reads the calling vCPU thread's accumulated exit-handling time in ns (e.g.
+/// `kiln_vcpu::vcpu_user_ns`).
+pub type ExitTimeFn = fn() -> u64;
 
 static BAD: RateLimitedWarn = RateLimitedWarn::new();
 
@@ -75,6 +80,8 @@ pub struct BenchDevice {
     slot: AtomicU64,
     injector: Option<Arc<dyn IrqInjector>>,
     msr_reads: AtomicU32,
+    exit_ns: Option<ExitTimeFn>,
+    vmm_ns: AtomicU64,
 }
 
 impl std::fmt::Debug for BenchDevice {
@@ -87,14 +94,17 @@ impl std::fmt::Debug for BenchDevice {
 
 impl BenchDevice {
     /// A device; without an injector, injection requests are ignored (reads of the count
-    /// stay 0, so the guest reports the kind as unsupported).
-    pub fn new(injector: Option<Arc<dyn IrqInjector>>) -> Self {
+    /// stay 0, so the guest reports the kind as unsupported); `exit_ns` reads the vCPU
+    /// thread's exit-handling time (register 12 reads 0 without it).
+    pub fn new(injector: Option<Arc<dyn IrqInjector>>, exit_ns: Option<ExitTimeFn>) -> Self {
         BenchDevice {
             user_us: AtomicU64::new(0),
             sys_us: AtomicU64::new(0),
             slot: AtomicU64::new(0),
             injector,
             msr_reads: AtomicU32::new(0),
+            exit_ns,
+            vmm_ns: AtomicU64::new(0),
         }
     }
 
@@ -117,16 +127,19 @@ impl BenchDevice {
 
     fn mark(&self, value: u32) {
         let now = thread_cpu_us();
+        let exit_ns = self.exit_ns.map_or(0, |f| f());
         if value & MARK_END == 0 {
-            BEGIN.with(|b| b.set(Some(now)));
+            BEGIN.with(|b| b.set(Some((now.0, now.1, exit_ns))));
             return;
         }
         match BEGIN.with(|b| b.take()) {
-            Some((u, s)) => {
+            Some((u, s, e)) => {
                 self.user_us
                     .store(now.0.saturating_sub(u), Ordering::Relaxed);
                 self.sys_us
                     .store(now.1.saturating_sub(s), Ordering::Relaxed);
+                self.vmm_ns
+                    .store(exit_ns.saturating_sub(e), Ordering::Relaxed);
             }
             None => {
                 BAD.warn(format_args!(
@@ -147,6 +160,7 @@ impl PioDevice for BenchDevice {
             0 => self.user_us.load(Ordering::Relaxed) as u32,
             4 => self.sys_us.load(Ordering::Relaxed) as u32,
             8 => self.injector.as_ref().map_or(0, |i| i.done()),
+            12 => u32::try_from(self.vmm_ns.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
             _ => 0,
         };
         if data.len() == 4 {
@@ -206,7 +220,13 @@ mod tests {
 
     #[test]
     fn marks_measure_this_threads_cpu_time() {
-        let d = BenchDevice::new(None);
+        thread_local! {
+            static FAKE_NS: Cell<u64> = const { Cell::new(0) };
+        }
+        fn fake_ns() -> u64 {
+            FAKE_NS.with(Cell::get)
+        }
+        let d = BenchDevice::new(None, Some(fake_ns));
         w(&d, 0, 7);
         // Burn some user time between the marks.
         let mut x = 0u64;
@@ -214,7 +234,9 @@ mod tests {
         while start.elapsed() < std::time::Duration::from_millis(30) {
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
         }
+        FAKE_NS.with(|f| f.set(12_345));
         w(&d, 0, 7 | MARK_END);
+        assert_eq!(r(&d, 12), 12_345, "exit-handling ns between the marks");
         let (u, s) = d.last_run();
         assert!(u + s > 0, "no CPU time measured ({u}, {s})");
         assert_eq!(r(&d, 0), u as u32);
@@ -227,20 +249,20 @@ mod tests {
     #[test]
     fn injection_requests_reach_the_injector() {
         let rec = Arc::new(Recorder::default());
-        let d = BenchDevice::new(Some(rec.clone()));
+        let d = BenchDevice::new(Some(rec.clone()), None);
         w(&d, 4, 0x9000);
         w(&d, 8, 100);
         assert_eq!(*rec.0.lock().unwrap(), vec![(0x9000, 100)]);
         assert_eq!(r(&d, 8), 1);
         // Without an injector: ignored, count reads 0.
-        let none = BenchDevice::new(None);
+        let none = BenchDevice::new(None, None);
         w(&none, 8, 5);
         assert_eq!(r(&none, 8), 0);
     }
 
     #[test]
     fn odd_sizes_and_offsets_are_harmless() {
-        let d = BenchDevice::new(None);
+        let d = BenchDevice::new(None, None);
         d.pio_write(PioAddress(BENCH_PORT), 0, &[1, 2]);
         d.pio_write(PioAddress(BENCH_PORT), 3, &[0; 4]);
         let mut b = [0xffu8; 2];

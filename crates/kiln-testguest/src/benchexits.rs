@@ -396,6 +396,8 @@ fn report(kind: &str) {
     line.push_dec(u64::from(io::inl(BENCH_PORT)));
     line.push_str(" host_sys_us=");
     line.push_dec(u64::from(io::inl(BENCH_PORT + 4)));
+    line.push_str(" host_vmm_ns=");
+    line.push_dec(u64::from(io::inl(BENCH_PORT + 12)));
     io::serial_line(line.as_bytes());
 }
 

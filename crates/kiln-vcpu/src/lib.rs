@@ -10,7 +10,9 @@ pub mod runner;
 pub use bus_handler::{BusExitHandler, MsrReadFn, StopCallback};
 pub use exit::{handle_exit, ExitAction, ExitHandler, StopKind, StopReason};
 pub use regs::{BootMode, BootRegs, Segment};
-pub use runner::{stop_current_vcpu, ThreadInit, Vcpu, VcpuHandle, VcpuState};
+pub use runner::{
+    set_exit_timing, stop_current_vcpu, vcpu_user_ns, ThreadInit, Vcpu, VcpuHandle, VcpuState,
+};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 

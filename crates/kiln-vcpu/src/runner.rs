@@ -7,10 +7,10 @@
 //! hot loop itself takes no lock: state requests are only looked at after `EINTR`.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuFd;
@@ -121,6 +121,29 @@ pub type ThreadInit = Box<dyn FnOnce() -> std::result::Result<(), String> + Send
 
 fn control_finish(control: &Control) {
     control.set_current(VcpuState::Finished);
+}
+
+/// Whether vCPU threads time their user-space work per exit (off by default: it costs two
+/// clock reads per exit).
+static EXIT_TIMING: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// Nanoseconds this vCPU thread spent in user space between `KVM_RUN` returning with an
+    /// exit and the next `KVM_RUN` (exit handling, the VMM's share of each exit).
+    static USER_NS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Turns per-exit user-space timing on or off for every vCPU thread (for the exit
+/// benchmark; see [`vcpu_user_ns`]).
+pub fn set_exit_timing(on: bool) {
+    EXIT_TIMING.store(on, Ordering::Relaxed);
+}
+
+/// On a vCPU thread with exit timing on: the nanoseconds it has spent handling exits in
+/// user space so far (0 elsewhere). Differences between two calls give the VMM's own time
+/// for the exits in between.
+pub fn vcpu_user_ns() -> u64 {
+    USER_NS.with(Cell::get)
 }
 
 /// One vCPU, configured and ready to run.
@@ -242,9 +265,17 @@ impl Vcpu {
             return StopReason::Requested;
         }
         let mut eagain_backoff = Duration::from_micros(50);
+        let mut exited_at: Option<Instant> = None;
         loop {
+            if let Some(t) = exited_at.take() {
+                let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                USER_NS.with(|u| u.set(u.get().saturating_add(ns)));
+            }
             let action = match self.fd.run() {
                 Ok(exit) => {
+                    if EXIT_TIMING.load(Ordering::Relaxed) {
+                        exited_at = Some(Instant::now());
+                    }
                     eagain_backoff = Duration::from_micros(50);
                     handle_exit(exit, &*self.handler)
                 }
