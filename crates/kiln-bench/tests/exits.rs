@@ -15,19 +15,20 @@ fn skip_kvm(test: &str) -> bool {
     false
 }
 
-/// The `kiln` binary beside `kiln-bench` (built by `cargo test --workspace`; built here if
-/// this package's tests run alone).
+/// The `kiln` binary beside `kiln-bench`. `cargo test --workspace` builds it with everything
+/// else; run alone, this package's tests can't build it (cargo holds the build lock), so a
+/// missing or older binary is an error that says what to do rather than a test of stale code.
 fn kiln() -> PathBuf {
-    let k = PathBuf::from(env!("CARGO_BIN_EXE_kiln-bench")).with_file_name("kiln");
-    if !k.is_file() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-p", "kiln"])
-            .status()
-            .expect("cargo build -p kiln");
-        assert!(st.success(), "building kiln failed");
+    let me = PathBuf::from(env!("CARGO_BIN_EXE_kiln-bench"));
+    let k = me.with_file_name("kiln");
+    let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (mtime(&k), mtime(&me)) {
+        (Some(kt), Some(mt)) if kt >= mt => k,
+        _ => panic!(
+            "{} is missing or older than kiln-bench: run `cargo build -p kiln` first (or `cargo test --workspace`)",
+            k.display()
+        ),
     }
-    k
 }
 
 #[test]
