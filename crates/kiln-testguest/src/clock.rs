@@ -195,8 +195,13 @@ pub fn measure(idx: usize, ticks: u64) -> Option<(u64, u64, PitMethod)> {
             io::outb(0x43, 0b1011_0000); // channel 2, lo/hi byte, mode 0, binary
             io::outb(0x42, PERIOD as u8);
             io::outb(0x42, (PERIOD >> 8) as u8);
-            io::outb(0x61, gate | 0x01); // gate high: count
+            // Read the clock *before* raising the gate: a vCPU descheduled around the gate
+            // write then only lengthens the window (as a late end does), so the shortest
+            // window is the best estimate. Reading it after let a delayed start shorten a
+            // window, and the minimum picked exactly that outlier on a busy host. The gate
+            // write's own exit (~10 µs here) biases the rate by ~200 ppm, well inside 1%.
             let start = now(idx);
+            io::outb(0x61, gate | 0x01); // gate high: count
             let mut polls = 0u64;
             while io::inb(0x61) & 0x20 == 0 {
                 polls += 1;
