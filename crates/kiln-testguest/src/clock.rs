@@ -98,32 +98,8 @@ pub fn flags(idx: usize) -> u8 {
     unsafe { core::ptr::addr_of!((*area(idx)).flags).read_volatile() }
 }
 
-/// The TSC-to-ns scale of area `idx` (version-checked read): convert TSC deltas with
-/// [`kiln_testguest::pvclock::ns_at`] and a zero `tsc_timestamp`/`system_time`.
-pub fn scale(idx: usize) -> TimeInfo {
-    let p = area(idx);
-    loop {
-        // SAFETY: as in `now`.
-        unsafe {
-            let v1 = core::ptr::addr_of!((*p).version).read_volatile();
-            if v1 & 1 != 0 {
-                continue;
-            }
-            let t = TimeInfo {
-                tsc_timestamp: 0,
-                system_time: 0,
-                tsc_to_system_mul: core::ptr::addr_of!((*p).tsc_to_system_mul).read_volatile(),
-                tsc_shift: core::ptr::addr_of!((*p).tsc_shift).read_volatile(),
-            };
-            if core::ptr::addr_of!((*p).version).read_volatile() == v1 {
-                return t;
-            }
-        }
-    }
-}
-
-/// Current kvmclock time in ns from area `idx` (version-checked read).
-pub fn now(idx: usize) -> u64 {
+/// A consistent copy of area `idx` and a TSC reading taken inside the same version window.
+fn snapshot(idx: usize) -> (TimeInfo, u64) {
     let p = area(idx);
     loop {
         // SAFETY: `p` points at the static the hypervisor updates; volatile reads of its
@@ -141,10 +117,27 @@ pub fn now(idx: usize) -> u64 {
             };
             let tsc = rdtsc();
             if core::ptr::addr_of!((*p).version).read_volatile() == v1 {
-                return ns_at(&t, tsc);
+                return (t, tsc);
             }
         }
     }
+}
+
+/// The TSC-to-ns scale of area `idx`: convert TSC deltas with
+/// [`kiln_testguest::pvclock::ns_at`] (its `tsc_timestamp` and `system_time` are zero).
+pub fn scale(idx: usize) -> TimeInfo {
+    let (t, _) = snapshot(idx);
+    TimeInfo {
+        tsc_timestamp: 0,
+        system_time: 0,
+        ..t
+    }
+}
+
+/// Current kvmclock time in ns from area `idx` (version-checked read).
+pub fn now(idx: usize) -> u64 {
+    let (t, tsc) = snapshot(idx);
+    ns_at(&t, tsc)
 }
 
 /// Which PIT channel [`measure`] used.

@@ -567,74 +567,64 @@ impl Backend {
 
     /// Disk → guest: `pread` straight into guest memory, no bounce copy (parse_request
     /// checked every segment is device-writable guest RAM).
-    fn read<M: GuestMemory>(&mut self, mem: &M, mut off: u64) -> std::result::Result<(), u8> {
+    fn read<M: GuestMemory>(&mut self, mem: &M, off: u64) -> std::result::Result<(), u8> {
+        self.transfer(mem, off, Direction::ToGuest)
+    }
+
+    /// Guest → disk: `pwrite` straight from guest memory.
+    fn write<M: GuestMemory>(&mut self, mem: &M, off: u64) -> std::result::Result<(), u8> {
+        self.transfer(mem, off, Direction::FromGuest)
+    }
+
+    /// Moves the request's data segments between the image at `off` and guest memory, one
+    /// `pread`/`pwrite` per host-contiguous piece.
+    fn transfer<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        mut off: u64,
+        dir: Direction,
+    ) -> std::result::Result<(), u8> {
+        let perm = match dir {
+            Direction::ToGuest => Permissions::Write,
+            Direction::FromGuest => Permissions::Read,
+        };
+        let fd = self.file.as_raw_fd();
         for s in &self.segs {
             let slices = mem
-                .get_slices(s.addr, s.len as usize, Permissions::Write)
+                .get_slices(s.addr, s.len as usize, perm)
                 .map_err(|_| status::IOERR)?;
             for vs in slices {
                 let vs = vs.map_err(|_| status::IOERR)?;
                 let mut done = 0usize;
                 while done < vs.len() {
                     let guard = vs.ptr_guard_mut();
-                    // SAFETY: `guard` points at `vs.len()` bytes of mapped guest memory that
-                    // stay mapped while `mem` lives; the kernel writes at most the remaining
-                    // length into it. The guest may touch the buffer meanwhile, which is the
-                    // same as any DMA and can't affect the VMM's memory.
+                    let (ptr, len) = (guard.as_ptr(), vs.len() - done);
+                    let pos = off as libc::off_t;
+                    // SAFETY: `ptr` points at `vs.len()` bytes of mapped guest memory that stay
+                    // mapped while `mem` lives; the kernel reads or writes at most the
+                    // remaining `len` bytes from `done`. The guest may touch the buffer
+                    // meanwhile, which is the same as any DMA and can't affect the VMM's own
+                    // memory.
                     let n = unsafe {
-                        libc::pread(
-                            self.file.as_raw_fd(),
-                            guard.as_ptr().add(done).cast(),
-                            vs.len() - done,
-                            off as libc::off_t,
-                        )
+                        match dir {
+                            Direction::ToGuest => libc::pread(fd, ptr.add(done).cast(), len, pos),
+                            Direction::FromGuest => {
+                                libc::pwrite(fd, ptr.add(done).cast(), len, pos)
+                            }
+                        }
                     };
                     match n {
                         n if n > 0 => {
-                            vs.bitmap().mark_dirty(done, n as usize);
+                            if dir == Direction::ToGuest {
+                                vs.bitmap().mark_dirty(done, n as usize);
+                            }
                             done += n as usize;
                             off += n as u64;
                         }
-                        0 => return Err(status::IOERR), // short read: past the end
+                        // A short read means the end of the image (range-checked before).
+                        0 => return Err(status::IOERR),
                         _ if std::io::Error::last_os_error().kind()
                             == std::io::ErrorKind::Interrupted => {}
-                        _ => return Err(status::IOERR),
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Guest → disk: `pwrite` straight from guest memory.
-    fn write<M: GuestMemory>(&mut self, mem: &M, mut off: u64) -> std::result::Result<(), u8> {
-        for s in &self.segs {
-            let slices = mem
-                .get_slices(s.addr, s.len as usize, Permissions::Read)
-                .map_err(|_| status::IOERR)?;
-            for vs in slices {
-                let vs = vs.map_err(|_| status::IOERR)?;
-                let mut done = 0usize;
-                while done < vs.len() {
-                    let guard = vs.ptr_guard();
-                    // SAFETY: `guard` points at `vs.len()` bytes of mapped guest memory; the
-                    // kernel only reads the remaining length from it.
-                    let n = unsafe {
-                        libc::pwrite(
-                            self.file.as_raw_fd(),
-                            guard.as_ptr().add(done).cast(),
-                            vs.len() - done,
-                            off as libc::off_t,
-                        )
-                    };
-                    match n {
-                        n if n > 0 => {
-                            done += n as usize;
-                            off += n as u64;
-                        }
-                        _ if n < 0
-                            && std::io::Error::last_os_error().kind()
-                                == std::io::ErrorKind::Interrupted => {}
                         _ => return Err(status::IOERR),
                     }
                 }
@@ -739,6 +729,15 @@ impl Backend {
         }
         Ok(())
     }
+}
+
+/// Which way [`Backend::transfer`] moves data.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Image → guest (read request).
+    ToGuest,
+    /// Guest → image (write request).
+    FromGuest,
 }
 
 const PUNCH_HOLE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
