@@ -68,29 +68,7 @@ pub fn testguest(args: &[String]) -> Result<(), String> {
 /// virtio-mmio devices in their virtio 1.x (version 2) form: QEMU's default is the legacy
 /// interface, which the conformance guest (like kiln) doesn't speak.
 pub fn qemu_microvm(memory: &str) -> Command {
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm",
-        "-enable-kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-m",
-        memory,
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-monitor",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x04",
-        "-global",
-        "virtio-mmio.force-legacy=false",
-    ]);
-    cmd
+    kiln_testguest_builder::qemu_microvm(std::path::Path::new("qemu-system-x86_64"), memory)
 }
 
 /// GET_ID string of the QEMU cases' disk (its `serial`).

@@ -205,29 +205,12 @@ impl Other {
         let mut cleanup = vec![elf.clone()];
         match self.kind {
             OtherKind::Qemu => {
-                c.args([
-                    "-M",
-                    "microvm",
-                    "-enable-kvm",
-                    "-cpu",
-                    "host,-arch-capabilities",
-                    "-smp",
-                    "2",
-                    "-m",
-                    "256M",
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-nographic",
-                    "-monitor",
-                    "none",
-                    "-serial",
-                    "stdio",
-                    "-no-reboot",
-                ])
-                .arg("-kernel")
-                .arg(&elf)
-                .arg("-append")
-                .arg(&cmdline);
+                c = kiln_testguest_builder::qemu_microvm(&self.path, "256M");
+                c.args(["-smp", "2"])
+                    .arg("-kernel")
+                    .arg(&elf)
+                    .arg("-append")
+                    .arg(&cmdline);
             }
             OtherKind::Firecracker => {
                 let cfg = serde_json::json!({

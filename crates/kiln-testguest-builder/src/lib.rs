@@ -267,3 +267,34 @@ pub fn build(workspace_root: &Path, out_dir: &Path) -> Result<GuestImages, Build
         sources: guest_sources(&root)?,
     })
 }
+
+/// A QEMU microvm command line that runs the conformance guest the way Kiln's tools compare
+/// against it: KVM, `-cpu host,-arch-capabilities` (this project's nested KVM needs it), COM1
+/// on stdio, no reboot, `isa-debug-exit` at 0xf4 (the guest's power-off ends QEMU with
+/// status 1), and virtio-mmio devices in their virtio 1.x form (QEMU's default is legacy,
+/// which the guest doesn't drive). Add `-kernel`, `-append`, `-smp` and devices.
+pub fn qemu_microvm(qemu: &Path, memory: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(qemu);
+    cmd.args([
+        "-M",
+        "microvm",
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-m",
+        memory,
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-monitor",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-global",
+        "virtio-mmio.force-legacy=false",
+    ]);
+    cmd
+}
