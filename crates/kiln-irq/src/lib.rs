@@ -18,6 +18,9 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+pub mod state;
+pub use state::IrqChipState;
+
 /// Number of IOAPIC input pins KVM's in-kernel IOAPIC has; GSIs below this are legacy lines.
 pub const IOAPIC_PINS: u32 = 24;
 
@@ -69,6 +72,44 @@ pub enum Error {
     /// The GSI space is exhausted.
     #[error("no free GSI left (limit {0})")]
     GsiExhausted(u32),
+    /// `KVM_GET_IRQCHIP` failed.
+    #[error("reading interrupt controller chip {chip_id} (KVM_GET_IRQCHIP): {source}")]
+    GetIrqChip {
+        /// The chip (`KVM_IRQCHIP_PIC_MASTER`, `KVM_IRQCHIP_PIC_SLAVE` or `KVM_IRQCHIP_IOAPIC`).
+        chip_id: u32,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_SET_IRQCHIP` failed.
+    #[error("writing interrupt controller chip {chip_id} (KVM_SET_IRQCHIP): {source}")]
+    SetIrqChip {
+        /// The chip (`KVM_IRQCHIP_PIC_MASTER`, `KVM_IRQCHIP_PIC_SLAVE` or `KVM_IRQCHIP_IOAPIC`).
+        chip_id: u32,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A saved chip carries another chip's id (the state is corrupt or its chips are swapped).
+    #[error("saved interrupt controller state has chip id {found} where chip {expected} belongs")]
+    WrongChipId {
+        /// The chip id the slot must hold.
+        expected: u32,
+        /// The chip id the state holds.
+        found: u32,
+    },
+    /// `KVM_GET_PIT2` failed.
+    #[error("reading the PIT state (KVM_GET_PIT2): {0}")]
+    GetPit(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_PIT2` failed.
+    #[error("writing the PIT state (KVM_SET_PIT2): {0}")]
+    SetPit(#[source] kvm_ioctls::Error),
+    /// `KVM_GET_CLOCK` failed.
+    #[error("reading the KVM clock (KVM_GET_CLOCK): {0}")]
+    GetClock(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_CLOCK` failed.
+    #[error("setting the KVM clock (KVM_SET_CLOCK): {0}")]
+    SetClock(#[source] kvm_ioctls::Error),
 }
 
 /// Result type of this crate.
