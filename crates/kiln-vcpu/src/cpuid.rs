@@ -10,7 +10,7 @@ use crate::{Error, Result};
 
 /// Leaf 1 ECX bit 31: running under a hypervisor.
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-/// Leaf 1 EDX bit 28: EBX[23:16] (logical processor count) is valid.
+/// Leaf 1 EDX bit 28: EBX\[23:16\] (logical processor count) is valid.
 pub const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// The KVM signature leaf.
 pub const KVM_SIGNATURE_LEAF: u32 = 0x4000_0000;
