@@ -6,6 +6,7 @@ pub mod cpuid;
 pub mod exit;
 pub mod regs;
 pub mod runner;
+pub mod state;
 
 pub use bus_handler::{BusExitHandler, MsrReadFn, StopCallback};
 pub use exit::{handle_exit, ExitAction, ExitHandler, StopKind, StopReason};
@@ -13,6 +14,7 @@ pub use regs::{BootMode, BootRegs, Segment};
 pub use runner::{
     set_exit_timing, stop_current_vcpu, vcpu_user_ns, ThreadInit, Vcpu, VcpuHandle, VcpuState,
 };
+pub use state::VcpuSnapshot;
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
@@ -39,6 +41,18 @@ pub enum Error {
     /// KVM refused to set an MSR.
     #[error("KVM refused to set MSR {0:#x}")]
     MsrRejected(u32),
+    /// The host's XSAVE state doesn't fit the 4 KiB `KVM_GET_XSAVE`/`KVM_SET_XSAVE` region
+    /// (or a snapshot's region has the wrong size).
+    #[error("XSAVE state of {0} bytes doesn't fit KVM_GET_XSAVE's 4096-byte region")]
+    XsaveTooLarge(i32),
+    /// A vCPU snapshot of another format version.
+    #[error("vCPU snapshot version {found}, this build reads version {expected}")]
+    SnapshotVersion {
+        /// The snapshot's version.
+        found: u32,
+        /// The version this build reads.
+        expected: u32,
+    },
     /// Installing the kick signal handler failed.
     #[error("installing the vCPU kick signal handler: errno {0}")]
     SignalHandler(i32),
