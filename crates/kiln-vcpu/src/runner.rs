@@ -146,16 +146,18 @@ pub fn vcpu_user_ns() -> u64 {
     USER_NS.with(Cell::get)
 }
 
-/// One vCPU, configured and ready to run.
-pub struct Vcpu {
+/// One vCPU, configured and ready to run. `H` is its exit handler: a concrete type (e.g.
+/// [`crate::BusExitHandler`]) makes the exit path static calls that inline; the default,
+/// `dyn ExitHandler`, takes any handler.
+pub struct Vcpu<H: ExitHandler + ?Sized = dyn ExitHandler> {
     fd: VcpuFd,
     index: u32,
-    handler: Arc<dyn ExitHandler>,
+    handler: Arc<H>,
 }
 
-impl Vcpu {
+impl<H: ExitHandler + ?Sized + 'static> Vcpu<H> {
     /// Wraps a configured `VcpuFd` (index = APIC ID) with the exit handler it will use.
-    pub fn new(fd: VcpuFd, index: u32, handler: Arc<dyn ExitHandler>) -> Self {
+    pub fn new(fd: VcpuFd, index: u32, handler: Arc<H>) -> Self {
         Vcpu { fd, index, handler }
     }
 
