@@ -10,7 +10,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::Stdio;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -90,14 +89,7 @@ fn field(line: &str, key: &str) -> Option<u64> {
 fn run_held(args: &[&str]) -> Held {
     let cmdline = "console=ttyS0 kiln.test=memory-stress,balloon kiln.stress.hold=1 \
                    kiln.balloon.hold=1";
-    let mut child = kiln()
-        .args(args)
-        .args(["--cmdline", cmdline])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kiln");
+    let mut child = common::spawn_piped(args, cmdline);
     let pid = child.id();
     let mut stdin = child.stdin.take().expect("stdin");
     let stdout = child.stdout.take().expect("stdout");

@@ -78,6 +78,19 @@ pub fn kiln() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
 }
 
+/// Starts kiln with `args` and `--cmdline cmdline`, stdin, stdout and stderr piped, for tests
+/// that talk to the guest or watch the process while it runs.
+pub fn spawn_piped(args: &[&str], cmdline: &str) -> std::process::Child {
+    kiln()
+        .args(args)
+        .args(["--cmdline", cmdline])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln")
+}
+
 /// Runs `cmd` with stdin from `input`, killing it after `limit`.
 pub fn run_with(mut cmd: Command, input: Option<&[u8]>, limit: Duration) -> Run {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());

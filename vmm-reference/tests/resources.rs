@@ -16,7 +16,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command};
 use std::time::{Duration, Instant};
 
 use common::{kiln, run, run_with, scratch, skip_kvm, Run};
@@ -103,14 +103,7 @@ impl StoppedVm {
     /// Starts kiln with `args` and `cmdline` (which must select the `serial` scenario),
     /// waits for the guest's ready line and for `settled(pid)`, then stops it.
     fn start(args: &[&str], cmdline: &str, settled: impl Fn(u32) -> bool) -> StoppedVm {
-        let mut child = kiln()
-            .args(args)
-            .args(["--cmdline", cmdline])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn kiln");
+        let mut child = common::spawn_piped(args, cmdline);
         let pid = child.id();
         let stdin = child.stdin.take().expect("stdin");
         let stdout = child.stdout.take().expect("stdout");
