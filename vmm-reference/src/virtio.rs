@@ -150,6 +150,7 @@ type Transport<D> = MmioTransport<GuestMemoryMmap, D>;
 trait VirtioMmio: kiln_virtio::QueueHandler + kiln_bus::MmioDevice {
     fn queue_count(&self) -> usize;
     fn set_activate_hook(&self, hook: kiln_virtio::mmio::ActivateHook);
+    fn backend_fds(&self) -> Vec<(u32, std::os::fd::RawFd)>;
 }
 
 impl<D: kiln_virtio::VirtioDevice<GuestMemoryMmap>> VirtioMmio for Transport<D> {
@@ -158,6 +159,9 @@ impl<D: kiln_virtio::VirtioDevice<GuestMemoryMmap>> VirtioMmio for Transport<D> 
     }
     fn set_activate_hook(&self, hook: kiln_virtio::mmio::ActivateHook) {
         MmioTransport::set_activate_hook(self, hook);
+    }
+    fn backend_fds(&self) -> Vec<(u32, std::os::fd::RawFd)> {
+        MmioTransport::backend_fds(self)
     }
 }
 
@@ -274,6 +278,17 @@ pub fn build(
             event_loop
                 .add(handler.clone(), q, evt, format!("{name} queue {q}"))
                 .map_err(os("adding a queue to the device event loop"))?;
+        }
+        // Tap, vsock backend...: the device owns the fds and lives as long as the loop.
+        for (token, fd) in dev.backend_fds() {
+            event_loop
+                .add_backend(
+                    handler.clone(),
+                    token,
+                    fd,
+                    format!("{name} backend {token}"),
+                )
+                .map_err(os("adding a device backend to the event loop"))?;
         }
         // Look at every queue once the device is live: a driver may have made buffers
         // available (and notified, into the void) before DRIVER_OK.

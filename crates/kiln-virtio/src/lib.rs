@@ -185,6 +185,27 @@ pub trait VirtioDevice<M: GuestMemory>: Send {
     /// Processes the available requests of queue `index` (a notification arrived, or a retry
     /// timer fired).
     fn process_queue(&mut self, index: usize) -> Result<QueueOutcome>;
+
+    /// Host-side event sources of the device (a tap, the epoll fd of a vsock backend), each
+    /// with a token of the device's choosing. Called once, when the VMM wires the device to
+    /// its event loop; the fds must stay open for as long as the device exists.
+    ///
+    /// They are polled **edge-triggered** for input: when one fires,
+    /// [`process_backend`](Self::process_backend) runs with its token and must take in what it
+    /// can (until `EAGAIN`, or until the guest has no buffer left). Input it had to leave
+    /// behind for lack of guest buffers gets no new wake-up: the device picks it up again in
+    /// [`process_queue`](Self::process_queue) when the driver makes buffers available. That
+    /// is the back-pressure: no busy loop, no queue in the VMM.
+    fn backend_fds(&self) -> Vec<(u32, std::os::fd::RawFd)> {
+        Vec::new()
+    }
+
+    /// Handles readiness of the backend source `token` (see [`backend_fds`](Self::backend_fds)).
+    /// The outcomes mean what they mean for [`process_queue`](Self::process_queue).
+    fn process_backend(&mut self, token: u32) -> Result<QueueOutcome> {
+        let _ = token;
+        Ok(QueueOutcome::Done)
+    }
 }
 
 /// Checks a queue size given at device construction.

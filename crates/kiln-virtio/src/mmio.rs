@@ -381,6 +381,28 @@ where
         r
     }
 
+    /// The device's backend event sources (see [`VirtioDevice::backend_fds`]).
+    pub fn backend_fds(&self) -> Vec<(u32, std::os::fd::RawFd)> {
+        lock(&self.slot).dev.backend_fds()
+    }
+
+    /// Handles readiness of backend source `token`: like [`notify_queue`](Self::notify_queue),
+    /// ignored (`Done`) unless the device is active; a device error sets
+    /// `DEVICE_NEEDS_RESET`.
+    pub fn notify_backend(&self, token: u32) -> Result<QueueOutcome> {
+        let mut slot = lock(&self.slot);
+        if !slot.active || self.needs_reset.load(Ordering::Acquire) {
+            return Ok(QueueOutcome::Done);
+        }
+        let r = slot.dev.process_backend(token);
+        drop(slot);
+        if let Err(e) = &r {
+            DEVICE_ERROR.warn(format_args!("virtio-mmio: device needs reset: {e}"));
+            self.set_needs_reset();
+        }
+        r
+    }
+
     fn set_needs_reset(&self) {
         self.needs_reset.store(true, Ordering::Release);
         // The spec asks for a configuration change notification; if even that fails there is
