@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod control;
 pub mod guest;
 pub mod virtio;
 pub mod vm;

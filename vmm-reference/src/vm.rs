@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,7 @@ use crate::config::{
     CpuAffinityArg, DiskArg, MemoryArg, RngArg, SeccompSelftest, SerialArg, VcpuPriorityArg,
     BUNDLED_GUEST_CMDLINE,
 };
+use crate::control::{ControlReceiver, VmRequest, VmResponse};
 use crate::virtio::VirtioSlot;
 use kiln_seccomp::ThreadKind;
 
@@ -559,14 +560,25 @@ fn signal_fd() -> Result<OwnedFd, VmmError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Waits until `wake` or `signals` is readable; returns the signal number if one arrived.
-/// Waits until `wake` or `signals` is readable or `timeout` passes (`None`: forever);
-/// returns the signal number if one arrived.
+/// What woke the main thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// A signal (SIGINT, SIGTERM).
+    Signal(i32),
+    /// A control request waits.
+    Control,
+    /// A guest event (power request, vCPU stop) or the timeout.
+    Other,
+}
+
+/// Waits until `wake`, `signals` or `control` is readable or `timeout` passes (`None`:
+/// forever); says which (a signal first, then a control request).
 fn wait_for_event(
     wake: &EventFd,
     signals: &OwnedFd,
+    control: Option<RawFd>,
     timeout: Option<Duration>,
-) -> Result<Option<i32>, VmmError> {
+) -> Result<Wake, VmmError> {
     let mut fds = [
         libc::pollfd {
             fd: wake.as_raw_fd(),
@@ -578,11 +590,17 @@ fn wait_for_event(
             events: libc::POLLIN,
             revents: 0,
         },
+        libc::pollfd {
+            // A negative fd is ignored by poll.
+            fd: control.unwrap_or(-1),
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     loop {
         let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        // SAFETY: `fds` is a valid array of three pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 3, ms) };
         if rc < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -608,11 +626,16 @@ fn wait_for_event(
             )
         };
         if n == len as isize {
-            return Ok(Some(info.ssi_signo as i32));
+            return Ok(Wake::Signal(info.ssi_signo as i32));
         }
     }
-    let _ = wake.read();
-    Ok(None)
+    if fds[0].revents & libc::POLLIN != 0 {
+        let _ = wake.read();
+    }
+    if fds[2].revents & libc::POLLIN != 0 {
+        return Ok(Wake::Control);
+    }
+    Ok(Wake::Other)
 }
 
 /// Unbuffered stdout: a guest's prompt without a newline must show at once, and nothing may
@@ -688,6 +711,7 @@ struct Devices {
     pio: PioBus,
     mmio: MmioBus,
     serial: Arc<legacy::SerialDevice>,
+    i8042: Arc<legacy::I8042Device>,
     /// The ACPI GED's interrupt: raising it is a power-button press.
     power_button: kiln_irq::IrqfdLine,
 }
@@ -710,7 +734,7 @@ fn build_devices(
     let power: Arc<dyn legacy::PowerEvents> = events.clone();
     let i8042 = Arc::new(legacy::I8042Device::new(power.clone()));
     pio.insert(PioAddress(legacy::I8042_DATA_PORT), 1, i8042.clone())?;
-    pio.insert(PioAddress(legacy::I8042_COMMAND_PORT), 1, i8042)?;
+    pio.insert(PioAddress(legacy::I8042_COMMAND_PORT), 1, i8042.clone())?;
     pio.insert(
         PioAddress(legacy::POST_PORT),
         1,
@@ -743,6 +767,7 @@ fn build_devices(
         pio,
         mmio,
         serial,
+        i8042,
         power_button,
     })
 }
@@ -922,210 +947,411 @@ pub fn boot_regs(entry: &kiln_boot::BootEntry) -> BootRegs {
 
 /// Builds the VM described by `spec`, runs it to the end and says how it ended.
 pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
+    run_with(spec, None)
+}
+
+/// Like [`run`], and also executes the requests that arrive on `control` (pause, resume,
+/// snapshot, ...) while the VM runs.
+pub fn run_with(spec: VmSpec, control: Option<ControlReceiver>) -> Result<Outcome, VmmError> {
+    // Before any thread exists, so every thread inherits the blocked signals.
     let signals = signal_fd()?;
-    if spec.seccomp.is_some() {
-        kiln_seccomp::install_sigsys_handler()?;
+    let mut vm = Vm::boot(spec)?;
+    let outcome = vm.wait(&signals, control.as_ref());
+    if let Some(c) = &control {
+        c.refuse_all("the VM has ended");
     }
-    let inputs = open_inputs(&spec)?;
-    let memory_err = |source| VmmError::Memory {
-        value: spec.memory_arg.clone(),
-        source,
-    };
-    // Host limits (RAM, hugepage pool, THP switch, NUMA node), before anything is built.
-    let mem_cfg = &spec.memory_options.config;
-    let mem_policy = &spec.memory_options.policy;
-    mem_cfg.validate().map_err(memory_err)?;
-    mem_policy.validate(&mem_cfg.backing).map_err(memory_err)?;
-    let kvm_path = std::env::var("KILN_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".to_string());
-    let kvm_err = |source| VmmError::Kvm {
-        path: kvm_path.clone(),
-        source,
-    };
-    let kvm_cpath = std::ffi::CString::new(kvm_path.clone()).map_err(|_| VmmError::Os {
-        what: "KILN_KVM_DEVICE contains a NUL byte",
-        source: io::ErrorKind::InvalidInput.into(),
-    })?;
-    let kvm = Kvm::new_with_path(&kvm_cpath).map_err(kvm_err)?;
-    let max_cpus = u32::try_from(kvm.get_max_vcpus())
-        .unwrap_or(u32::MAX)
-        .min(kiln_vcpu::cpuid::MAX_VCPUS);
-    if spec.cpus == 0 || spec.cpus > max_cpus {
-        return Err(VmmError::Cpus {
-            requested: spec.cpus,
-            max: max_cpus,
-        });
-    }
-    let vm = kvm.create_vm().map_err(kvm_err)?;
-    vm_setup("KVM_SET_TSS_ADDR", vm.set_tss_address(KVM_TSS_ADDRESS))?;
-    let chip = IrqChip::create(&vm)?;
-    let mem = kiln_memory::create_guest_memory_with(mem_cfg, mem_policy).map_err(memory_err)?;
-    // Registering the memory with KVM costs milliseconds on some hosts (kvm-pvm: ~5 ms) and
-    // needs nothing from the kernel load, which only writes the host mapping: overlap them.
-    // The vCPUs start only after both are done.
-    let (registered, entry) = std::thread::scope(|s| {
-        let reg = s.spawn(|| {
-            // SAFETY: `mem` outlives every vCPU run: the vCPU threads are joined before it
-            // drops.
-            unsafe { kiln_memory::register_memory(&vm, &mem) }
-        });
-        let entry = load_kernel(
-            &spec,
-            &mem,
-            inputs.kernel,
-            &inputs.kernel_flag,
-            inputs.initrd,
-        );
-        (reg.join(), entry)
-    });
-    match registered {
-        Ok(r) => r.map_err(memory_err)?,
-        Err(_) => {
-            return Err(VmmError::Os {
-                what: "registering guest memory (thread panicked)",
-                source: io::ErrorKind::Other.into(),
-            })
-        }
-    }
-    let entry = entry?;
+    vm.shutdown();
+    outcome
+}
 
-    let events = Arc::new(VmEvents {
-        power: AtomicU8::new(EVENT_NONE),
-        wake: EventFd::new(EFD_NONBLOCK).map_err(|source| VmmError::Os {
-            what: "eventfd",
-            source,
-        })?,
-    });
-    let mut devices = build_devices(&vm, &chip, inputs.serial_out, &events)?;
-    let virtio = crate::virtio::build(
-        &vm,
-        &chip,
-        &mem,
-        &spec.virtio,
-        &spec.disks,
-        inputs.disks,
-        &spec.rng,
-        spec.balloon.as_ref(),
-        &mut devices.mmio,
-        thread_init(&spec, ThreadKind::Device),
-    )?;
-    let bench = crate::bench::attach(
-        &vm,
-        &chip,
-        &mem,
-        &mut devices.pio,
-        spec.exit_bench,
-        thread_init(&spec, ThreadKind::Bench),
-    )?;
-    // Unknown MSRs come to user space, where only the bench MSR has an answer (#GP otherwise,
-    // as before); hosts without the capability just don't run the `msr-user` benchmark.
-    kiln_vcpu::enable_user_msr_exits(&vm)?;
-    if spec.serial == SerialArg::Stdio {
-        spawn_stdin_reader(
-            devices.serial.clone(),
-            thread_init(&spec, ThreadKind::Stdin),
-        )?;
-    }
-
-    let stops: Arc<Mutex<Vec<(u32, StopReason)>>> = Arc::default();
-    let handler = {
-        let events = events.clone();
-        let stops = stops.clone();
-        Arc::new(
-            BusExitHandler::new(
-                Arc::new(devices.pio),
-                Arc::new(devices.mmio),
-                Some(Box::new(move |cpu, reason: &StopReason| {
-                    if *reason != StopReason::Requested {
-                        if let Ok(mut s) = stops.lock() {
-                            s.push((cpu, reason.clone()));
-                        }
-                        events.wake_main();
-                    }
-                })),
-            )
-            .with_msr_read(crate::bench::msr_reader(bench.device.clone())),
-        )
-    };
-
-    let supported = kiln_vcpu::supported_cpuid(&kvm)?;
-    let mut vcpus = Vec::with_capacity(spec.cpus as usize);
-    for index in 0..spec.cpus {
-        let fd = kiln_vcpu::create_vcpu(&vm, &supported, index, spec.cpus)?;
-        if index == 0 {
-            kiln_vcpu::regs::setup_boot_regs(&fd, &boot_regs(&entry))?;
-        }
-        vcpus.push(Vcpu::new(fd, index, handler.clone()));
-    }
-    let handles: Vec<VcpuHandle> = vcpus
-        .into_iter()
-        .zip(0..)
-        .map(|(v, index)| v.start_with(false, vcpu_thread_init(&spec, index)))
-        .collect::<Result<_, _>>()?;
-    // Every thread exists now; from here on the main thread only waits, kicks and tears
-    // down.
-    if let Err(e) = thread_init(&spec, ThreadKind::Vmm)() {
-        for h in &handles {
-            h.stop();
-        }
-        return Err(VmmError::Os {
-            what: "main thread set-up",
-            source: io::Error::other(e),
-        });
-    }
-
-    // SIGTERM first asks the guest to power off (ACPI power button through the GED) and
-    // gives it `shutdown_timeout`; SIGINT, a second SIGTERM or the deadline stop it hard.
-    let mut graceful_deadline: Option<std::time::Instant> = None;
-    let outcome = loop {
-        let timeout =
-            graceful_deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
-        let signal = wait_for_event(&events.wake, &signals, timeout)?;
-        match (signal, graceful_deadline) {
-            (Some(libc::SIGTERM), None) if !spec.shutdown_timeout.is_zero() => {
-                if let Err(e) = devices.power_button.trigger() {
-                    eprintln!("kiln: power button event failed ({e}); stopping now");
-                    break Outcome::Signal(libc::SIGTERM);
-                }
-                graceful_deadline = Some(std::time::Instant::now() + spec.shutdown_timeout);
-                continue;
-            }
-            (Some(sig), _) => break Outcome::Signal(sig),
-            (None, Some(d)) if std::time::Instant::now() >= d => {
-                eprintln!(
-                    "kiln: guest did not power off within {:?} of SIGTERM; stopping it",
-                    spec.shutdown_timeout
-                );
-                break Outcome::Signal(libc::SIGTERM);
-            }
-            _ => {}
-        }
-        match events.power.load(Ordering::Acquire) {
-            EVENT_POWER_OFF => break Outcome::PowerOff,
-            EVENT_RESET => break Outcome::Reset,
-            _ => {}
-        }
-        let first_stop = stops.lock().ok().and_then(|s| s.first().cloned());
-        if let Some((cpu, reason)) = first_stop {
-            break match reason {
-                StopReason::PowerOff => Outcome::PowerOff,
-                StopReason::Reset => Outcome::Reset,
-                other => Outcome::Crashed(format!("vCPU {cpu}: {}", describe(&other))),
-            };
-        }
-    };
+/// Stops every vCPU thread still running and waits for them, so no thread outlives the
+/// memory it runs on (used on the error paths of [`Vm::boot`]).
+fn stop_all(handles: Vec<VcpuHandle>) {
     for h in &handles {
         h.stop();
     }
     for h in handles {
         h.join();
     }
-    if let Some(l) = virtio.event_loop {
-        l.stop();
+}
+
+/// A running VM: everything [`Vm::boot`] built, held until [`Vm::shutdown`].
+pub struct Vm {
+    spec: VmSpec,
+    // Field order is drop order: vCPU threads and device threads are stopped explicitly in
+    // `shutdown`, before the VM fd and the memory go.
+    vcpus: Vec<VcpuHandle>,
+    virtio: crate::virtio::VirtioDevices,
+    bench: crate::bench::Bench,
+    events: Arc<VmEvents>,
+    stops: Arc<Mutex<Vec<(u32, StopReason)>>>,
+    serial: Arc<legacy::SerialDevice>,
+    i8042: Arc<legacy::I8042Device>,
+    power_button: kiln_irq::IrqfdLine,
+    paused: bool,
+    chip: IrqChip,
+    fd: VmFd,
+    kvm: Kvm,
+    mem: GuestMemoryMmap,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("cpus", &self.vcpus.len())
+            .field("paused", &self.paused)
+            .finish()
     }
-    bench.stop();
-    drop(vm);
-    drop(mem);
-    Ok(outcome)
+}
+
+/// How long a pause waits for each vCPU to leave the guest.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Vm {
+    /// Builds the VM described by `spec`, loads its kernel and starts its vCPUs. Call
+    /// [`signal_fd`] (through [`run_with`]) first so no thread takes SIGINT/SIGTERM.
+    pub fn boot(spec: VmSpec) -> Result<Vm, VmmError> {
+        if spec.seccomp.is_some() {
+            kiln_seccomp::install_sigsys_handler()?;
+        }
+        let inputs = open_inputs(&spec)?;
+        let memory_err = |source| VmmError::Memory {
+            value: spec.memory_arg.clone(),
+            source,
+        };
+        // Host limits (RAM, hugepage pool, THP switch, NUMA node), before anything is built.
+        let mem_cfg = &spec.memory_options.config;
+        let mem_policy = &spec.memory_options.policy;
+        mem_cfg.validate().map_err(memory_err)?;
+        mem_policy.validate(&mem_cfg.backing).map_err(memory_err)?;
+        let kvm_path = std::env::var("KILN_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".to_string());
+        let kvm_err = |source| VmmError::Kvm {
+            path: kvm_path.clone(),
+            source,
+        };
+        let kvm_cpath = std::ffi::CString::new(kvm_path.clone()).map_err(|_| VmmError::Os {
+            what: "KILN_KVM_DEVICE contains a NUL byte",
+            source: io::ErrorKind::InvalidInput.into(),
+        })?;
+        let kvm = Kvm::new_with_path(&kvm_cpath).map_err(kvm_err)?;
+        let max_cpus = u32::try_from(kvm.get_max_vcpus())
+            .unwrap_or(u32::MAX)
+            .min(kiln_vcpu::cpuid::MAX_VCPUS);
+        if spec.cpus == 0 || spec.cpus > max_cpus {
+            return Err(VmmError::Cpus {
+                requested: spec.cpus,
+                max: max_cpus,
+            });
+        }
+        let vm = kvm.create_vm().map_err(kvm_err)?;
+        vm_setup("KVM_SET_TSS_ADDR", vm.set_tss_address(KVM_TSS_ADDRESS))?;
+        let chip = IrqChip::create(&vm)?;
+        let mem = kiln_memory::create_guest_memory_with(mem_cfg, mem_policy).map_err(memory_err)?;
+        // Registering the memory with KVM costs milliseconds on some hosts (kvm-pvm: ~5 ms) and
+        // needs nothing from the kernel load, which only writes the host mapping: overlap them.
+        // The vCPUs start only after both are done.
+        let (registered, entry) = std::thread::scope(|s| {
+            let reg = s.spawn(|| {
+                // SAFETY: `mem` outlives every vCPU run: the vCPU threads are joined before it
+                // drops.
+                unsafe { kiln_memory::register_memory(&vm, &mem) }
+            });
+            let entry = load_kernel(
+                &spec,
+                &mem,
+                inputs.kernel,
+                &inputs.kernel_flag,
+                inputs.initrd,
+            );
+            (reg.join(), entry)
+        });
+        match registered {
+            Ok(r) => r.map_err(memory_err)?,
+            Err(_) => {
+                return Err(VmmError::Os {
+                    what: "registering guest memory (thread panicked)",
+                    source: io::ErrorKind::Other.into(),
+                })
+            }
+        }
+        let entry = entry?;
+
+        let events = Arc::new(VmEvents {
+            power: AtomicU8::new(EVENT_NONE),
+            wake: EventFd::new(EFD_NONBLOCK).map_err(|source| VmmError::Os {
+                what: "eventfd",
+                source,
+            })?,
+        });
+        let mut devices = build_devices(&vm, &chip, inputs.serial_out, &events)?;
+        let virtio = crate::virtio::build(
+            &vm,
+            &chip,
+            &mem,
+            &spec.virtio,
+            &spec.disks,
+            inputs.disks,
+            &spec.rng,
+            spec.balloon.as_ref(),
+            &mut devices.mmio,
+            thread_init(&spec, ThreadKind::Device),
+        )?;
+        let bench = crate::bench::attach(
+            &vm,
+            &chip,
+            &mem,
+            &mut devices.pio,
+            spec.exit_bench,
+            thread_init(&spec, ThreadKind::Bench),
+        )?;
+        // Unknown MSRs come to user space, where only the bench MSR has an answer (#GP otherwise,
+        // as before); hosts without the capability just don't run the `msr-user` benchmark.
+        kiln_vcpu::enable_user_msr_exits(&vm)?;
+        if spec.serial == SerialArg::Stdio {
+            spawn_stdin_reader(
+                devices.serial.clone(),
+                thread_init(&spec, ThreadKind::Stdin),
+            )?;
+        }
+
+        let stops: Arc<Mutex<Vec<(u32, StopReason)>>> = Arc::default();
+        let handler = {
+            let events = events.clone();
+            let stops = stops.clone();
+            Arc::new(
+                BusExitHandler::new(
+                    Arc::new(devices.pio),
+                    Arc::new(devices.mmio),
+                    Some(Box::new(move |cpu, reason: &StopReason| {
+                        if *reason != StopReason::Requested {
+                            if let Ok(mut s) = stops.lock() {
+                                s.push((cpu, reason.clone()));
+                            }
+                            events.wake_main();
+                        }
+                    })),
+                )
+                .with_msr_read(crate::bench::msr_reader(bench.device.clone())),
+            )
+        };
+
+        let supported = kiln_vcpu::supported_cpuid(&kvm)?;
+        let mut vcpus = Vec::with_capacity(spec.cpus as usize);
+        for index in 0..spec.cpus {
+            let fd = kiln_vcpu::create_vcpu(&vm, &supported, index, spec.cpus)?;
+            if index == 0 {
+                kiln_vcpu::regs::setup_boot_regs(&fd, &boot_regs(&entry))?;
+            }
+            vcpus.push(Vcpu::new(fd, index, handler.clone()));
+        }
+        let handles: Vec<VcpuHandle> = vcpus
+            .into_iter()
+            .zip(0..)
+            .map(|(v, index)| v.start_with(false, vcpu_thread_init(&spec, index)))
+            .collect::<Result<_, _>>()?;
+        // Every thread exists now; from here on the main thread only waits, kicks and tears
+        // down.
+        if let Err(e) = thread_init(&spec, ThreadKind::Vmm)() {
+            stop_all(handles);
+            return Err(VmmError::Os {
+                what: "main thread set-up",
+                source: io::Error::other(e),
+            });
+        }
+
+        Ok(Vm {
+            spec,
+            vcpus: handles,
+            virtio,
+            bench,
+            events,
+            stops,
+            serial: devices.serial,
+            i8042: devices.i8042,
+            power_button: devices.power_button,
+            paused: false,
+            chip,
+            fd: vm,
+            kvm,
+            mem,
+        })
+    }
+
+    /// Waits for the guest to power off, reset or crash, or for a signal, executing the
+    /// requests that arrive on `control` meanwhile; says how the VM ended. The vCPUs may
+    /// still exist afterwards: call [`shutdown`](Self::shutdown).
+    pub fn wait(
+        &mut self,
+        signals: &OwnedFd,
+        control: Option<&ControlReceiver>,
+    ) -> Result<Outcome, VmmError> {
+        // SIGTERM first asks the guest to power off (ACPI power button through the GED) and
+        // gives it `shutdown_timeout`; SIGINT, a second SIGTERM or the deadline stop it hard.
+        let mut graceful_deadline: Option<std::time::Instant> = None;
+        let control_fd = control.map(ControlReceiver::fd);
+        loop {
+            let timeout =
+                graceful_deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+            let woke = wait_for_event(&self.events.wake, signals, control_fd, timeout)?;
+            match (woke, graceful_deadline) {
+                (Wake::Signal(libc::SIGTERM), None) if !self.spec.shutdown_timeout.is_zero() => {
+                    if let Err(e) = self.power_button.trigger() {
+                        eprintln!("kiln: power button event failed ({e}); stopping now");
+                        return Ok(Outcome::Signal(libc::SIGTERM));
+                    }
+                    graceful_deadline =
+                        Some(std::time::Instant::now() + self.spec.shutdown_timeout);
+                    continue;
+                }
+                (Wake::Signal(sig), _) => return Ok(Outcome::Signal(sig)),
+                (Wake::Control, _) => {
+                    if let Some(c) = control {
+                        c.drain(|r| self.handle(r));
+                    }
+                }
+                (_, Some(d)) if std::time::Instant::now() >= d => {
+                    eprintln!(
+                        "kiln: guest did not power off within {:?} of SIGTERM; stopping it",
+                        self.spec.shutdown_timeout
+                    );
+                    return Ok(Outcome::Signal(libc::SIGTERM));
+                }
+                _ => {}
+            }
+            if let Some(outcome) = self.ended() {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// How the guest ended, if it has.
+    fn ended(&self) -> Option<Outcome> {
+        match self.events.power.load(Ordering::Acquire) {
+            EVENT_POWER_OFF => return Some(Outcome::PowerOff),
+            EVENT_RESET => return Some(Outcome::Reset),
+            _ => {}
+        }
+        let first_stop = self.stops.lock().ok().and_then(|s| s.first().cloned());
+        first_stop.map(|(cpu, reason)| match reason {
+            StopReason::PowerOff => Outcome::PowerOff,
+            StopReason::Reset => Outcome::Reset,
+            other => Outcome::Crashed(format!("vCPU {cpu}: {}", describe(&other))),
+        })
+    }
+
+    /// Executes one control request (on the main thread, between guest events).
+    pub fn handle(&mut self, request: VmRequest) -> Result<VmResponse, String> {
+        match request {
+            VmRequest::Pause => self.pause().map(|()| VmResponse::Done),
+            VmRequest::Resume => {
+                self.resume();
+                Ok(VmResponse::Done)
+            }
+            VmRequest::CtrlAltDel => Err("SendCtrlAltDel is not supported yet".into()),
+            VmRequest::Snapshot(_) => Err("snapshots are not supported yet".into()),
+            VmRequest::Migrate(_) => Err("live migration is not supported yet".into()),
+        }
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Stops every vCPU outside the guest (kick + immediate_exit), then quiesces the devices:
+    /// afterwards no guest instruction runs, no queue is processed and no interrupt is
+    /// injected until [`resume`](Self::resume). On failure everything runs again.
+    pub fn pause(&mut self) -> Result<(), String> {
+        if self.paused {
+            return Ok(());
+        }
+        for (i, h) in self.vcpus.iter().enumerate() {
+            if h.pause(PAUSE_TIMEOUT) == kiln_vcpu::VcpuState::Running {
+                for h in &self.vcpus[..=i] {
+                    h.resume();
+                }
+                return Err(format!(
+                    "vCPU {} did not leave the guest within {PAUSE_TIMEOUT:?}",
+                    h.index()
+                ));
+            }
+        }
+        if let Some(l) = &self.virtio.event_loop {
+            l.pause();
+        }
+        // The exit benchmark's irqfd injector (--exit-bench only) is left running: it only
+        // works for a guest that is waiting for it, and is not part of any snapshot.
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Lets a paused VM run again: devices first, so nothing a vCPU asks for waits.
+    pub fn resume(&mut self) {
+        if !self.paused {
+            return;
+        }
+        if let Some(l) = &self.virtio.event_loop {
+            l.resume();
+        }
+        for h in &self.vcpus {
+            h.resume();
+        }
+        self.paused = false;
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The serial console device.
+    pub fn serial(&self) -> &Arc<legacy::SerialDevice> {
+        &self.serial
+    }
+
+    /// The i8042 controller.
+    pub fn i8042(&self) -> &Arc<legacy::I8042Device> {
+        &self.i8042
+    }
+
+    /// The in-kernel interrupt controller.
+    pub fn irq_chip(&self) -> &IrqChip {
+        &self.chip
+    }
+
+    /// The KVM VM.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The KVM system fd the VM came from.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The spec the VM was built from.
+    pub fn spec(&self) -> &VmSpec {
+        &self.spec
+    }
+
+    /// Stops every thread of the VM and frees it.
+    pub fn shutdown(self) {
+        let Vm {
+            vcpus,
+            virtio,
+            bench,
+            fd,
+            mem,
+            ..
+        } = self;
+        stop_all(vcpus);
+        if let Some(l) = virtio.event_loop {
+            l.stop();
+        }
+        bench.stop();
+        drop(fd);
+        drop(mem);
+    }
 }
 
 fn describe(reason: &StopReason) -> String {
