@@ -5,6 +5,8 @@
 pub mod bench;
 pub mod config;
 pub mod control;
+pub mod control_sock;
 pub mod guest;
+pub mod snapshot;
 pub mod virtio;
 pub mod vm;
