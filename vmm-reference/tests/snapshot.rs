@@ -49,14 +49,14 @@ impl Vm {
         let l = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line);
+                l.lock().expect("lines").push(line);
             }
         });
         let err = child.stderr.take().expect("stderr");
         let l = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(format!("STDERR {line}"));
+                l.lock().expect("lines").push(format!("STDERR {line}"));
             }
         });
         Vm {
@@ -67,14 +67,14 @@ impl Vm {
     }
 
     fn output(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
+        self.lines.lock().expect("lines").join("\n")
     }
 
     /// Waits until some line satisfies `f`; returns its value.
     fn wait_for<T>(&mut self, what: &str, limit: Duration, f: impl Fn(&str) -> Option<T>) -> T {
         let start = Instant::now();
         loop {
-            if let Some(v) = self.lines.lock().unwrap().iter().find_map(|l| f(l)) {
+            if let Some(v) = self.lines.lock().expect("lines").iter().find_map(|l| f(l)) {
                 return v;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
@@ -103,10 +103,10 @@ impl Vm {
                 Err(e) => panic!("connect {}: {e}", self.sock.display()),
             }
         };
-        let mut w = s.try_clone().unwrap();
-        writeln!(w, "{cmd}").unwrap();
+        let mut w = s.try_clone().expect("clone");
+        writeln!(w, "{cmd}").expect("write");
         let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
+        BufReader::new(s).read_line(&mut line).expect("read");
         line.trim().to_string()
     }
 
@@ -120,7 +120,7 @@ impl Vm {
     fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let start = Instant::now();
         loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
                 std::thread::sleep(Duration::from_millis(50));
                 return st.code();
             }
@@ -178,8 +178,8 @@ fn counter_cmdline(secs: u32) -> String {
 /// A zeroed disk image the counter can stamp (it wants at least 32768 sectors).
 fn disk(dir: &Path) -> PathBuf {
     let p = dir.join("disk.img");
-    let f = std::fs::File::create(&p).unwrap();
-    f.set_len(16 << 20).unwrap();
+    let f = std::fs::File::create(&p).expect("create disk");
+    f.set_len(16 << 20).expect("size disk");
     p
 }
 
