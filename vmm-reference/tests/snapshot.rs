@@ -414,8 +414,13 @@ fn restore_paused_waits_for_resume() {
     let dir = scratch("snap-paused");
     let snap = dir.join("snap");
     std::fs::create_dir_all(&snap).unwrap();
-    let cmdline = counter_cmdline(0);
-    let mut vm = Vm::spawn(&["--cmdline", &cmdline], &dir.join("ctl1"));
+    // Two vCPUs (the AP started by `smp`, idle) and an active balloon with its statistics
+    // buffer held by the device.
+    let cmdline = counter_cmdline(0).replace("kiln.test=counter", "kiln.test=smp,balloon,counter");
+    let mut vm = Vm::spawn(
+        &["--cpus", "2", "--balloon", "size=4M", "--cmdline", &cmdline],
+        &dir.join("ctl1"),
+    );
     vm.wait_for("counter seq=3", Duration::from_secs(60), |l| {
         seq(l).filter(|&n| n >= 3)
     });
@@ -451,6 +456,14 @@ fn restore_paused_waits_for_resume() {
     assert_eq!(vm2.ctl("resume"), "ok");
     let first = vm2.wait_for("a line after resume", Duration::from_secs(30), seq);
     assert_eq!(first, last + 1, "{}", vm2.output());
+    assert!(
+        before.contains("KTEST smp PASS") && before.contains("KTEST balloon PASS"),
+        "{before}"
+    );
+    vm2.wait_for("more lines", Duration::from_secs(30), |l| {
+        seq(l).filter(|&n| n >= last + 5)
+    });
+    assert!(!vm2.output().contains("errors=1"), "{}", vm2.output());
     drop(vm2.kill());
     let _ = std::fs::remove_dir_all(&dir);
 }
