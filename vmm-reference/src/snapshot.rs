@@ -537,7 +537,9 @@ impl Vm {
         } else {
             Pages::NonZero
         };
+        let mem_started = Instant::now();
         let desc = kiln_snapshot::memory::write_memory(&params.mem_path, &ram, pages)?;
+        let mem_written = mem_started.elapsed();
         drop(ram);
         let host = CpuFeatures::host();
         let header = Header {
@@ -547,6 +549,7 @@ impl Vm {
             memory: desc.clone(),
         };
         kiln_snapshot::write_state(&params.state_path, &header, &state)?;
+        let track_started = Instant::now();
         if !params.diff {
             // Dirty pages count from here on.
             if self.dirty.logging {
@@ -562,7 +565,7 @@ impl Vm {
         }
         Ok(format!(
             "{} snapshot: {} vCPUs, {} MiB of memory, {} KiB of it written, state {} in {:.1} ms \
-             (capture {:.1} ms)",
+             (capture {:.1} ms, memory file {:.1} ms, dirty tracking {:.1} ms)",
             if params.diff { "diff" } else { "full" },
             state.vcpus.len(),
             desc.file_len() >> 20,
@@ -570,6 +573,8 @@ impl Vm {
             params.state_path.display(),
             started.elapsed().as_secs_f64() * 1e3,
             captured.as_secs_f64() * 1e3,
+            mem_written.as_secs_f64() * 1e3,
+            track_started.elapsed().as_secs_f64() * 1e3,
         ))
     }
 }

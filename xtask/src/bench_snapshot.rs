@@ -140,6 +140,7 @@ fn one(kiln: &Path, dir: &Path, mib: u64) -> Result<Sample, String> {
             ),
         )?;
         let create_ms = number_after(&report, " in ").ok_or(format!("report: {report}"))?;
+        println!("  {mib} MiB: {report}");
         let data_mib = number_after(&report, "memory, ").unwrap_or(0.0) / 1024.0;
         Ok::<_, String>((create_ms, data_mib))
     })();
