@@ -329,6 +329,8 @@ pub struct DirtyTracking {
     prints: Vec<Vec<u64>>,
     /// The fingerprint key (differs per full snapshot, so a guest can't aim at it).
     key: u64,
+    /// The id of the last full snapshot's memory file (what diffs apply over).
+    base_id: u64,
 }
 
 /// A keyed 64-bit fingerprint of one page.
@@ -538,7 +540,8 @@ impl Vm {
             Pages::NonZero
         };
         let mem_started = Instant::now();
-        let desc = kiln_snapshot::memory::write_memory(&params.mem_path, &ram, pages)?;
+        let base = params.diff.then_some(self.dirty.base_id);
+        let desc = kiln_snapshot::memory::write_memory(&params.mem_path, &ram, pages, base)?;
         let mem_written = mem_started.elapsed();
         drop(ram);
         let host = CpuFeatures::host();
@@ -562,6 +565,7 @@ impl Vm {
             // SAFETY: still paused: nothing writes guest memory.
             let ram = unsafe { ram_slices(&mem) };
             self.dirty.new_base(&ram);
+            self.dirty.base_id = desc.id;
         }
         Ok(format!(
             "{} snapshot: {} vCPUs, {} MiB of memory, {} KiB of it written, state {} in {:.1} ms \
@@ -785,32 +789,37 @@ fn map_memory_file(
 /// top when the state is a diff's. Checks both files against the state's header.
 pub fn load_memory(arg: &RestoreArg, header: &Header) -> Result<GuestMemoryMmap, SnapshotError> {
     let desc = &header.memory;
+    let wrong = |why: &str| SnapshotError::RestoreArg {
+        value: arg.state.display().to_string(),
+        why: why.to_string(),
+    };
+    // The right files for this state, before anything is opened.
+    let diff = match (desc.diff, &arg.diff_mem) {
+        (false, None) => None,
+        (true, Some(diff)) => Some(diff),
+        (true, None) => {
+            return Err(wrong(
+                "this is a diff snapshot: give the full snapshot's memory file as mem= and \
+                 this one's as diff-mem=",
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(wrong(
+                "diff-mem= is for diff snapshots; this state is a full snapshot's",
+            ))
+        }
+    };
     let layout: Vec<(u64, u64)> = desc.regions.iter().map(|r| (r.guest_addr, r.len)).collect();
     // The full file's layout: the same regions, whatever data it holds (holes read as 0).
     let base_desc = MemoryDesc::full(&layout);
-    let base = kiln_snapshot::memory::open_memory(&arg.mem, &base_desc)?;
+    // A full snapshot's own memory file, or the one a diff was taken over.
+    let base_id = desc.base.unwrap_or(desc.id);
+    let base = kiln_snapshot::memory::open_memory(&arg.mem, &base_desc, base_id)?;
     let mem = map_memory_file(&arg.mem, &base, &base_desc)?;
-    match (desc.diff, &arg.diff_mem) {
-        (false, None) => {}
-        (true, Some(diff)) => {
-            // SAFETY: the VM doesn't exist yet; nothing else touches this memory.
-            let mut ram = unsafe { ram_slices_mut(&mem) };
-            kiln_snapshot::memory::read_memory(diff, desc, &mut ram)?;
-        }
-        (true, None) => {
-            return Err(SnapshotError::RestoreArg {
-                value: arg.state.display().to_string(),
-                why: "this is a diff snapshot: give the full snapshot's memory file as mem= \
-                      and this one's as diff-mem="
-                    .into(),
-            })
-        }
-        (false, Some(_)) => {
-            return Err(SnapshotError::RestoreArg {
-                value: arg.state.display().to_string(),
-                why: "diff-mem= is for diff snapshots; this state is a full snapshot's".into(),
-            })
-        }
+    if let Some(diff) = diff {
+        // SAFETY: the VM doesn't exist yet; nothing else touches this memory.
+        let mut ram = unsafe { ram_slices_mut(&mem) };
+        kiln_snapshot::memory::read_memory(diff, desc, &mut ram)?;
     }
     Ok(mem)
 }

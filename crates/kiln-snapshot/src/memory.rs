@@ -9,6 +9,11 @@
 //! Which file ranges hold data is recorded in the (checksummed) state file as
 //! [`MemoryDesc::extents`], so restoring never depends on the file system reporting holes
 //! (`SEEK_DATA`) faithfully.
+//!
+//! After the last region, a 16-byte trailer (`KILNMEM1` and a u64 id, little endian) ties the
+//! file to its state file ([`MemoryDesc::id`]; a diff's state also names its base's id): a
+//! memory file from another snapshot, or a pair half-replaced by a failed overwrite, is
+//! refused instead of restoring a mix.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -20,6 +25,23 @@ use crate::{io_err, write_atomic, Error, Result};
 
 /// The page size the memory file is written in.
 pub const PAGE_SIZE: u64 = 4096;
+/// The trailer's magic.
+const TRAILER_MAGIC: [u8; 8] = *b"KILNMEM1";
+/// Bytes of the trailer after the last region.
+pub const TRAILER_LEN: u64 = 16;
+
+/// A fresh id for a memory file (time and process id mixed; unique enough to tell files
+/// apart, not a secret).
+pub fn new_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut h = t ^ (u64::from(std::process::id()) << 40);
+    // splitmix64's finaliser.
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
 
 /// One RAM region and where it lies in the memory file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +63,10 @@ pub struct MemoryDesc {
     pub extents: Vec<(u64, u64)>,
     /// Whether this is a diff (only dirtied pages; apply over the previous snapshot).
     pub diff: bool,
+    /// The id in this memory file's trailer.
+    pub id: u64,
+    /// For a diff: the id of the full memory file it applies over.
+    pub base: Option<u64>,
 }
 
 impl MemoryDesc {
@@ -63,10 +89,13 @@ impl MemoryDesc {
             regions,
             extents: Vec::new(),
             diff: false,
+            id: 0,
+            base: None,
         }
     }
 
-    /// The memory file's length: the end of the last region.
+    /// Where the trailer starts: the end of the last region (the file is
+    /// [`TRAILER_LEN`] bytes longer).
     pub fn file_len(&self) -> u64 {
         self.regions
             .iter()
@@ -119,12 +148,26 @@ fn is_zero(page: &[u8]) -> bool {
 
 /// Writes the memory file for guest RAM `ram` (`(guest_addr, bytes)` per region, in guest
 /// address order) atomically to `path`, selecting pages per `pages`; returns what it holds.
+/// A diff names the id of the full memory file it applies over (`base`).
 ///
 /// The caller must keep `ram` from changing meanwhile (the VM is paused).
-pub fn write_memory(path: &Path, ram: &[(u64, &[u8])], pages: Pages<'_>) -> Result<MemoryDesc> {
+pub fn write_memory(
+    path: &Path,
+    ram: &[(u64, &[u8])],
+    pages: Pages<'_>,
+    base: Option<u64>,
+) -> Result<MemoryDesc> {
     let layout: Vec<(u64, u64)> = ram.iter().map(|(a, d)| (*a, d.len() as u64)).collect();
     let mut desc = MemoryDesc::full(&layout);
     desc.diff = matches!(pages, Pages::Dirty(_));
+    desc.id = new_id();
+    desc.base = base;
+    if desc.diff != base.is_some() {
+        return Err(Error::MemoryFile {
+            path: path.to_path_buf(),
+            why: "a diff memory file needs its base's id, a full one has none".into(),
+        });
+    }
     if let Pages::Dirty(maps) = pages {
         if maps.len() != ram.len() {
             return Err(Error::MemoryFile {
@@ -139,8 +182,13 @@ pub fn write_memory(path: &Path, ram: &[(u64, &[u8])], pages: Pages<'_>) -> Resu
     }
     let total = desc.file_len();
     let mut extents = MemoryDesc::full(&layout);
+    let id = desc.id;
     write_atomic(path, |f| {
-        f.set_len(total)?;
+        f.set_len(total + TRAILER_LEN)?;
+        let mut trailer = [0u8; TRAILER_LEN as usize];
+        trailer[..8].copy_from_slice(&TRAILER_MAGIC);
+        trailer[8..].copy_from_slice(&id.to_le_bytes());
+        f.write_all_at(&trailer, total)?;
         for (ri, ((_, data), region)) in ram.iter().zip(&desc.regions).enumerate() {
             let npages = data.len().div_ceil(PAGE_SIZE as usize);
             let wanted = |p: usize| -> bool {
@@ -176,19 +224,36 @@ pub fn write_memory(path: &Path, ram: &[(u64, &[u8])], pages: Pages<'_>) -> Resu
     Ok(desc)
 }
 
-/// Opens the memory file at `path` and checks it against `desc` (its length).
-pub fn open_memory(path: &Path, desc: &MemoryDesc) -> Result<File> {
+/// Opens the memory file at `path` and checks it against `desc` (its length) and its
+/// trailer against `id` (`desc.id` for the file `desc` describes; a diff's `base` for the
+/// full file under it).
+pub fn open_memory(path: &Path, desc: &MemoryDesc, id: u64) -> Result<File> {
     let f = File::open(path).map_err(io_err(path, "opening the memory file"))?;
     let len = f
         .metadata()
         .map_err(io_err(path, "reading the memory file's size"))?
         .len();
-    if len != desc.file_len() {
+    let want = desc.file_len() + TRAILER_LEN;
+    if len != want {
         return Err(Error::MemoryFile {
             path: path.to_path_buf(),
             why: format!(
-                "the memory file is {len} bytes, the state file says {} (wrong file, or truncated)",
-                desc.file_len()
+                "the memory file is {len} bytes, the state file says {want} (wrong file, or truncated)"
+            ),
+        });
+    }
+    let mut trailer = [0u8; TRAILER_LEN as usize];
+    f.read_exact_at(&mut trailer, desc.file_len())
+        .map_err(io_err(path, "reading the memory file's trailer"))?;
+    let mut found = [0u8; 8];
+    found.copy_from_slice(&trailer[8..]);
+    let found = u64::from_le_bytes(found);
+    if trailer[..8] != TRAILER_MAGIC || found != id {
+        return Err(Error::MemoryFile {
+            path: path.to_path_buf(),
+            why: format!(
+                "this memory file (id {found:#018x}) belongs to another snapshot than the state \
+                 file (which expects {id:#018x})"
             ),
         });
     }
@@ -223,7 +288,7 @@ pub fn read_memory(path: &Path, desc: &MemoryDesc, ram: &mut [(u64, &mut [u8])])
                 .collect::<Vec<_>>()
         )));
     }
-    let f = open_memory(path, desc)?;
+    let f = open_memory(path, desc, desc.id)?;
     let mut copied = 0;
     for &(off, len) in &desc.extents {
         // An extent may span regions (they are back to back in the file): split it.
@@ -272,7 +337,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory");
         let (low, high) = ram();
-        let desc = write_memory(&path, &[(0, &low), (1 << 32, &high)], Pages::NonZero).unwrap();
+        let desc =
+            write_memory(&path, &[(0, &low), (1 << 32, &high)], Pages::NonZero, None).unwrap();
         assert_eq!(desc.file_len(), 80 * PAGE_SIZE);
         assert_eq!(
             desc.extents,
@@ -283,7 +349,7 @@ mod tests {
             ]
         );
         let meta = std::fs::metadata(&path).unwrap();
-        assert_eq!(meta.len(), 80 * PAGE_SIZE);
+        assert_eq!(meta.len(), 80 * PAGE_SIZE + TRAILER_LEN);
         // Holes: far fewer blocks than the length (st_blocks is in 512-byte units).
         assert!(
             meta.blocks() * 512 <= 8 * PAGE_SIZE,
@@ -302,14 +368,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (base_p, diff_p) = (dir.path().join("base"), dir.path().join("diff"));
         let (mut low, high) = ram();
-        let base = write_memory(&base_p, &[(0, &low), (1 << 32, &high)], Pages::NonZero).unwrap();
+        let base = write_memory(
+            &base_p,
+            &[(0, &low), (1 << 32, &high)],
+            Pages::NonZero,
+            None,
+        )
+        .unwrap();
         // The guest zeroes page 40 and writes page 5.
         low[40 * P..41 * P].fill(0);
         low[5 * P] = 5;
         let mut maps = vec![vec![0u64; 1], vec![0u64; 1]];
         maps[0][0] = 1 << 40 | 1 << 5;
-        let diff =
-            write_memory(&diff_p, &[(0, &low), (1 << 32, &high)], Pages::Dirty(&maps)).unwrap();
+        let diff = write_memory(
+            &diff_p,
+            &[(0, &low), (1 << 32, &high)],
+            Pages::Dirty(&maps),
+            Some(base.id),
+        )
+        .unwrap();
+        assert_eq!(diff.base, Some(base.id));
+        // The diff's file is not the base: refused where the base is expected.
+        let e = open_memory(&diff_p, &base, base.id).unwrap_err();
+        assert!(e.to_string().contains("another snapshot"), "{e}");
         assert!(diff.diff);
         assert_eq!(diff.data_bytes(), 2 * PAGE_SIZE);
         let (mut l2, mut h2) = (vec![0u8; 64 * P], vec![0u8; 16 * P]);
@@ -323,7 +404,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory");
         let (low, high) = ram();
-        let desc = write_memory(&path, &[(0, &low), (1 << 32, &high)], Pages::NonZero).unwrap();
+        let desc =
+            write_memory(&path, &[(0, &low), (1 << 32, &high)], Pages::NonZero, None).unwrap();
+        // A newer snapshot's memory file in its place: another id.
+        let other = dir.path().join("other");
+        let o = write_memory(&other, &[(0, &low), (1 << 32, &high)], Pages::NonZero, None).unwrap();
+        assert_ne!(o.id, desc.id);
+        let (mut a, mut b) = (vec![0u8; 64 * P], vec![0u8; 16 * P]);
+        let e = read_memory(&other, &desc, &mut [(0, &mut a), (1 << 32, &mut b)]).unwrap_err();
+        assert!(e.to_string().contains("belongs to another snapshot"), "{e}");
         let (mut l2, mut h2) = (vec![0u8; 64 * P], vec![0u8; 8 * P]);
         let e = read_memory(&path, &desc, &mut [(0, &mut l2), (1 << 32, &mut h2)]).unwrap_err();
         assert!(e.to_string().contains("layout"), "{e}");
