@@ -91,6 +91,9 @@ const TABLE: &[(Scenario, RunFn)] = &[
     }),
     (Scenario::MemoryStress, memstress::run),
     (Scenario::BenchExits, benchexits::run),
+    (Scenario::Counter, |c, o| {
+        virtio_hw::run(c, o, vio::counter::run_counter)
+    }),
 ];
 
 fn report(name: &str, pass: bool, detail: &[u8]) {

@@ -44,10 +44,13 @@ pub enum Scenario {
     MemoryStress,
     /// VM-exit latency histograms for each exit kind (`kiln-bench exits`).
     BenchExits,
+    /// Keeps dirtying and checking memory (and disk blocks) while printing a kvmclock-stamped
+    /// sequence, for pause, snapshot and migration tests.
+    Counter,
 }
 
 /// Every scenario, in the order `all` would run them if they needed no input.
-pub const SCENARIOS: [Scenario; 18] = [
+pub const SCENARIOS: [Scenario; 19] = [
     Scenario::Boot,
     Scenario::Cpuid,
     Scenario::Serial,
@@ -66,6 +69,7 @@ pub const SCENARIOS: [Scenario; 18] = [
     Scenario::Balloon,
     Scenario::MemoryStress,
     Scenario::BenchExits,
+    Scenario::Counter,
 ];
 
 impl Scenario {
@@ -90,6 +94,7 @@ impl Scenario {
             Scenario::Balloon => "balloon",
             Scenario::MemoryStress => "memory-stress",
             Scenario::BenchExits => "bench-exits",
+            Scenario::Counter => "counter",
         }
     }
 
@@ -116,7 +121,7 @@ impl Scenario {
     pub fn on_request(self) -> bool {
         matches!(
             self,
-            Scenario::Balloon | Scenario::MemoryStress | Scenario::BenchExits
+            Scenario::Balloon | Scenario::MemoryStress | Scenario::BenchExits | Scenario::Counter
         )
     }
 

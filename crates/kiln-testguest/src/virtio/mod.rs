@@ -10,11 +10,12 @@
 //! - [`transport`]: registers, the status handshake, feature negotiation, queue setup.
 //! - [`ring`]: split virtqueues in guest memory.
 //! - [`layout`]: the fixed guest-physical region the driver uses (docs/guest-contract.md).
-//! - [`blk`], [`rng`], [`reset`], [`evil`], [`bench`](mod@bench): the scenarios.
+//! - [`blk`], [`rng`], [`reset`], [`evil`], [`bench`](mod@bench), [`counter`]: the scenarios.
 
 pub mod balloon;
 pub mod bench;
 pub mod blk;
+pub mod counter;
 pub mod discover;
 pub mod evil;
 pub mod layout;
