@@ -39,11 +39,10 @@ impl SourceVm for Src {
 }
 
 impl DestVm for Dst {
-    fn regions(&self) -> Vec<Region> {
-        vec![Region { gpa: 0, len: LEN }]
-    }
-    fn vcpus(&self) -> u32 {
-        1
+    fn prepare(&mut self, hello: &kiln_migration::Hello) -> Result<(), String> {
+        let len: u64 = hello.regions.iter().map(|r| r.len).sum();
+        self.0 = vec![0; len as usize];
+        Ok(())
     }
     fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), String> {
         let s = gpa as usize;
@@ -70,7 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let h2 = host.clone();
     let d = std::thread::spawn(move || -> Result<bool, String> {
         let (mut s, _) = l.accept().map_err(|e| e.to_string())?;
-        let mut dst = Dst(vec![0; LEN as usize]);
+        let mut dst = Dst(Vec::new());
         receive(&mut dst, &mut s, &h2).map_err(|e| e.to_string())?;
         Ok(dst
             .0

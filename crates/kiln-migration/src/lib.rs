@@ -161,12 +161,11 @@ pub trait SourceVm {
     fn save_state(&mut self) -> std::result::Result<Vec<u8>, String>;
 }
 
-/// The destination VM as [`receive`] needs it: built with its memory, not yet running.
+/// The destination VM as [`receive`] needs it: memory first, then the state.
 pub trait DestVm {
-    /// Guest memory regions; must equal the source's.
-    fn regions(&self) -> Vec<Region>;
-    /// vCPUs; must equal the source's.
-    fn vcpus(&self) -> u32;
+    /// Called once the source is known to be compatible: builds guest memory for
+    /// `hello.regions` (and `hello.vcpus`), or says why this VM can't be taken here.
+    fn prepare(&mut self, hello: &Hello) -> std::result::Result<(), String>;
     /// Writes `data` at `gpa` (inside one region: checked by [`receive`]).
     fn write(&mut self, gpa: u64, data: &[u8]) -> std::result::Result<(), String>;
     /// Zeroes `len` bytes at `gpa` (inside one region: checked by [`receive`]).
@@ -613,7 +612,7 @@ fn check_range(regions: &[Region], gpa: u64, len: u64) -> Result<()> {
 
 /// Takes a VM from the source at the other end of `stream` into `vm` and starts it.
 /// `host` is this host; the source's must be compatible (see [`HostInfo::accepts`]) and its
-/// memory layout and vCPU count equal `vm`'s, or the VM is refused (and the source told).
+/// [`DestVm::prepare`] must accept its memory layout and vCPU count, or the VM is refused (and the source told).
 pub fn receive<V: DestVm, S: Read + Write>(
     vm: &mut V,
     stream: &mut S,
@@ -643,20 +642,8 @@ fn receive_inner<V: DestVm, S: Read + Write>(
         }
     };
     host.accepts(&hello.host).map_err(Error::Incompatible)?;
-    let regions = vm.regions();
-    if hello.regions != regions {
-        return Err(Error::Incompatible(format!(
-            "guest memory {:?} on the source, {:?} here (start kiln with the same --memory)",
-            hello.regions, regions
-        )));
-    }
-    if hello.vcpus != vm.vcpus() {
-        return Err(Error::Incompatible(format!(
-            "{} vCPUs on the source, {} here (start kiln with the same --cpus)",
-            hello.vcpus,
-            vm.vcpus()
-        )));
-    }
+    vm.prepare(&hello).map_err(Error::Incompatible)?;
+    let regions = hello.regions.clone();
     wire::write_frame(stream, &Frame::HelloOk).map_err(|e| Error::Io("sending hello-ok", e))?;
     let mut got = Received::default();
     let mut state = None;

@@ -147,11 +147,17 @@ impl FakeDest {
 }
 
 impl DestVm for FakeDest {
-    fn regions(&self) -> Vec<Region> {
-        self.regions.clone()
-    }
-    fn vcpus(&self) -> u32 {
-        2
+    fn prepare(&mut self, hello: &Hello) -> std::result::Result<(), String> {
+        if hello.regions != self.regions {
+            return Err(format!(
+                "guest memory {:?} (start kiln with the same --memory)",
+                hello.regions
+            ));
+        }
+        if hello.vcpus != 2 {
+            return Err("vCPUs differ".into());
+        }
+        Ok(())
     }
     fn write(&mut self, gpa: u64, data: &[u8]) -> std::result::Result<(), String> {
         self.at(gpa, data.len()).copy_from_slice(data);
