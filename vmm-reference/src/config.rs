@@ -171,6 +171,12 @@ pub struct Cli {
     /// `bench-exits` scenario asks for timed interrupts (used by `kiln-bench exits`).
     #[arg(long)]
     pub exit_bench: bool,
+    /// Boot nothing: wait on `tcp:HOST:PORT` or `unix:PATH` for one VM migrated from another
+    /// kiln (`migrate` on its control socket), then run it. The guest's memory size, vCPUs
+    /// and devices come from the source; the other flags (`--memory` backing options,
+    /// `--serial`, seccomp, ...) from this command line. See docs/migration.md.
+    #[arg(long, value_name = "tcp:HOST:PORT|unix:PATH")]
+    pub migrate_listen: Option<crate::migration::MigrateAddr>,
 }
 
 /// Thread kinds for `--seccomp-selftest`.

@@ -6,5 +6,6 @@ pub mod bench;
 pub mod config;
 pub mod control;
 pub mod guest;
+pub mod migration;
 pub mod virtio;
 pub mod vm;

@@ -44,6 +44,9 @@ pub enum VmmError {
     /// A flag value is malformed.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// An incoming migration (`--migrate-listen`) failed.
+    #[error("{0}")]
+    Migration(String),
     /// The KVM device can't be used.
     #[error("{path}: {source} (KVM must be available and this user allowed to open it)")]
     Kvm {
@@ -213,6 +216,8 @@ pub struct VmSpec {
     pub exit_bench: bool,
     /// `--balloon`.
     pub balloon: Option<crate::config::BalloonArg>,
+    /// `--migrate-listen`: receive the VM instead of booting one.
+    pub migrate_listen: Option<crate::migration::MigrateAddr>,
 }
 
 fn seccomp_filters(cli: &Cli) -> Result<Option<Arc<kiln_seccomp::Filters>>, VmmError> {
@@ -459,6 +464,7 @@ impl VmSpec {
             seccomp_selftest,
             exit_bench: cli.exit_bench,
             balloon: cli.balloon,
+            migrate_listen: cli.migrate_listen,
         })
     }
 }
@@ -474,13 +480,15 @@ pub enum Outcome {
     Crashed(String),
     /// Stopped by this signal.
     Signal(i32),
+    /// Migrated away: the VM runs in another kiln now.
+    Migrated,
 }
 
 impl Outcome {
     /// The process exit status for this outcome (documented in `kiln --help`).
     pub fn exit_code(&self) -> u8 {
         match self {
-            Outcome::PowerOff => 0,
+            Outcome::PowerOff | Outcome::Migrated => 0,
             Outcome::Reset => EXIT_RESET,
             Outcome::Crashed(_) => EXIT_CRASH,
             Outcome::Signal(n) => 128u8.saturating_add(u8::try_from(*n).unwrap_or(0)),
@@ -955,7 +963,10 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
 pub fn run_with(spec: VmSpec, control: Option<ControlReceiver>) -> Result<Outcome, VmmError> {
     // Before any thread exists, so every thread inherits the blocked signals.
     let signals = signal_fd()?;
-    let mut vm = Vm::boot(spec)?;
+    let mut vm = match spec.migrate_listen.clone() {
+        Some(addr) => crate::migration::receive(spec, &addr).map_err(VmmError::Migration)?,
+        None => Vm::boot(spec)?,
+    };
     let outcome = vm.wait(&signals, control.as_ref());
     if let Some(c) = &control {
         c.refuse_all("the VM has ended");
@@ -989,6 +1000,8 @@ pub struct Vm {
     i8042: Arc<legacy::I8042Device>,
     power_button: kiln_irq::IrqfdLine,
     paused: bool,
+    /// Set once a migration handed the VM to another kiln: [`Vm::wait`] then ends.
+    migrated: bool,
     chip: IrqChip,
     fd: VmFd,
     kvm: Kvm,
@@ -1170,6 +1183,7 @@ impl Vm {
             i8042: devices.i8042,
             power_button: devices.power_button,
             paused: false,
+            migrated: false,
             chip,
             fd: vm,
             kvm,
@@ -1207,6 +1221,9 @@ impl Vm {
                 (Wake::Control, _) => {
                     if let Some(c) = control {
                         c.drain(|r| self.handle(r));
+                    }
+                    if self.migrated {
+                        return Ok(Outcome::Migrated);
                     }
                 }
                 (_, Some(d)) if std::time::Instant::now() >= d => {
@@ -1249,7 +1266,12 @@ impl Vm {
             }
             VmRequest::CtrlAltDel => Err("SendCtrlAltDel is not supported yet".into()),
             VmRequest::Snapshot(_) => Err("snapshots are not supported yet".into()),
-            VmRequest::Migrate(_) => Err("live migration is not supported yet".into()),
+            VmRequest::Migrate(p) => {
+                let report = crate::migration::migrate(self, &p)?;
+                self.migrated = true;
+                eprintln!("kiln: migrated to {}: {report}", p.to);
+                Ok(VmResponse::Report(report.to_string()))
+            }
         }
     }
 
@@ -1297,6 +1319,21 @@ impl Vm {
             h.resume();
         }
         self.paused = false;
+    }
+
+    /// The paused VM's state (vCPUs, interrupt controller, devices) as the migration
+    /// protocol's state blob.
+    pub fn migration_state(&mut self) -> Result<Vec<u8>, String> {
+        Err("saving the VM state needs kiln-snapshot's Vm::capture_state (not merged yet)".into())
+    }
+
+    /// Builds and starts a VM from a migration state blob and its received memory.
+    pub fn from_migration_state(
+        _spec: VmSpec,
+        _state: &[u8],
+        _mem: GuestMemoryMmap,
+    ) -> Result<Vm, String> {
+        Err("restoring a VM state needs kiln-snapshot's Vm::restore_from (not merged yet)".into())
     }
 
     /// The guest memory.

@@ -127,13 +127,11 @@ impl DirtyTracker {
             // (taken from the same `GuestMemoryMmap`): only the flags change, so the
             // caller's promise to `register_memory` (the mapping outlives the slot) still
             // covers it.
-            unsafe { vm.set_user_memory_region(desc) }.map_err(|source| {
-                Error::RegisterSlot {
-                    slot: s.slot,
-                    addr: s.gpa,
-                    size: s.len,
-                    source,
-                }
+            unsafe { vm.set_user_memory_region(desc) }.map_err(|source| Error::RegisterSlot {
+                slot: s.slot,
+                addr: s.gpa,
+                size: s.len,
+                source,
             })?;
         }
         Ok(())
@@ -166,12 +164,12 @@ impl DirtyTracker {
         self.slots
             .iter()
             .map(|s| {
-                let bits = vm
-                    .get_dirty_log(s.slot, s.len as usize)
-                    .map_err(|source| Error::DirtyLog {
-                        slot: s.slot,
-                        source,
-                    })?;
+                let bits =
+                    vm.get_dirty_log(s.slot, s.len as usize)
+                        .map_err(|source| Error::DirtyLog {
+                            slot: s.slot,
+                            source,
+                        })?;
                 let mut b = RegionBitmap::new(s.gpa, s.len);
                 // KVM sized its bitmap from the host page size; 4 KiB on x86_64.
                 for (a, w) in b.bits.iter_mut().zip(bits) {

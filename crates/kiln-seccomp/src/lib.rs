@@ -242,6 +242,20 @@ fn rules(kind: ThreadKind) -> Rules {
             ] {
                 allow(&mut r, nr);
             }
+            // Live migration's outgoing connection (TCP or Unix; connect with a timeout
+            // makes the socket non-blocking with FIONBIO and polls it).
+            for nr in [
+                libc::SYS_socket,
+                libc::SYS_connect,
+                libc::SYS_setsockopt,
+                libc::SYS_getsockopt,
+                libc::SYS_sendto,
+                libc::SYS_recvfrom,
+                libc::SYS_shutdown,
+            ] {
+                allow(&mut r, nr);
+            }
+            allow_values(&mut r, libc::SYS_ioctl, 1, &[libc::FIONBIO]);
         }
         ThreadKind::Vcpu => {
             allow_values(
