@@ -167,6 +167,26 @@ pub struct Cli {
     /// pages the guest gives up are returned to the host.
     #[arg(long, value_name = "OPTIONS")]
     pub balloon: Option<BalloonArg>,
+    /// Restore a snapshot instead of booting: `DIR` (holding `state` and `memory`) or
+    /// `state=PATH,mem=PATH[,diff-mem=PATH]` (a diff snapshot: its state, the full
+    /// snapshot's memory file and the diff's). The machine (vCPUs, memory, disks, devices)
+    /// comes from the snapshot; the memory file is mapped privately and must stay unchanged
+    /// while the VM runs (see docs/snapshot.md).
+    #[arg(
+        long,
+        value_name = "DIR|state=PATH,mem=PATH",
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disk", "rng",
+                              "balloon", "boot_protocol", "dump_acpi"]
+    )]
+    pub restore: Option<String>,
+    /// With --restore: stay paused after restoring (resume through --control-sock).
+    #[arg(long, requires = "restore")]
+    pub restore_paused: bool,
+    /// Serve one-line commands on a Unix socket at PATH: `pause`, `resume`,
+    /// `snapshot STATE MEM [diff]`; each is answered `ok ...` or `error ...` (a test hook
+    /// until the API server exposes the same).
+    #[arg(long, value_name = "PATH")]
+    pub control_sock: Option<PathBuf>,
     /// Start the exit benchmark's irqfd injector thread, which the conformance guest's
     /// `bench-exits` scenario asks for timed interrupts (used by `kiln-bench exits`).
     #[arg(long)]

@@ -14,15 +14,22 @@
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_memory::{DirtyTracker, GuestMemoryMmap, MemoryLayout};
 use kiln_migration::{DestVm, Hello, HostInfo, Params, Region, Report, SourceVm, PAGE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::control::MigrateParams;
-use crate::vm::Vm;
+use kiln_snapshot::{CpuFeatures, Header, MemoryDesc};
+
+use crate::config::Cli;
+use crate::control::{ControlReceiver, MigrateParams};
+use crate::snapshot::VmState;
+use crate::vm::{Outcome, Vm, VmmError};
+
+/// What the state blob is called in error messages (it has no file).
+const STATE_NAME: &str = "<migration state>";
 
 /// How long connecting to a destination may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -250,13 +257,18 @@ impl SourceVm for VmSource<'_> {
             .map_err(|e| format!("turning KVM's dirty log on: {e}"))
     }
     fn dirty_log(&mut self) -> Result<Vec<Vec<u64>>, String> {
-        self.tracker
+        let log: Vec<Vec<u64>> = self
+            .tracker
             .get_and_clear(self.vm.vm_fd())
             .map(|v| v.into_iter().map(|b| b.bits).collect())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        // Reading the log cleared it for diff snapshots too: keep their count right.
+        self.vm.dirty.note(&log);
+        Ok(log)
     }
     fn stop_dirty_log(&mut self) {
-        if self.tracker.is_enabled() {
+        // Diff snapshots keep the log on for themselves.
+        if self.tracker.is_enabled() && !self.vm.dirty.logging() {
             if let Err(e) = self.tracker.disable(self.vm.vm_fd()) {
                 eprintln!("kiln: turning KVM's dirty log off: {e}");
             }
@@ -269,7 +281,20 @@ impl SourceVm for VmSource<'_> {
         self.vm.resume()
     }
     fn save_state(&mut self) -> Result<Vec<u8>, String> {
-        self.vm.migration_state()
+        let state = self.vm.capture_state().map_err(|e| e.to_string())?;
+        let host = CpuFeatures::host();
+        let layout: Vec<(u64, u64)> = regions(self.vm.memory())
+            .iter()
+            .map(|r| (r.gpa, r.len))
+            .collect();
+        let header = Header {
+            kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+            required: state.required_cpu(&host),
+            host,
+            memory: MemoryDesc::full(&layout),
+        };
+        kiln_snapshot::encode_state(Path::new(STATE_NAME), &header, &state)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -293,7 +318,10 @@ pub fn migrate(vm: &mut Vm, p: &MigrateParams) -> Result<Report, String> {
 
 /// The destination's VM while it arrives: memory first, then the restored [`Vm`].
 pub struct Incoming {
-    spec: crate::vm::VmSpec,
+    /// This process's command line: serial, seccomp, ... (taken by the restore).
+    cli: Option<Cli>,
+    /// Its `--memory`: the backing options for the source's size.
+    memory_arg: String,
     mem: Option<GuestMemoryMmap>,
     /// Pages written so far (a zero marker for a page never written needs no work: fresh
     /// memory is zero, and touching it would only make the host allocate it).
@@ -302,11 +330,12 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// An arrival for a VM run with `spec`'s options (its `--memory` backing; the size and
-    /// vCPU count come from the source).
-    pub fn new(spec: crate::vm::VmSpec) -> Self {
+    /// An arrival for a VM run with `cli`'s options (its `--memory` backing; the size,
+    /// vCPUs and devices come from the source's state).
+    pub fn new(cli: Cli) -> Self {
         Incoming {
-            spec,
+            memory_arg: cli.memory.clone(),
+            cli: Some(cli),
             mem: None,
             touched: Vec::new(),
             vm: None,
@@ -363,10 +392,12 @@ impl DestVm for Incoming {
         if hello.vcpus == 0 || hello.vcpus > kiln_vcpu::cpuid::MAX_VCPUS {
             return Err(format!("{} vCPUs", hello.vcpus));
         }
-        let mut cfg = self.spec.memory_options.config.clone();
+        let opts = crate::config::parse_memory_arg(&self.memory_arg)
+            .map_err(|e| format!("--memory here: {e}"))?;
+        let mut cfg = opts.config.clone();
         cfg.size = size;
         cfg.validate().map_err(|e| format!("--memory here: {e}"))?;
-        let mem = kiln_memory::create_guest_memory_with(&cfg, &self.spec.memory_options.policy)
+        let mem = kiln_memory::create_guest_memory_with(&cfg, &opts.policy)
             .map_err(|e| format!("--memory here: {e}"))?;
         self.touched = mem
             .iter()
@@ -396,20 +427,46 @@ impl DestVm for Incoming {
         Ok(())
     }
     fn restore_and_run(&mut self, state: &[u8]) -> Result<(), String> {
+        let (header, state): (Header, VmState) =
+            kiln_snapshot::decode_state(Path::new(STATE_NAME), state, &CpuFeatures::host())
+                .map_err(|e| e.to_string())?;
         let mem = self.mem.take().ok_or("no memory")?;
-        let vm = Vm::from_migration_state(self.spec.clone(), state, mem)?;
+        let layout: Vec<(u64, u64)> = regions(&mem).iter().map(|r| (r.gpa, r.len)).collect();
+        if header.memory.regions.len() != layout.len()
+            || header
+                .memory
+                .regions
+                .iter()
+                .zip(&layout)
+                .any(|(h, l)| (h.guest_addr, h.len) != *l)
+        {
+            return Err("the state's memory layout differs from the hello's".into());
+        }
+        let cli = self.cli.take().ok_or("restored once already")?;
+        let spec = crate::snapshot::restore_spec(cli, &state).map_err(|e| e.to_string())?;
+        let vm = Vm::restore_from(spec, state, mem, false).map_err(|e| e.to_string())?;
         self.vm = Some(vm);
         Ok(())
     }
 }
 
-/// `--migrate-listen`: waits for one VM on `addr`, receives it and returns it running.
-pub fn receive(spec: crate::vm::VmSpec, addr: &MigrateAddr) -> Result<Vm, String> {
-    let mut s = accept_one(addr).map_err(|e| format!("--migrate-listen {addr}: {e}"))?;
-    let mut inc = Incoming::new(spec);
+/// `--migrate-listen`: waits for one VM, receives it and runs it until it ends, serving
+/// `control` meanwhile (so a migrated VM can be migrated again).
+pub fn run_incoming(cli: Cli, control: Option<ControlReceiver>) -> Result<Outcome, VmmError> {
+    let Some(addr) = cli.migrate_listen.clone() else {
+        return Err(VmmError::Migration("--migrate-listen is not set".into()));
+    };
+    // Before any thread exists, so every thread inherits the blocked signals.
+    let signals = crate::vm::signal_fd()?;
+    let mut s = accept_one(&addr)
+        .map_err(|e| VmmError::Migration(format!("--migrate-listen {addr}: {e}")))?;
+    let mut inc = Incoming::new(cli);
     let t = std::time::Instant::now();
-    let got = kiln_migration::receive(&mut inc, &mut s, &host_info())
-        .map_err(|e| format!("incoming migration on {addr} failed: {e}"))?;
+    let got = kiln_migration::receive(&mut inc, &mut s, &host_info()).map_err(|e| {
+        VmmError::Migration(format!(
+            "--migrate-listen {addr}: incoming migration failed: {e}"
+        ))
+    })?;
     eprintln!(
         "kiln: migrated VM running: pages={} zero_pages={} rounds={} restore_ms={:.1} total_ms={:.1}",
         got.pages,
@@ -418,8 +475,15 @@ pub fn receive(spec: crate::vm::VmSpec, addr: &MigrateAddr) -> Result<Vm, String
         got.restore.as_secs_f64() * 1e3,
         t.elapsed().as_secs_f64() * 1e3
     );
-    inc.take_vm()
-        .ok_or_else(|| "no VM after commit".to_string())
+    let mut vm = inc
+        .take_vm()
+        .ok_or_else(|| VmmError::Migration("no VM after commit".into()))?;
+    let outcome = vm.wait(&signals, control.as_ref());
+    if let Some(c) = &control {
+        c.refuse_all("the VM has ended");
+    }
+    vm.shutdown();
+    outcome
 }
 
 #[cfg(test)]

@@ -147,7 +147,7 @@ fn limiter(
 type Transport<D> = MmioTransport<GuestMemoryMmap, D>;
 
 /// What the VMM needs of any virtio-mmio transport, whatever its device.
-trait VirtioMmio: kiln_virtio::QueueHandler + kiln_bus::MmioDevice {
+trait VirtioMmio: kiln_virtio::QueueHandler + kiln_bus::MmioDevice + SnapshotState {
     fn queue_count(&self) -> usize;
     fn set_activate_hook(&self, hook: kiln_virtio::mmio::ActivateHook);
     fn backend_fds(&self) -> Vec<(u32, std::os::fd::RawFd)>;
@@ -165,6 +165,23 @@ impl<D: kiln_virtio::VirtioDevice<GuestMemoryMmap>> VirtioMmio for Transport<D> 
     }
 }
 
+/// Saving and restoring a virtio-mmio transport and its device, whatever the device.
+pub trait SnapshotState: Send + Sync {
+    /// See [`MmioTransport::save_state`].
+    fn save_state(&self) -> kiln_virtio::Result<kiln_virtio::mmio::TransportState>;
+    /// See [`MmioTransport::restore_state`].
+    fn restore_state(&self, state: &kiln_virtio::mmio::TransportState) -> kiln_virtio::Result<()>;
+}
+
+impl<D: kiln_virtio::VirtioDevice<GuestMemoryMmap>> SnapshotState for Transport<D> {
+    fn save_state(&self) -> kiln_virtio::Result<kiln_virtio::mmio::TransportState> {
+        MmioTransport::save_state(self)
+    }
+    fn restore_state(&self, state: &kiln_virtio::mmio::TransportState) -> kiln_virtio::Result<()> {
+        MmioTransport::restore_state(self, state)
+    }
+}
+
 /// The balloon as the VMM holds it (to change its target, read its statistics).
 pub type BalloonHandle = Arc<Transport<Balloon<GuestMemoryMmap>>>;
 
@@ -175,6 +192,8 @@ pub struct VirtioDevices {
     pub event_loop: Option<EventLoopHandle>,
     /// The balloon, if `--balloon` was given.
     pub balloon: Option<BalloonHandle>,
+    /// Every transport with its MMIO base, in slot order (for snapshots).
+    pub transports: Vec<(u64, Arc<dyn SnapshotState>)>,
 }
 
 /// What `--balloon` asks of the device.
@@ -256,6 +275,8 @@ pub fn build(
                 (t, "virtio-balloon".into())
             }
         };
+        let snap: Arc<dyn SnapshotState> = dev.clone();
+        out.transports.push((slot.base, snap));
         let queues = dev.queue_count();
         let handler: Arc<dyn kiln_virtio::QueueHandler> = dev.clone();
         let bus_dev: Arc<dyn kiln_bus::MmioDevice> = dev.clone();

@@ -152,6 +152,9 @@ pub enum VmmError {
     /// `--balloon` is unusable.
     #[error("--balloon: {0}")]
     Balloon(String),
+    /// Writing or restoring a snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// Building, loading or installing seccomp filters failed.
     #[error(transparent)]
     Seccomp(#[from] kiln_seccomp::Error),
@@ -216,8 +219,6 @@ pub struct VmSpec {
     pub exit_bench: bool,
     /// `--balloon`.
     pub balloon: Option<crate::config::BalloonArg>,
-    /// `--migrate-listen`: receive the VM instead of booting one.
-    pub migrate_listen: Option<crate::migration::MigrateAddr>,
 }
 
 fn seccomp_filters(cli: &Cli) -> Result<Option<Arc<kiln_seccomp::Filters>>, VmmError> {
@@ -464,7 +465,6 @@ impl VmSpec {
             seccomp_selftest,
             exit_bench: cli.exit_bench,
             balloon: cli.balloon,
-            migrate_listen: cli.migrate_listen,
         })
     }
 }
@@ -539,7 +539,7 @@ fn vm_setup<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T,
 
 /// Blocks SIGINT and SIGTERM in this thread (and all threads it spawns after) and returns a
 /// signalfd that reads them, so signals are handled in the main loop, not in a handler.
-fn signal_fd() -> Result<OwnedFd, VmmError> {
+pub(crate) fn signal_fd() -> Result<OwnedFd, VmmError> {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t owned by this frame.
@@ -729,11 +729,18 @@ fn build_devices(
     chip: &IrqChip,
     serial_out: Box<dyn io::Write + Send>,
     events: &Arc<VmEvents>,
+    serial_state: Option<&crate::snapshot::SerialSnapshot>,
 ) -> Result<Devices, VmmError> {
     let mut pio = PioBus::new();
     let mut mmio = MmioBus::new();
     let com1_irq = Arc::new(chip.legacy_line(vm, legacy::COM1_IRQ)?);
-    let serial = Arc::new(legacy::SerialDevice::new(com1_irq, serial_out));
+    let serial = Arc::new(match serial_state {
+        None => legacy::SerialDevice::new(com1_irq, serial_out),
+        Some(s) => {
+            legacy::SerialDevice::from_state(&s.to_state(), com1_irq, legacy::NoEvents, serial_out)
+                .map_err(crate::snapshot::SnapshotError::from)?
+        }
+    });
     pio.insert(
         PioAddress(legacy::COM1_PORT),
         legacy::COM1_PORT_SIZE,
@@ -963,10 +970,7 @@ pub fn run(spec: VmSpec) -> Result<Outcome, VmmError> {
 pub fn run_with(spec: VmSpec, control: Option<ControlReceiver>) -> Result<Outcome, VmmError> {
     // Before any thread exists, so every thread inherits the blocked signals.
     let signals = signal_fd()?;
-    let mut vm = match spec.migrate_listen.clone() {
-        Some(addr) => crate::migration::receive(spec, &addr).map_err(VmmError::Migration)?,
-        None => Vm::boot(spec)?,
-    };
+    let mut vm = Vm::boot(spec)?;
     let outcome = vm.wait(&signals, control.as_ref());
     if let Some(c) = &control {
         c.refuse_all("the VM has ended");
@@ -1002,9 +1006,12 @@ pub struct Vm {
     paused: bool,
     /// Set once a migration handed the VM to another kiln: [`Vm::wait`] then ends.
     migrated: bool,
+    /// Diff snapshot bookkeeping (dirty logging and the pages dirtied since the last full
+    /// snapshot).
+    pub(crate) dirty: crate::snapshot::DirtyTracking,
     chip: IrqChip,
     fd: VmFd,
-    kvm: Kvm,
+    kvm: Arc<Kvm>,
     mem: GuestMemoryMmap,
 }
 
@@ -1024,6 +1031,27 @@ impl Vm {
     /// Builds the VM described by `spec`, loads its kernel and starts its vCPUs. Call
     /// [`signal_fd`] (through [`run_with`]) first so no thread takes SIGINT/SIGTERM.
     pub fn boot(spec: VmSpec) -> Result<Vm, VmmError> {
+        Self::build(spec, None)
+    }
+
+    /// Rebuilds a saved VM: the machine `spec` describes (see
+    /// [`crate::snapshot::restore_spec`]) with guest memory `mem` already holding the saved
+    /// contents, then puts the interrupt controllers, clock, devices and vCPUs into `state`
+    /// and starts the vCPUs (paused if `paused`). No kernel is loaded. Live migration calls
+    /// this on the destination with memory it received.
+    pub fn restore_from(
+        spec: VmSpec,
+        state: crate::snapshot::VmState,
+        mem: GuestMemoryMmap,
+        paused: bool,
+    ) -> Result<Vm, VmmError> {
+        Self::build(
+            spec,
+            Some(crate::snapshot::RestoreInput { state, mem, paused }),
+        )
+    }
+
+    fn build(spec: VmSpec, restore: Option<crate::snapshot::RestoreInput>) -> Result<Vm, VmmError> {
         if spec.seccomp.is_some() {
             kiln_seccomp::install_sigsys_handler()?;
         }
@@ -1059,7 +1087,16 @@ impl Vm {
         let vm = kvm.create_vm().map_err(kvm_err)?;
         vm_setup("KVM_SET_TSS_ADDR", vm.set_tss_address(KVM_TSS_ADDRESS))?;
         let chip = IrqChip::create(&vm)?;
-        let mem = kiln_memory::create_guest_memory_with(mem_cfg, mem_policy).map_err(memory_err)?;
+        let (mem, restore) = match restore {
+            None => (
+                kiln_memory::create_guest_memory_with(mem_cfg, mem_policy).map_err(memory_err)?,
+                None,
+            ),
+            Some(r) => {
+                let crate::snapshot::RestoreInput { state, mem, paused } = r;
+                (mem, Some((state, paused)))
+            }
+        };
         // Registering the memory with KVM costs milliseconds on some hosts (kvm-pvm: ~5 ms) and
         // needs nothing from the kernel load, which only writes the host mapping: overlap them.
         // The vCPUs start only after both are done.
@@ -1069,13 +1106,18 @@ impl Vm {
                 // drops.
                 unsafe { kiln_memory::register_memory(&vm, &mem) }
             });
-            let entry = load_kernel(
-                &spec,
-                &mem,
-                inputs.kernel,
-                &inputs.kernel_flag,
-                inputs.initrd,
-            );
+            // A restored guest's memory already holds its kernel (and ACPI tables).
+            let entry = match restore {
+                None => load_kernel(
+                    &spec,
+                    &mem,
+                    inputs.kernel,
+                    &inputs.kernel_flag,
+                    inputs.initrd,
+                )
+                .map(Some),
+                Some(_) => Ok(None),
+            };
             (reg.join(), entry)
         });
         match registered {
@@ -1096,7 +1138,16 @@ impl Vm {
                 source,
             })?,
         });
-        let mut devices = build_devices(&vm, &chip, inputs.serial_out, &events)?;
+        if let Some((state, _)) = &restore {
+            crate::snapshot::restore_vm_state(&vm, state)?;
+        }
+        let mut devices = build_devices(
+            &vm,
+            &chip,
+            inputs.serial_out,
+            &events,
+            restore.as_ref().map(|(s, _)| &s.serial),
+        )?;
         let virtio = crate::virtio::build(
             &vm,
             &chip,
@@ -1148,20 +1199,33 @@ impl Vm {
             )
         };
 
+        if let Some((state, _)) = &restore {
+            crate::snapshot::restore_devices(&virtio, state)?;
+        }
         let supported = kiln_vcpu::supported_cpuid(&kvm)?;
         let mut vcpus = Vec::with_capacity(spec.cpus as usize);
         for index in 0..spec.cpus {
             let fd = kiln_vcpu::create_vcpu(&vm, &supported, index, spec.cpus)?;
-            if index == 0 {
-                kiln_vcpu::regs::setup_boot_regs(&fd, &boot_regs(&entry))?;
+            match (&restore, &entry) {
+                (Some((state, _)), _) => crate::snapshot::restore_vcpu(&fd, state, index)?,
+                (None, Some(entry)) if index == 0 => {
+                    kiln_vcpu::regs::setup_boot_regs(&fd, &boot_regs(entry))?
+                }
+                _ => {}
             }
             vcpus.push(Vcpu::new(fd, index, handler.clone()));
         }
+        let start_paused = restore.as_ref().is_some_and(|(_, paused)| *paused);
         let handles: Vec<VcpuHandle> = vcpus
             .into_iter()
             .zip(0..)
-            .map(|(v, index)| v.start_with(false, vcpu_thread_init(&spec, index)))
+            .map(|(v, index)| v.start_with(start_paused, vcpu_thread_init(&spec, index)))
             .collect::<Result<_, _>>()?;
+        if start_paused {
+            if let Some(l) = &virtio.event_loop {
+                l.pause();
+            }
+        }
         // Every thread exists now; from here on the main thread only waits, kicks and tears
         // down.
         if let Err(e) = thread_init(&spec, ThreadKind::Vmm)() {
@@ -1182,11 +1246,12 @@ impl Vm {
             serial: devices.serial,
             i8042: devices.i8042,
             power_button: devices.power_button,
-            paused: false,
+            paused: start_paused,
+            dirty: crate::snapshot::DirtyTracking::default(),
             migrated: false,
             chip,
             fd: vm,
-            kvm,
+            kvm: Arc::new(kvm),
             mem,
         })
     }
@@ -1265,7 +1330,10 @@ impl Vm {
                 Ok(VmResponse::Done)
             }
             VmRequest::CtrlAltDel => Err("SendCtrlAltDel is not supported yet".into()),
-            VmRequest::Snapshot(_) => Err("snapshots are not supported yet".into()),
+            VmRequest::Snapshot(p) => self
+                .snapshot(&p)
+                .map(VmResponse::Report)
+                .map_err(|e| e.to_string()),
             VmRequest::Migrate(p) => {
                 let report = crate::migration::migrate(self, &p)?;
                 self.migrated = true;
@@ -1321,24 +1389,19 @@ impl Vm {
         self.paused = false;
     }
 
-    /// The paused VM's state (vCPUs, interrupt controller, devices) as the migration
-    /// protocol's state blob.
-    pub fn migration_state(&mut self) -> Result<Vec<u8>, String> {
-        Err("saving the VM state needs kiln-snapshot's Vm::capture_state (not merged yet)".into())
-    }
-
-    /// Builds and starts a VM from a migration state blob and its received memory.
-    pub fn from_migration_state(
-        _spec: VmSpec,
-        _state: &[u8],
-        _mem: GuestMemoryMmap,
-    ) -> Result<Vm, String> {
-        Err("restoring a VM state needs kiln-snapshot's Vm::restore_from (not merged yet)".into())
-    }
-
     /// The guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// The vCPU threads, in index order.
+    pub fn vcpu_handles(&self) -> &[VcpuHandle] {
+        &self.vcpus
+    }
+
+    /// The virtio devices.
+    pub fn virtio(&self) -> &crate::virtio::VirtioDevices {
+        &self.virtio
     }
 
     /// The serial console device.
@@ -1364,6 +1427,11 @@ impl Vm {
     /// The KVM system fd the VM came from.
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
+    }
+
+    /// The KVM system fd, shared (for jobs on vCPU threads).
+    pub(crate) fn kvm_shared(&self) -> Arc<Kvm> {
+        self.kvm.clone()
     }
 
     /// The spec the VM was built from.

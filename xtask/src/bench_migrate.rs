@@ -137,7 +137,7 @@ impl Running {
         while let Ok(l) = self.lines.try_recv() {
             self.seen.push(l);
         }
-        self.seen
+        std::mem::take(&mut self.seen)
     }
 }
 

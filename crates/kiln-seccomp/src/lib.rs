@@ -229,6 +229,45 @@ pub const KVM_GET_SREGS: u64 = ioc(2, 0x83, std::mem::size_of::<kvm_bindings::kv
 /// `KVM_GET_CLOCK` (the benchmark injector's timestamps).
 pub const KVM_GET_CLOCK: u64 = ioc(2, 0x7c, std::mem::size_of::<kvm_bindings::kvm_clock_data>());
 
+/// The `KVM_GET_*` calls that save a paused vCPU (`kiln_vcpu::VcpuSnapshot::save`, run on
+/// the vCPU's thread), plus the two read-only system queries it makes.
+pub const VCPU_SAVE_IOCTLS: [u64; 12] = [
+    ioc(2, 0x98, std::mem::size_of::<kvm_bindings::kvm_mp_state>()), // KVM_GET_MP_STATE
+    ioc(2, 0xa4, std::mem::size_of::<kvm_bindings::kvm_xsave>()),    // KVM_GET_XSAVE
+    ioc(2, 0xa6, std::mem::size_of::<kvm_bindings::kvm_xcrs>()),     // KVM_GET_XCRS
+    ioc(2, 0xa1, std::mem::size_of::<kvm_bindings::kvm_debugregs>()), // KVM_GET_DEBUGREGS
+    ioc(
+        2,
+        0x8e,
+        std::mem::size_of::<kvm_bindings::kvm_lapic_state>(),
+    ), // KVM_GET_LAPIC
+    ioc(0, 0xa3, 0),                                                 // KVM_GET_TSC_KHZ
+    ioc(3, 0x91, std::mem::size_of::<kvm_bindings::kvm_cpuid2>()),   // KVM_GET_CPUID2
+    ioc(3, 0x88, std::mem::size_of::<kvm_bindings::kvm_msrs>()),     // KVM_GET_MSRS
+    ioc(
+        2,
+        0x9f,
+        std::mem::size_of::<kvm_bindings::kvm_vcpu_events>(),
+    ), // KVM_GET_VCPU_EVENTS
+    ioc(2, 0x8c, std::mem::size_of::<kvm_bindings::kvm_fpu>()),      // KVM_GET_FPU
+    ioc(0, 0x03, 0),                                                 // KVM_CHECK_EXTENSION
+    ioc(3, 0x02, std::mem::size_of::<kvm_bindings::kvm_msr_list>()), // KVM_GET_MSR_INDEX_LIST
+];
+
+/// The VM-level calls of a snapshot on the main thread: interrupt controllers, PIT, clock,
+/// and the dirty log (diff snapshots; re-registering a slot turns logging on).
+pub const VM_SAVE_IOCTLS: [u64; 5] = [
+    ioc(3, 0x62, std::mem::size_of::<kvm_bindings::kvm_irqchip>()), // KVM_GET_IRQCHIP
+    ioc(2, 0x9f, std::mem::size_of::<kvm_bindings::kvm_pit_state2>()), // KVM_GET_PIT2
+    KVM_GET_CLOCK,
+    ioc(1, 0x42, std::mem::size_of::<kvm_bindings::kvm_dirty_log>()), // KVM_GET_DIRTY_LOG
+    ioc(
+        1,
+        0x46,
+        std::mem::size_of::<kvm_bindings::kvm_userspace_memory_region>(),
+    ), // KVM_SET_USER_MEMORY_REGION
+];
+
 fn rules(kind: ThreadKind) -> Rules {
     let mut r = Rules::new();
     common(&mut r);
@@ -239,6 +278,19 @@ fn rules(kind: ThreadKind) -> Rules {
                 libc::SYS_ppoll,
                 libc::SYS_read,
                 libc::SYS_tgkill,
+                // Snapshots: the state and memory files (temporary file, fsync, rename,
+                // directory fsync; a failed write removes its temporary file).
+                libc::SYS_openat,
+                libc::SYS_pwrite64,
+                libc::SYS_ftruncate,
+                libc::SYS_fsync,
+                libc::SYS_fstat,
+                libc::SYS_statx,
+                libc::SYS_rename,
+                libc::SYS_renameat,
+                libc::SYS_renameat2,
+                libc::SYS_unlink,
+                libc::SYS_unlinkat,
             ] {
                 allow(&mut r, nr);
             }
@@ -256,6 +308,7 @@ fn rules(kind: ThreadKind) -> Rules {
                 allow(&mut r, nr);
             }
             allow_values(&mut r, libc::SYS_ioctl, 1, &[libc::FIONBIO]);
+            allow_values(&mut r, libc::SYS_ioctl, 1, &VM_SAVE_IOCTLS);
         }
         ThreadKind::Vcpu => {
             allow_values(
@@ -264,6 +317,8 @@ fn rules(kind: ThreadKind) -> Rules {
                 1,
                 &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS],
             );
+            // Saving the vCPU's state while it is paused (snapshots, migration).
+            allow_values(&mut r, libc::SYS_ioctl, 1, &VCPU_SAVE_IOCTLS);
             // A QueueNotify that no ioeventfd matched is processed on the vCPU thread.
             device_io(&mut r);
             // The exit benchmark's CPU-time marks (kiln-legacy's bench device).
@@ -522,6 +577,17 @@ mod tests {
         assert_eq!(KVM_GET_REGS, 0x8090_AE81);
         assert_eq!(KVM_GET_SREGS, 0x8138_AE83);
         assert_eq!(KVM_GET_CLOCK, 0x8030_AE7C);
+        // From linux/kvm.h as compiled for x86_64.
+        assert_eq!(VCPU_SAVE_IOCTLS[0], 0x8004_AE98); // KVM_GET_MP_STATE
+        assert_eq!(VCPU_SAVE_IOCTLS[1], 0x9000_AEA4); // KVM_GET_XSAVE
+        assert_eq!(VCPU_SAVE_IOCTLS[4], 0x8400_AE8E); // KVM_GET_LAPIC
+        assert_eq!(VCPU_SAVE_IOCTLS[6], 0xC008_AE91); // KVM_GET_CPUID2
+        assert_eq!(VCPU_SAVE_IOCTLS[7], 0xC008_AE88); // KVM_GET_MSRS
+        assert_eq!(VCPU_SAVE_IOCTLS[8], 0x8040_AE9F); // KVM_GET_VCPU_EVENTS
+        assert_eq!(VM_SAVE_IOCTLS[0], 0xC208_AE62); // KVM_GET_IRQCHIP
+        assert_eq!(VM_SAVE_IOCTLS[1], 0x8070_AE9F); // KVM_GET_PIT2
+        assert_eq!(VM_SAVE_IOCTLS[3], 0x4010_AE42); // KVM_GET_DIRTY_LOG
+        assert_eq!(VM_SAVE_IOCTLS[4], 0x4020_AE46); // KVM_SET_USER_MEMORY_REGION
     }
 
     #[test]

@@ -59,6 +59,19 @@ pub enum Error {
     /// Spawning the vCPU thread failed.
     #[error("spawning the vCPU thread: {0}")]
     Spawn(#[source] std::io::Error),
+    /// [`VcpuHandle::with_paused_fd`] on a vCPU that is not paused.
+    #[error("vCPU {index} is not paused")]
+    NotPaused {
+        /// The vCPU.
+        index: u32,
+    },
+    /// The vCPU thread ended (or hung) before it ran a job given to
+    /// [`VcpuHandle::with_paused_fd`].
+    #[error("vCPU {index}: its thread did not run the job (ended or not answering)")]
+    VcpuGone {
+        /// The vCPU.
+        index: u32,
+    },
     /// The per-thread set-up given to [`Vcpu::start_with`] failed (e.g. a seccomp filter).
     #[error("vCPU {index} thread set-up: {why}")]
     ThreadInit {

@@ -42,11 +42,26 @@ impl VcpuState {
     }
 }
 
+/// Work for a paused vCPU's thread (see [`VcpuHandle::with_paused_fd`]).
+type PausedJob = Box<dyn FnOnce(&VcpuFd) + Send>;
+
 /// Shared between the vCPU thread and its handle.
 struct Control {
     requested: Mutex<VcpuState>,
     changed: Condvar,
     current: AtomicU8,
+    /// A job for the thread to run while it sits in Paused; set and taken with `requested`
+    /// held, so the condvar wake-up that announces it can't be missed.
+    job: Mutex<Option<PausedJob>>,
+}
+
+impl Control {
+    fn take_job(&self) -> Option<PausedJob> {
+        match self.job.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        }
+    }
 }
 
 impl Control {
@@ -192,6 +207,7 @@ impl<H: ExitHandler + ?Sized + 'static> Vcpu<H> {
             requested: Mutex::new(initial),
             changed: Condvar::new(),
             current: AtomicU8::new(initial as u8),
+            job: Mutex::new(None),
         });
         let thread_control = control.clone();
         let index = self.index;
@@ -253,6 +269,17 @@ impl<H: ExitHandler + ?Sized + 'static> Vcpu<H> {
                         .current
                         .store(VcpuState::Paused as u8, Ordering::Release);
                     control.changed.notify_all();
+                    if let Some(job) = control.take_job() {
+                        // Out of the guest and parked: the registers are stable. Run the job
+                        // without the lock, so the handle can be asked about state meanwhile.
+                        drop(requested);
+                        job(&self.fd);
+                        requested = match control.requested.lock() {
+                            Ok(g) => g,
+                            Err(p) => p.into_inner(),
+                        };
+                        continue;
+                    }
                     requested = match control.changed.wait(requested) {
                         Ok(g) => g,
                         Err(p) => p.into_inner(),
@@ -395,6 +422,47 @@ impl VcpuHandle {
     pub fn pause(&self, timeout: Duration) -> VcpuState {
         self.request(VcpuState::Paused);
         self.wait_for(|s| s != VcpuState::Running, timeout)
+    }
+
+    /// Runs `f` with the vCPU's fd on the vCPU's own thread while it is paused (KVM wants
+    /// vCPU ioctls from the thread that runs the vCPU; Firecracker does the same), and
+    /// returns its result. Used to save (or inspect) the state of a paused vCPU.
+    ///
+    /// Fails with [`Error::NotPaused`] unless the vCPU is Paused, and with
+    /// [`Error::VcpuGone`] if its thread ends, or doesn't answer within `timeout`, before the
+    /// job ran. The hot loop is untouched: the thread only looks for jobs while paused.
+    pub fn with_paused_fd<R: Send + 'static>(
+        &self,
+        timeout: Duration,
+        f: impl FnOnce(&VcpuFd) -> R + Send + 'static,
+    ) -> Result<R> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        {
+            let requested = match self.control.requested.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if *requested != VcpuState::Paused || self.state() != VcpuState::Paused {
+                return Err(Error::NotPaused { index: self.index });
+            }
+            let job: PausedJob = Box::new(move |fd| {
+                // The caller may have given up waiting; then nobody wants the result.
+                let _ = tx.send(f(fd));
+            });
+            match self.control.job.lock() {
+                Ok(mut g) => *g = Some(job),
+                Err(p) => *p.into_inner() = Some(job),
+            }
+            self.control.changed.notify_all();
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                // Don't leave a stale job behind for the next pause.
+                drop(self.control.take_job());
+                Err(Error::VcpuGone { index: self.index })
+            }
+        }
     }
 
     /// Lets a paused vCPU run again.

@@ -139,3 +139,44 @@ fn triple_fault_is_reported_with_registers() {
         other => panic!("expected a triple fault, got {other:?}"),
     }
 }
+
+#[test]
+fn jobs_run_on_the_paused_thread_only() {
+    let Some(kvm) = kvm_or_skip("jobs_run_on_the_paused_thread_only") else {
+        return;
+    };
+    // l: out 0x80, al ; jmp l
+    let (_vm, fd, _mem) = vm_with_code(&kvm, &[0xe6, 0x80, 0xeb, 0xfc], None);
+    let counter = Arc::new(Counter::default());
+    let handle = Vcpu::new(fd, 0, counter.clone())
+        .start(false)
+        .expect("start");
+    std::thread::sleep(Duration::from_millis(20));
+    let t = Duration::from_secs(5);
+    // Running: refused, and the guest keeps going.
+    let e = handle
+        .with_paused_fd(t, |fd| fd.get_regs().map(|r| r.rip))
+        .unwrap_err();
+    assert!(matches!(e, kiln_vcpu::Error::NotPaused { index: 0 }), "{e}");
+    assert_eq!(handle.pause(t), VcpuState::Paused);
+    let at_pause = counter.0.load(Ordering::Relaxed);
+    let (rip, thread) = handle
+        .with_paused_fd(t, |fd| {
+            (
+                fd.get_regs().expect("regs").rip,
+                std::thread::current().name().map(str::to_string),
+            )
+        })
+        .expect("job");
+    // The loop is two instructions at 0x1000 and 0x1002.
+    assert!((0x1000..0x1004).contains(&rip), "rip {rip:#x}");
+    assert_eq!(thread.as_deref(), Some("kiln-vcpu0"));
+    // Twice in a row works and the vCPU stays paused meanwhile.
+    handle.with_paused_fd(t, |_| ()).expect("second job");
+    assert_eq!(counter.0.load(Ordering::Relaxed), at_pause);
+    handle.resume();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(counter.0.load(Ordering::Relaxed) > at_pause);
+    handle.stop();
+    assert_eq!(handle.join(), StopReason::Requested);
+}

@@ -129,6 +129,16 @@ struct Active<M> {
     stats_due: Instant,
 }
 
+/// The balloon's own part of a snapshot.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedBalloon {
+    target_pages: u32,
+    actual_pages: u32,
+    inflated_pages: u64,
+    reported_pages: u64,
+    stats_head: Option<u16>,
+}
+
 /// A virtio memory balloon.
 pub struct Balloon<M> {
     features: u64,
@@ -460,6 +470,41 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Balloon<M> {
         self.active = None;
         self.acked = 0;
         self.actual_pages = 0;
+    }
+
+    fn save_state(&self) -> Result<crate::DeviceState> {
+        let saved = SavedBalloon {
+            target_pages: self.target_pages,
+            actual_pages: self.actual_pages,
+            inflated_pages: self.inflated_pages,
+            reported_pages: self.reported_pages,
+            stats_head: self.active.as_ref().and_then(|a| a.stats_head),
+        };
+        let data = postcard::to_stdvec(&saved).map_err(|e| Error::BadState {
+            device: DEVICE.into(),
+            why: e.to_string(),
+        })?;
+        Ok(crate::DeviceState {
+            queues: crate::positions(self.active.iter().flat_map(|a| a.queues.iter())),
+            data,
+        })
+    }
+
+    fn restore_state(&mut self, data: &[u8]) -> Result<()> {
+        let saved: SavedBalloon = postcard::from_bytes(data).map_err(|e| Error::BadState {
+            device: DEVICE.into(),
+            why: e.to_string(),
+        })?;
+        self.target_pages = saved.target_pages;
+        self.actual_pages = saved.actual_pages;
+        self.inflated_pages = saved.inflated_pages;
+        self.reported_pages = saved.reported_pages;
+        if let Some(a) = self.active.as_mut() {
+            // The statistics buffer the driver handed over (already past next_avail) is
+            // still ours to return; without it the driver would never send stats again.
+            a.stats_head = saved.stats_head;
+        }
+        Ok(())
     }
 
     fn process_queue(&mut self, index: usize) -> Result<QueueOutcome> {

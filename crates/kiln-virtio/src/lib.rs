@@ -106,6 +106,21 @@ pub enum Error {
     /// `getrandom` failed.
     #[error("virtio-rng: getrandom: {0}")]
     Entropy(#[source] io::Error),
+    /// The device can't be saved in a snapshot (yet): the VM refuses to snapshot.
+    #[error("{device}: this device can't be saved in a snapshot yet")]
+    NotSnapshottable {
+        /// The device ("virtio-net", or the virtio device ID).
+        device: String,
+    },
+    /// A saved device state doesn't fit this device (another device type, queue count or
+    /// a state that doesn't decode).
+    #[error("{device}: saved state doesn't fit: {why}")]
+    BadState {
+        /// The device.
+        device: String,
+        /// What is wrong.
+        why: String,
+    },
     /// A queue size that isn't a power of two in 1..=32768.
     #[error("{device}: invalid queue size {size} (a power of two up to 32768)")]
     QueueSize {
@@ -186,6 +201,25 @@ pub trait VirtioDevice<M: GuestMemory>: Send {
     /// timer fired).
     fn process_queue(&mut self, index: usize) -> Result<QueueOutcome>;
 
+    /// The device's state for a snapshot (see [`DeviceState`]); called only while nothing
+    /// processes its queues (the VM and its event loop are paused). The default refuses: a
+    /// device that doesn't implement this makes the VM refuse to snapshot, naming it.
+    fn save_state(&self) -> Result<DeviceState> {
+        Err(Error::NotSnapshottable {
+            device: device_name(self.device_type()),
+        })
+    }
+
+    /// Takes back the device-specific part of a [`save_state`](Self::save_state), called
+    /// by the transport on a restored device after [`ack_features`](Self::ack_features) and
+    /// [`activate`](Self::activate) (queue positions are already in the queues).
+    fn restore_state(&mut self, data: &[u8]) -> Result<()> {
+        let _ = data;
+        Err(Error::NotSnapshottable {
+            device: device_name(self.device_type()),
+        })
+    }
+
     /// Host-side event sources of the device (a tap, the epoll fd of a vsock backend), each
     /// with a token of the device's choosing. Called once, when the VMM wires the device to
     /// its event loop; the fds must stay open for as long as the device exists.
@@ -206,6 +240,51 @@ pub trait VirtioDevice<M: GuestMemory>: Send {
         let _ = token;
         Ok(QueueOutcome::Done)
     }
+}
+
+/// Where a device is in one of its queues (what `virtio_queue::QueueState` adds to the
+/// transport's registers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueuePosition {
+    /// The next available-ring entry the device will read.
+    pub next_avail: u16,
+    /// The next used-ring entry the device will write.
+    pub next_used: u16,
+}
+
+/// A device's own part of a snapshot, beside the transport registers.
+///
+/// Devices process requests to completion on the event loop thread, so once the event
+/// loop is paused no request is in flight: the queue positions and `data` are all there is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceState {
+    /// Each queue's position, in queue order (empty while the device is not active).
+    pub queues: Vec<QueuePosition>,
+    /// Device-specific state in the device's own encoding (empty for stateless devices).
+    pub data: Vec<u8>,
+}
+
+/// The name of a virtio device type, for messages.
+pub fn device_name(device_type: u32) -> String {
+    match device_type {
+        1 => "virtio-net".into(),
+        VIRTIO_ID_BLOCK => "virtio-blk".into(),
+        VIRTIO_ID_RNG => "virtio-rng".into(),
+        5 => "virtio-balloon".into(),
+        19 => "virtio-vsock".into(),
+        n => format!("virtio device type {n}"),
+    }
+}
+
+fn positions<'a>(queues: impl IntoIterator<Item = &'a Queue>) -> Vec<QueuePosition> {
+    use virtio_queue::QueueT;
+    queues
+        .into_iter()
+        .map(|q| QueuePosition {
+            next_avail: q.next_avail(),
+            next_used: q.next_used(),
+        })
+        .collect()
 }
 
 /// Checks a queue size given at device construction.

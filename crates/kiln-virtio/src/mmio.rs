@@ -20,7 +20,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory};
 
 use crate::{
-    InterruptKind, QueueOutcome, Result, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    Error, InterruptKind, QueueOutcome, Result, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -204,6 +204,57 @@ impl QueueConfig {
         q.set_ready(true);
         q.is_valid(mem).then_some(q)
     }
+}
+
+/// One queue's registers in a [`TransportState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueRegs {
+    /// `QueueNum` as the driver set it.
+    pub size: u16,
+    /// Whether the last `QueueNum` write was acceptable.
+    pub size_ok: bool,
+    /// `QueueReady`.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Available (driver) ring address.
+    pub avail: u64,
+    /// Used (device) ring address.
+    pub used: u64,
+}
+
+/// Everything guest-visible of a virtio-mmio transport and its device, for snapshots
+/// ([`MmioTransport::save_state`], [`MmioTransport::restore_state`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// The virtio device ID (checked on restore).
+    pub device_type: u32,
+    /// `Status` (without `DEVICE_NEEDS_RESET`, which is `needs_reset`).
+    pub status: u32,
+    /// `DeviceFeaturesSel`.
+    pub device_features_sel: u32,
+    /// `DriverFeaturesSel`.
+    pub driver_features_sel: u32,
+    /// The features the driver wrote.
+    pub driver_features: u64,
+    /// The driver wrote feature bits beyond 64.
+    pub driver_features_invalid: bool,
+    /// `QueueSel`.
+    pub queue_sel: u32,
+    /// `SHMSel`.
+    pub shm_sel: u32,
+    /// Each queue's registers.
+    pub queues: Vec<QueueRegs>,
+    /// `InterruptStatus`.
+    pub interrupt_status: u32,
+    /// `ConfigGeneration`.
+    pub config_generation: u32,
+    /// The device had failed and waits for a reset.
+    pub needs_reset: bool,
+    /// The device was running (activated at `DRIVER_OK`).
+    pub active: bool,
+    /// The device's own state.
+    pub device: crate::DeviceState,
 }
 
 /// The register file (everything the guest can write).
@@ -408,6 +459,156 @@ where
         // The spec asks for a configuration change notification; if even that fails there is
         // nobody left to tell.
         let _ = self.interrupt.trigger(InterruptKind::Config);
+    }
+
+    /// The transport's and device's state, for a snapshot. Call it only while nothing else
+    /// drives the device (vCPUs and the device event loop paused): then no request is in
+    /// flight, because devices complete each request on the event loop before taking the
+    /// next. Fails if the device can't be saved ([`Error::NotSnapshottable`]).
+    pub fn save_state(&self) -> Result<TransportState> {
+        let regs = lock(&self.regs);
+        let slot = lock(&self.slot);
+        let device = slot.dev.save_state()?;
+        Ok(TransportState {
+            device_type: self.device_type,
+            status: regs.status,
+            device_features_sel: regs.device_features_sel,
+            driver_features_sel: regs.driver_features_sel,
+            driver_features: regs.driver_features,
+            driver_features_invalid: regs.driver_features_invalid,
+            queue_sel: regs.queue_sel,
+            shm_sel: regs.shm_sel,
+            queues: regs
+                .queues
+                .iter()
+                .map(|q| QueueRegs {
+                    size: q.size,
+                    size_ok: q.size_ok,
+                    ready: q.ready,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                })
+                .collect(),
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.generation.load(Ordering::Acquire),
+            needs_reset: self.needs_reset.load(Ordering::Acquire),
+            active: slot.active,
+            device,
+        })
+    }
+
+    /// Puts a freshly built transport (same device type and queues, guest memory already
+    /// restored) into `state`. An active device gets its queues, positions and memory back
+    /// and runs again without the driver redoing the handshake; then the activation hook
+    /// runs, so requests made available while the VM was saved are looked at.
+    ///
+    /// Everything is checked before anything changes: on error the transport is untouched.
+    /// The interrupt line is not raised: the interrupt controller's restored state holds
+    /// any interrupt that was pending.
+    pub fn restore_state(&self, state: &TransportState) -> Result<()> {
+        let bad = |why: String| Error::BadState {
+            device: crate::device_name(self.device_type),
+            why,
+        };
+        if state.device_type != self.device_type {
+            return Err(bad(format!(
+                "the snapshot has a {} here",
+                crate::device_name(state.device_type)
+            )));
+        }
+        let mut regs = lock(&self.regs);
+        if state.queues.len() != regs.queues.len() {
+            return Err(bad(format!(
+                "{} queues saved, the device has {}",
+                state.queues.len(),
+                regs.queues.len()
+            )));
+        }
+        if state.driver_features & !self.device_features != 0 {
+            return Err(bad(format!(
+                "driver features {:#x} are not all offered ({:#x})",
+                state.driver_features, self.device_features
+            )));
+        }
+        let mut new_regs =
+            Registers::new(&regs.queues.iter().map(|q| q.max_size).collect::<Vec<_>>());
+        new_regs.status = state.status & !status::DEVICE_NEEDS_RESET;
+        new_regs.device_features_sel = state.device_features_sel;
+        new_regs.driver_features_sel = state.driver_features_sel;
+        new_regs.driver_features = state.driver_features;
+        new_regs.driver_features_invalid = state.driver_features_invalid;
+        new_regs.queue_sel = state.queue_sel;
+        new_regs.shm_sel = state.shm_sel;
+        for (q, saved) in new_regs.queues.iter_mut().zip(&state.queues) {
+            if saved.size > q.max_size || (saved.size_ok && !saved.size.is_power_of_two()) {
+                return Err(bad(format!(
+                    "queue size {} (the device allows {})",
+                    saved.size, q.max_size
+                )));
+            }
+            q.size = saved.size;
+            q.size_ok = saved.size_ok;
+            q.ready = saved.ready;
+            q.desc = saved.desc;
+            q.avail = saved.avail;
+            q.used = saved.used;
+        }
+        let mut queues = Vec::new();
+        if state.active {
+            if state.device.queues.len() != new_regs.queues.len() {
+                return Err(bad(format!(
+                    "{} queue positions saved for {} queues",
+                    state.device.queues.len(),
+                    new_regs.queues.len()
+                )));
+            }
+            let event_idx = state.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+            for (i, (qc, pos)) in new_regs.queues.iter().zip(&state.device.queues).enumerate() {
+                let mut q = if qc.ready {
+                    qc.build(&self.mem, event_idx)
+                        .ok_or_else(|| bad(format!("queue {i} is not valid in guest memory")))?
+                } else {
+                    Queue::new(qc.max_size).map_err(|e| bad(format!("queue {i}: {e}")))?
+                };
+                q.set_next_avail(pos.next_avail);
+                q.set_next_used(pos.next_used);
+                queues.push(q);
+            }
+        }
+        let mut slot = lock(&self.slot);
+        if slot.active {
+            slot.dev.reset();
+            slot.active = false;
+        }
+        if state.status & status::FEATURES_OK != 0 {
+            slot.dev.ack_features(state.driver_features);
+        }
+        if state.active {
+            let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+            slot.dev.activate(self.mem.clone(), queues, interrupt)?;
+            if let Err(e) = slot.dev.restore_state(&state.device.data) {
+                slot.dev.reset();
+                return Err(e);
+            }
+            slot.active = true;
+        }
+        drop(slot);
+        *regs = new_regs;
+        drop(regs);
+        self.interrupt
+            .status
+            .store(state.interrupt_status, Ordering::Release);
+        self.interrupt
+            .generation
+            .store(state.config_generation, Ordering::Release);
+        self.needs_reset.store(state.needs_reset, Ordering::Release);
+        if state.active {
+            if let Some(hook) = self.on_activate.get() {
+                hook();
+            }
+        }
+        Ok(())
     }
 
     /// Writing 0 to `Status`: back to the power-on state, device included.
@@ -759,7 +960,7 @@ mod tests {
 
     use super::*;
     use crate::test_util::*;
-    use crate::{Error, Result, Rng};
+    use crate::{Error, QueuePosition, Result, Rng};
 
     /// What the fake device saw, shared with the test.
     #[derive(Default)]
@@ -1190,6 +1391,76 @@ mod tests {
         drv.add(&m, &[(DATA, 8, true)]);
         assert_eq!(t.notify_queue(0).unwrap(), QueueOutcome::Done);
         assert_eq!(Driver::used_idx(&m), 2);
+    }
+
+    #[test]
+    fn rng_state_moves_to_a_fresh_transport() {
+        let line = Arc::new(EventFdLine::new().unwrap());
+        let m = mem();
+        let t = MmioTransport::new(m.clone(), Rng::new(QS, None).unwrap(), line.clone());
+        assert!(negotiate(&t, VIRTIO_F_VERSION_1));
+        assert!(setup_queue(&t, 0, u32::from(QS)));
+        w(&t, regs::STATUS, ALL_OK);
+        let mut drv = Driver::default();
+        drv.add(&m, &[(DATA, 16, true)]);
+        assert_eq!(t.notify_queue(0).unwrap(), QueueOutcome::Done);
+        assert_eq!(Driver::used_idx(&m), 1);
+        let state = t.save_state().unwrap();
+        assert!(state.active);
+        assert_eq!(state.device.queues[0].next_used, 1);
+        assert_eq!(state.interrupt_status, INT_VRING);
+        // Through serde, as a snapshot carries it.
+        let bytes = postcard::to_stdvec(&state).unwrap();
+        let state: TransportState = postcard::from_bytes(&bytes).unwrap();
+
+        let line2 = Arc::new(EventFdLine::new().unwrap());
+        let t2 = MmioTransport::new(m.clone(), Rng::new(QS, None).unwrap(), line2.clone());
+        let kicked = Arc::new(AtomicUsize::new(0));
+        let k = kicked.clone();
+        t2.set_activate_hook(Box::new(move || {
+            k.fetch_add(1, Ordering::Relaxed);
+        }));
+        t2.restore_state(&state).unwrap();
+        assert!(t2.is_active());
+        assert_eq!(kicked.load(Ordering::Relaxed), 1);
+        assert_eq!(r(&t2, regs::STATUS), ALL_OK);
+        assert_eq!(r(&t2, regs::INTERRUPT_STATUS), INT_VRING);
+        assert_eq!(line2.take_count(), 0, "restoring raises no interrupt");
+        // The next request lands in the next used slot, without a new handshake.
+        drv.add(&m, &[(DATA, 8, true)]);
+        assert_eq!(t2.notify_queue(0).unwrap(), QueueOutcome::Done);
+        assert_eq!(Driver::used_idx(&m), 2);
+        assert_eq!(Driver::used(&m, 1).1, 8);
+        assert_eq!(t2.save_state().unwrap().device.queues[0].next_avail, 2);
+    }
+
+    #[test]
+    fn state_that_does_not_fit_is_refused_untouched() {
+        let (t, seen, _) = fake();
+        let e = t.save_state().unwrap_err();
+        assert!(e.to_string().contains("can't be saved"), "{e}");
+        let line = Arc::new(EventFdLine::new().unwrap());
+        let m = mem();
+        let rng = MmioTransport::new(m.clone(), Rng::new(QS, None).unwrap(), line.clone());
+        let mut state = rng.save_state().unwrap();
+        assert!(!state.active);
+        state.device_type = 2;
+        let e = rng.restore_state(&state).unwrap_err();
+        assert!(e.to_string().contains("virtio-blk"), "{e}");
+        state.device_type = 4;
+        state.active = true;
+        state.status = ALL_OK;
+        state.queues[0].ready = true;
+        state.queues[0].desc = u64::MAX - 15;
+        state.device.queues = vec![QueuePosition {
+            next_avail: 0,
+            next_used: 0,
+        }];
+        let e = rng.restore_state(&state).unwrap_err();
+        assert!(e.to_string().contains("not valid"), "{e}");
+        assert!(!rng.is_active());
+        assert_eq!(r(&rng, regs::STATUS), 0);
+        assert_eq!(seen.activations.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -160,6 +160,18 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Rng<M> {
         self.active = None;
     }
 
+    fn save_state(&self) -> Result<crate::DeviceState> {
+        // Stateless beyond its queue; the rate limiter's budget starts afresh on restore.
+        Ok(crate::DeviceState {
+            queues: crate::positions(self.active.as_ref().map(|(_, q, _)| q)),
+            data: Vec::new(),
+        })
+    }
+
+    fn restore_state(&mut self, _data: &[u8]) -> Result<()> {
+        Ok(())
+    }
+
     fn process_queue(&mut self, index: usize) -> Result<QueueOutcome> {
         if index != 0 {
             return Err(Error::QueueIndex {
