@@ -228,15 +228,32 @@ pub fn regions(mem: &GuestMemoryMmap) -> Vec<Region> {
 pub struct VmSource<'a> {
     vm: &'a mut Vm,
     tracker: DirtyTracker,
+    /// `/proc/self/pagemap`, for private anonymous guest memory only (see `known_zero`).
+    pagemap: Option<std::fs::File>,
 }
 
 impl<'a> VmSource<'a> {
     /// Wraps `vm`.
     pub fn new(vm: &'a mut Vm) -> Self {
         let tracker = DirtyTracker::new(vm.memory());
-        VmSource { vm, tracker }
+        let anonymous = matches!(
+            vm.spec().memory_options.config.backing,
+            kiln_memory::Backing::Anonymous
+        );
+        let pagemap = anonymous
+            .then(|| std::fs::File::open("/proc/self/pagemap").ok())
+            .flatten();
+        VmSource {
+            vm,
+            tracker,
+            pagemap,
+        }
     }
 }
+
+/// pagemap entry bits: page present in RAM, page swapped out.
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
 
 impl SourceVm for VmSource<'_> {
     fn regions(&self) -> Vec<Region> {
@@ -279,6 +296,31 @@ impl SourceVm for VmSource<'_> {
     }
     fn resume(&mut self) {
         self.vm.resume()
+    }
+    /// Private anonymous memory that is neither present nor swapped out was never written
+    /// (or was dropped by the balloon): it reads as zeros. Reading it would cost a fault
+    /// per page. Other backings (memfd, hugetlb, files) can hold data this process never
+    /// mapped, so they get no hint.
+    fn known_zero(&self) -> Option<Vec<Vec<u64>>> {
+        use std::os::unix::fs::FileExt;
+        let f = self.pagemap.as_ref()?;
+        let mut out = Vec::new();
+        for r in self.vm.memory().iter() {
+            let pages = (r.len() / PAGE) as usize;
+            let mut raw = vec![0u8; pages * 8];
+            let off = (r.as_ptr() as u64 / PAGE) * 8;
+            f.read_exact_at(&mut raw, off).ok()?;
+            let mut bits = vec![0u64; pages.div_ceil(64)];
+            for (i, e) in raw.chunks_exact(8).enumerate() {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(e);
+                if u64::from_le_bytes(w) & (PM_PRESENT | PM_SWAPPED) == 0 {
+                    bits[i / 64] |= 1 << (i % 64);
+                }
+            }
+            out.push(bits);
+        }
+        Some(out)
     }
     fn save_state(&mut self) -> Result<Vec<u8>, String> {
         let state = self.vm.capture_state().map_err(|e| e.to_string())?;

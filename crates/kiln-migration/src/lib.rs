@@ -159,6 +159,12 @@ pub trait SourceVm {
     fn resume(&mut self);
     /// The paused VM's state (vCPUs, interrupt controller, devices) as one blob.
     fn save_state(&mut self) -> std::result::Result<Vec<u8>, String>;
+    /// Pages known to hold zeros without reading them (e.g. never touched on the host),
+    /// one bitmap per region, or None. [`send`] neither reads nor fingerprints those: on a
+    /// host a read of an untouched page costs a page fault.
+    fn known_zero(&self) -> Option<Vec<Vec<u64>>> {
+        None
+    }
 }
 
 /// The destination VM as [`receive`] needs it: memory first, then the state.
@@ -216,6 +222,12 @@ pub struct Report {
     pub bandwidth: f64,
     /// Pause → the destination's `Running`, by the source's clock.
     pub downtime: Duration,
+    /// Of the downtime: the pause itself (vCPUs out, devices quiet).
+    pub pause: Duration,
+    /// Of the downtime: finding the pages devices wrote (fingerprint pass).
+    pub scan: Duration,
+    /// Of the downtime: saving the VM state.
+    pub save: Duration,
     /// The destination's own `Commit` → running time.
     pub restore: Duration,
     /// Start → `Running`.
@@ -229,7 +241,8 @@ impl std::fmt::Display for Report {
         write!(
             f,
             "total_ms={:.1} downtime_ms={:.1} restore_ms={:.1} bytes={} pages={} zero_pages={} \
-             iterations={}{} final_pages={} device_pages={} state_bytes={} bandwidth_mibs={:.0}",
+             iterations={}{} final_pages={} device_pages={} state_bytes={} bandwidth_mibs={:.0} \
+             pause_ms={:.1} scan_ms={:.1} save_ms={:.1}",
             self.total.as_secs_f64() * 1e3,
             self.downtime.as_secs_f64() * 1e3,
             self.restore.as_secs_f64() * 1e3,
@@ -246,6 +259,9 @@ impl std::fmt::Display for Report {
             self.device_pages,
             self.state_bytes,
             self.bandwidth / (1 << 20) as f64,
+            self.pause.as_secs_f64() * 1e3,
+            self.scan.as_secs_f64() * 1e3,
+            self.save.as_secs_f64() * 1e3,
         )
     }
 }
@@ -296,6 +312,10 @@ struct Sender<'a, V: SourceVm, S: Write> {
     /// Fingerprint of each page as last sent.
     sent: Vec<Vec<u64>>,
     key: u64,
+    /// Fingerprint of an all-zero page.
+    zero_fp: u64,
+    /// [`SourceVm::known_zero`] as of this round.
+    hint: Option<Vec<Vec<u64>>>,
     buf: Vec<u8>,
     report: Report,
 }
@@ -303,6 +323,13 @@ struct Sender<'a, V: SourceVm, S: Write> {
 impl<V: SourceVm, S: Write> Sender<'_, V, S> {
     fn io(e: std::io::Error) -> Error {
         Error::Io("sending", e)
+    }
+
+    fn hinted(&self, r: usize, p: u64) -> bool {
+        self.hint
+            .as_ref()
+            .and_then(|h| h.get(r))
+            .is_some_and(|b| bit(b, p))
     }
 
     /// Sends the pages of region `r` selected by `pick`, in runs; returns pages sent.
@@ -316,14 +343,33 @@ impl<V: SourceVm, S: Write> Sender<'_, V, S> {
                 i += 1;
                 continue;
             }
-            // A run of picked pages, at most one frame long.
+            // A run of picked pages, at most one frame long, all known zero or none.
             let start = i;
-            while i < n && i - start < wire::MAX_PAGES_PER_FRAME as u64 && pick(self, i) {
+            let z = self.hinted(r, i);
+            while i < n
+                && i - start < wire::MAX_PAGES_PER_FRAME as u64
+                && pick(self, i)
+                && self.hinted(r, i) == z
+            {
                 i += 1;
             }
-            count += self.send_run(r, start, i - start)?;
+            count += if z {
+                self.send_known_zero(r, start, i - start)?
+            } else {
+                self.send_run(r, start, i - start)?
+            };
         }
         Ok(count)
+    }
+
+    /// Sends pages `start..start + n` of region `r`, known to be zero, as a marker.
+    fn send_known_zero(&mut self, r: usize, start: u64, n: u64) -> Result<u64> {
+        let gpa = self.regions[r].gpa + start * PAGE;
+        self.report.bytes +=
+            wire::write_frame(self.s, &Frame::Zero { gpa, count: n }).map_err(Self::io)? as u64;
+        self.report.zero_pages += n;
+        self.sent[r][start as usize..(start + n) as usize].fill(self.zero_fp);
+        Ok(n)
     }
 
     /// Sends pages `start..start + n` of region `r`: zero runs as markers, the rest as data.
@@ -332,7 +378,7 @@ impl<V: SourceVm, S: Write> Sender<'_, V, S> {
         let gpa = reg.gpa + start * PAGE;
         self.buf.resize((n * PAGE) as usize, 0);
         self.vm.read(gpa, &mut self.buf).map_err(Error::Vm)?;
-        let zero_fp = fingerprint(self.key, &[0u8; PAGE as usize]);
+        let zero_fp = self.zero_fp;
         let mut k = 0;
         while k < n {
             let page = |k: u64| &self.buf[(k * PAGE) as usize..((k + 1) * PAGE) as usize];
@@ -381,30 +427,26 @@ impl<V: SourceVm, S: Write> Sender<'_, V, S> {
     /// Marks in `dirty` every page not already in it whose contents differ from what was
     /// sent: what the VMM's devices wrote behind KVM's log. Returns how many.
     fn add_device_writes(&mut self, dirty: &mut [Vec<u64>]) -> Result<u64> {
+        self.hint = self.vm.known_zero();
         let mut found = 0;
-        let mut page = vec![0u8; PAGE as usize * 64];
+        let mut page = vec![0u8; PAGE as usize];
         for (r, reg) in self.regions.clone().iter().enumerate() {
-            let n = reg.pages();
-            let mut i = 0;
-            while i < n {
-                let k = (n - i).min(64);
-                let buf = &mut page[..(k * PAGE) as usize];
-                self.vm.read(reg.gpa + i * PAGE, buf).map_err(Error::Vm)?;
-                for j in 0..k {
-                    let p = i + j;
-                    if bit(&dirty[r], p) {
-                        continue;
-                    }
-                    let fp = fingerprint(
-                        self.key,
-                        &buf[(j * PAGE) as usize..((j + 1) * PAGE) as usize],
-                    );
-                    if fp != self.sent[r][p as usize] {
-                        dirty[r][(p / 64) as usize] |= 1 << (p % 64);
-                        found += 1;
-                    }
+            for p in 0..reg.pages() {
+                if bit(&dirty[r], p) {
+                    continue;
                 }
-                i += k;
+                let fp = if self.hinted(r, p) {
+                    self.zero_fp
+                } else {
+                    self.vm
+                        .read(reg.gpa + p * PAGE, &mut page)
+                        .map_err(Error::Vm)?;
+                    fingerprint(self.key, &page)
+                };
+                if fp != self.sent[r][p as usize] {
+                    dirty[r][(p / 64) as usize] |= 1 << (p % 64);
+                    found += 1;
+                }
             }
         }
         Ok(found)
@@ -485,6 +527,7 @@ fn send_inner<V: SourceVm, S: Read + Write>(
         }
     }
     vm.start_dirty_log().map_err(Error::Vm)?;
+    let key = random_key();
     let mut s = Sender {
         sent: regions
             .iter()
@@ -493,13 +536,16 @@ fn send_inner<V: SourceVm, S: Read + Write>(
         regions,
         vm,
         s: stream,
-        key: random_key(),
+        key,
+        zero_fp: fingerprint(key, &[0u8; PAGE as usize]),
+        hint: None,
         buf: Vec::new(),
         report: Report::default(),
     };
 
     // Round 0: everything.
     let t = Instant::now();
+    s.hint = s.vm.known_zero();
     let b0 = s.report.bytes;
     let mut sent = 0;
     for r in 0..s.regions.len() {
@@ -534,6 +580,7 @@ fn send_inner<V: SourceVm, S: Read + Write>(
         }
         s.report.iterations += 1;
         let t = Instant::now();
+        s.hint = s.vm.known_zero();
         let b0 = s.report.bytes;
         let n = s.send_dirty(&dirty)?;
         s.report.bytes += wire::write_frame(
@@ -555,11 +602,16 @@ fn send_inner<V: SourceVm, S: Read + Write>(
     let pause_at = Instant::now();
     s.vm.pause().map_err(Error::Vm)?;
     *paused = true;
+    s.report.pause = pause_at.elapsed();
     let last = s.vm.dirty_log().map_err(Error::Vm)?;
     merge(&mut dirty, &last);
+    let t = Instant::now();
     s.report.device_pages = s.add_device_writes(&mut dirty)?;
+    s.report.scan = t.elapsed();
     s.report.final_pages = s.send_dirty(&dirty)?;
+    let t = Instant::now();
     let state = s.vm.save_state().map_err(Error::Vm)?;
+    s.report.save = t.elapsed();
     s.report.state_bytes = state.len() as u64;
     s.report.bytes +=
         wire::write_frame(s.s, &Frame::State(state)).map_err(Sender::<V, S>::io)? as u64;

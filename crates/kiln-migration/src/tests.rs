@@ -21,7 +21,11 @@ struct Mem {
     bytes: Vec<Vec<u8>>,
     /// Dirty bits the fake KVM log keeps (guest writes only).
     dirty: Vec<Vec<u64>>,
+    /// Pages ever written (the rest are "untouched": known zero).
+    touched: Vec<Vec<u64>>,
     logging: bool,
+    /// Reads of untouched pages (should be none: they are hinted).
+    untouched_reads: u64,
 }
 
 impl Mem {
@@ -33,7 +37,12 @@ impl Mem {
                 .iter()
                 .map(|r| vec![0; r.pages().div_ceil(64) as usize])
                 .collect(),
+            touched: regions
+                .iter()
+                .map(|r| vec![0; r.pages().div_ceil(64) as usize])
+                .collect(),
             logging: false,
+            untouched_reads: 0,
         }
     }
 
@@ -46,9 +55,15 @@ impl Mem {
         (r, (gpa - self.regions[r].gpa) as usize)
     }
 
+    fn touch(&mut self, r: usize, off: usize) {
+        let p = off as u64 / PAGE;
+        self.touched[r][(p / 64) as usize] |= 1 << (p % 64);
+    }
+
     /// A guest write: logged.
     fn guest_write(&mut self, gpa: u64, v: u64) {
         let (r, off) = self.locate(gpa);
+        self.touch(r, off);
         self.bytes[r][off..off + 8].copy_from_slice(&v.to_le_bytes());
         if self.logging {
             let p = off as u64 / PAGE;
@@ -59,6 +74,7 @@ impl Mem {
     /// A device write: not logged.
     fn device_write(&mut self, gpa: u64, v: u64) {
         let (r, off) = self.locate(gpa);
+        self.touch(r, off);
         self.bytes[r][off..off + 8].copy_from_slice(&v.to_le_bytes());
     }
 }
@@ -82,10 +98,24 @@ impl SourceVm for FakeSource {
         2
     }
     fn read(&self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
-        let m = self.mem.lock().unwrap();
+        let mut m = self.mem.lock().unwrap();
         let (r, off) = m.locate(gpa);
         buf.copy_from_slice(&m.bytes[r][off..off + buf.len()]);
+        for p in (off / PAGE as usize)..(off + buf.len()).div_ceil(PAGE as usize) {
+            if m.touched[r][p / 64] & (1 << (p % 64)) == 0 {
+                m.untouched_reads += 1;
+            }
+        }
         Ok(())
+    }
+    fn known_zero(&self) -> Option<Vec<Vec<u64>>> {
+        let m = self.mem.lock().unwrap();
+        Some(
+            m.touched
+                .iter()
+                .map(|t| t.iter().map(|w| !w).collect())
+                .collect(),
+        )
     }
     fn start_dirty_log(&mut self) -> std::result::Result<(), String> {
         self.mem.lock().unwrap().logging = true;
@@ -267,6 +297,7 @@ fn a_running_guest_arrives_intact_with_device_writes() {
     assert_eq!(got.pages + got.zero_pages, report.pages + report.zero_pages);
     assert_eq!(src.resumes, 0);
     assert!(!m.logging);
+    assert_eq!(m.untouched_reads, 0, "known-zero pages were read");
 }
 
 #[test]

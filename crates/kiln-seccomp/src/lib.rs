@@ -294,7 +294,7 @@ fn rules(kind: ThreadKind) -> Rules {
             ] {
                 allow(&mut r, nr);
             }
-            // Live migration's outgoing connection (TCP or Unix; connect with a timeout
+            // Live migration: the outgoing connection (TCP or Unix; connect with a timeout
             // makes the socket non-blocking with FIONBIO and polls it).
             for nr in [
                 libc::SYS_socket,
@@ -304,6 +304,8 @@ fn rules(kind: ThreadKind) -> Rules {
                 libc::SYS_sendto,
                 libc::SYS_recvfrom,
                 libc::SYS_shutdown,
+                // /proc/self/pagemap: which guest pages were never touched.
+                libc::SYS_pread64,
             ] {
                 allow(&mut r, nr);
             }
