@@ -13,6 +13,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -321,6 +322,31 @@ impl SourceVm for VmSource<'_> {
             out.push(bits);
         }
         Some(out)
+    }
+    fn hand_over(&mut self) -> Result<(), String> {
+        for f in &self.vm.disk_locks {
+            // SAFETY: flock takes no pointers; `f` is an open file.
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+        }
+        Ok(())
+    }
+    fn take_back(&mut self) -> Result<(), String> {
+        for (f, d) in self.vm.disk_locks.iter().zip(&self.vm.spec().disks) {
+            let op = if d.read_only {
+                libc::LOCK_SH
+            } else {
+                libc::LOCK_EX
+            } | libc::LOCK_NB;
+            // SAFETY: as above.
+            if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
+                return Err(format!(
+                    "--disk path={}: can't lock the image again ({})",
+                    d.path.display(),
+                    io::Error::last_os_error()
+                ));
+            }
+        }
+        Ok(())
     }
     fn save_state(&mut self) -> Result<Vec<u8>, String> {
         let state = self.vm.capture_state().map_err(|e| e.to_string())?;

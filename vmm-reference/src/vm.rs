@@ -1006,6 +1006,9 @@ pub struct Vm {
     paused: bool,
     /// Set once a migration handed the VM to another kiln: [`Vm::wait`] then ends.
     migrated: bool,
+    /// The disk images' open files (dups of the devices'), whose `flock`s a migration
+    /// releases for the destination.
+    pub(crate) disk_locks: Vec<File>,
     /// Diff snapshot bookkeeping (dirty logging and the pages dirtied since the last full
     /// snapshot).
     pub(crate) dirty: crate::snapshot::DirtyTracking,
@@ -1148,6 +1151,18 @@ impl Vm {
             &events,
             restore.as_ref().map(|(s, _)| &s.serial),
         )?;
+        // Second handles on the disks' open files, sharing their locks: a migration hands
+        // the locks to the destination (and takes them back if it fails).
+        let disk_locks = inputs
+            .disks
+            .iter()
+            .flatten()
+            .map(|f| f.try_clone())
+            .collect::<io::Result<Vec<File>>>()
+            .map_err(|source| VmmError::Os {
+                what: "duplicating a disk image fd",
+                source,
+            })?;
         let virtio = crate::virtio::build(
             &vm,
             &chip,
@@ -1249,6 +1264,7 @@ impl Vm {
             paused: start_paused,
             dirty: crate::snapshot::DirtyTracking::default(),
             migrated: false,
+            disk_locks,
             chip,
             fd: vm,
             kvm: Arc::new(kvm),

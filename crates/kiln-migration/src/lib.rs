@@ -68,6 +68,9 @@ pub enum Error {
     /// The source gave up.
     #[error("the source aborted: {0}")]
     Aborted(String),
+    /// The migration failed after the hand-over and the source could not take its VM back.
+    #[error("{0}")]
+    Stuck(String),
     /// The local VM failed at something (pause, dirty log, state, restore).
     #[error("{0}")]
     Vm(String),
@@ -159,6 +162,17 @@ pub trait SourceVm {
     fn resume(&mut self);
     /// The paused VM's state (vCPUs, interrupt controller, devices) as one blob.
     fn save_state(&mut self) -> std::result::Result<Vec<u8>, String>;
+    /// Called once everything is sent, just before `Commit`: give up what the destination
+    /// must take over (kiln: its disk image locks).
+    fn hand_over(&mut self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+    /// Called after a failed migration that got past [`SourceVm::hand_over`], before
+    /// resuming: take it back. An error means the destination may hold it (and so may be
+    /// running the VM): the source then stays paused rather than run a second copy.
+    fn take_back(&mut self) -> std::result::Result<(), String> {
+        Ok(())
+    }
     /// Pages known to hold zeros without reading them (e.g. never touched on the host),
     /// one bitmap per region, or None. [`send`] neither reads nor fingerprints those: on a
     /// host a read of an untouched page costs a page fault.
@@ -485,16 +499,35 @@ pub fn send<V: SourceVm, S: Read + Write>(
     params: &Params,
 ) -> Result<Report> {
     let t0 = Instant::now();
-    let mut paused = false;
-    let r = send_inner(vm, stream, host, params, t0, &mut paused);
-    if let Err(e) = &r {
+    let mut stage = Stage::Running;
+    let r = send_inner(vm, stream, host, params, t0, &mut stage);
+    if let Err(e) = r {
         let _ = wire::write_frame(stream, &Frame::Abort(e.to_string()));
-        if paused {
-            vm.resume();
-        }
         vm.stop_dirty_log();
+        match stage {
+            Stage::Running => {}
+            Stage::Paused => vm.resume(),
+            Stage::HandedOver => {
+                if let Err(why) = vm.take_back() {
+                    return Err(Error::Stuck(format!(
+                        "{e}; and taking back what the destination was given failed ({why}): \
+                         the destination may be running the VM, so it stays paused here"
+                    )));
+                }
+                vm.resume();
+            }
+        }
+        return Err(e);
     }
     r
+}
+
+/// How far the source got, for undoing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Running,
+    Paused,
+    HandedOver,
 }
 
 fn send_inner<V: SourceVm, S: Read + Write>(
@@ -503,7 +536,7 @@ fn send_inner<V: SourceVm, S: Read + Write>(
     host: &HostInfo,
     params: &Params,
     t0: Instant,
-    paused: &mut bool,
+    stage: &mut Stage,
 ) -> Result<Report> {
     let regions = vm.regions();
     wire::write_frame(
@@ -601,7 +634,7 @@ fn send_inner<V: SourceVm, S: Read + Write>(
     // Final round, paused.
     let pause_at = Instant::now();
     s.vm.pause().map_err(Error::Vm)?;
-    *paused = true;
+    *stage = Stage::Paused;
     s.report.pause = pause_at.elapsed();
     let last = s.vm.dirty_log().map_err(Error::Vm)?;
     merge(&mut dirty, &last);
@@ -615,6 +648,8 @@ fn send_inner<V: SourceVm, S: Read + Write>(
     s.report.state_bytes = state.len() as u64;
     s.report.bytes +=
         wire::write_frame(s.s, &Frame::State(state)).map_err(Sender::<V, S>::io)? as u64;
+    s.vm.hand_over().map_err(Error::Vm)?;
+    *stage = Stage::HandedOver;
     s.report.bytes += wire::write_frame(s.s, &Frame::Commit).map_err(Sender::<V, S>::io)? as u64;
     let _ = params.commit_timeout; // enforced by the stream's read timeout (caller)
     match wire::read_frame(s.s)? {

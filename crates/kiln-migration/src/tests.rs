@@ -86,6 +86,10 @@ struct FakeSource {
     mem: Arc<Mutex<Mem>>,
     paused: Arc<AtomicBool>,
     resumes: u32,
+    /// Whether the "disk lock" is held; `take_back` fails when `lock_taken` says the
+    /// destination got it.
+    locked: bool,
+    lock_taken: bool,
     /// Called once when paused: device writes that land behind the log.
     on_pause: Option<OnPause>,
 }
@@ -145,6 +149,17 @@ impl SourceVm for FakeSource {
     }
     fn save_state(&mut self) -> std::result::Result<Vec<u8>, String> {
         Ok(b"device-state".to_vec())
+    }
+    fn hand_over(&mut self) -> std::result::Result<(), String> {
+        self.locked = false;
+        Ok(())
+    }
+    fn take_back(&mut self) -> std::result::Result<(), String> {
+        if self.lock_taken {
+            return Err("held by another".into());
+        }
+        self.locked = true;
+        Ok(())
     }
 }
 
@@ -250,6 +265,8 @@ fn source(mem: &Arc<Mutex<Mem>>, paused: &Arc<AtomicBool>) -> FakeSource {
         mem: mem.clone(),
         paused: paused.clone(),
         resumes: 0,
+        locked: true,
+        lock_taken: false,
         on_pause: None,
     }
 }
@@ -336,7 +353,28 @@ fn the_source_keeps_its_vm_when_the_destination_dies() {
     d.join().unwrap();
     assert!(matches!(err, Error::Truncated(_)), "{err}");
     assert_eq!(src.resumes, 1);
+    assert!(src.locked, "the lock was taken back");
     assert!(!paused.load(Ordering::SeqCst));
+
+    // The same, but the destination kept the lock (it may be running the VM): the source
+    // must not run a second copy.
+    let mut src = source(&mem, &paused);
+    src.lock_taken = true;
+    let (mut a, mut b) = UnixStream::pair().unwrap();
+    let d = std::thread::spawn(move || loop {
+        match wire::read_frame(&mut b).unwrap() {
+            Frame::Hello(_) => {
+                wire::write_frame(&mut b, &Frame::HelloOk).unwrap();
+            }
+            Frame::Commit => break,
+            _ => {}
+        }
+    });
+    let err = send(&mut src, &mut a, &host(), &Params::default()).unwrap_err();
+    d.join().unwrap();
+    assert!(matches!(err, Error::Stuck(_)), "{err}");
+    assert_eq!(src.resumes, 0);
+    assert!(paused.load(Ordering::SeqCst));
 }
 
 #[test]

@@ -306,6 +306,8 @@ fn rules(kind: ThreadKind) -> Rules {
                 libc::SYS_shutdown,
                 // /proc/self/pagemap: which guest pages were never touched.
                 libc::SYS_pread64,
+                // Disk image locks handed to the destination (and taken back on failure).
+                libc::SYS_flock,
             ] {
                 allow(&mut r, nr);
             }
