@@ -29,7 +29,7 @@ struct Opts {
 fn parse(args: &[String]) -> Result<Opts, String> {
     let mut o = Opts {
         runs: 3,
-        mib: 64,
+        mib: 32,
         rates: vec![10, 100],
         unix: false,
         max_downtime_ms: 300,
@@ -183,6 +183,19 @@ struct Sample {
     downtime_ms: f64,
     iterations: f64,
     mib_sent: f64,
+    /// MiB/s the guest really dirtied on the source (from its own `dirtied_kib`).
+    dirtied_mibs: f64,
+    /// Largest gap between two guest lines, by the guest's clock.
+    guest_gap_ms: f64,
+}
+
+/// (t_ns, dirtied_kib) of each `counter seq=` line.
+fn progress(lines: &[String]) -> Vec<(f64, f64)> {
+    lines
+        .iter()
+        .filter(|l| l.starts_with("counter seq="))
+        .filter_map(|l| Some((field(l, "t_ns")?, field(l, "dirtied_kib")?)))
+        .collect()
 }
 
 fn one(kiln: &Path, dir: &Path, o: &Opts, rate: u64, run: usize) -> Result<Sample, String> {
@@ -212,8 +225,8 @@ fn one(kiln: &Path, dir: &Path, o: &Opts, rate: u64, run: usize) -> Result<Sampl
             ),
         ]);
     let mut src = Running::spawn(src)?;
-    // A full pass over the counter's memory first, so the pages are really there.
-    src.wait_for("pass=2", Duration::from_secs(120))?;
+    // A second of dirtying first.
+    src.wait_for("counter seq=100 ", Duration::from_secs(120))?;
     let answer = control(
         &sock,
         &format!("migrate {addr} {}", o.max_downtime_ms),
@@ -225,8 +238,27 @@ fn one(kiln: &Path, dir: &Path, o: &Opts, rate: u64, run: usize) -> Result<Sampl
     // The guest goes on over there.
     let first = dst.wait_for("counter seq=", Duration::from_secs(20))?;
     dst.wait_for("counter seq=", Duration::from_secs(20))?;
-    let src_lines = src.stop();
-    let dst_lines = dst.stop();
+    let mut src_lines: Vec<String> = src
+        .stop()
+        .into_iter()
+        .filter(|l| !l.starts_with("stderr: "))
+        .collect();
+    let mut dst_lines: Vec<String> = dst
+        .stop()
+        .into_iter()
+        .filter(|l| !l.starts_with("stderr: "))
+        .collect();
+    // The pause may cut a line; the destination prints the rest of it.
+    if src_lines
+        .last()
+        .is_some_and(|l| field(l, "dirtied_kib").is_none())
+        && !dst_lines.is_empty()
+    {
+        let rest = dst_lines.remove(0);
+        if let Some(l) = src_lines.last_mut() {
+            l.push_str(&rest);
+        }
+    }
     let (a, b) = (seqs(&src_lines), seqs(&dst_lines));
     let (Some(&last), Some(&next)) = (a.last(), b.first()) else {
         return Err(format!(
@@ -241,7 +273,23 @@ fn one(kiln: &Path, dir: &Path, o: &Opts, rate: u64, run: usize) -> Result<Sampl
     if let Some(e) = dst_lines.iter().find(|l| l.starts_with("counter error")) {
         return Err(format!("guest error after migration: {e}"));
     }
+    let p = progress(&src_lines);
+    let dirtied_mibs = match (p.first(), p.last()) {
+        (Some(a), Some(b)) if b.0 > a.0 => (b.1 - a.1) / 1024.0 / ((b.0 - a.0) / 1e9),
+        _ => f64::NAN,
+    };
+    let all: Vec<(f64, f64)> = p
+        .iter()
+        .chain(progress(&dst_lines).iter())
+        .copied()
+        .collect();
+    let guest_gap_ms = all
+        .windows(2)
+        .map(|w| (w[1].0 - w[0].0) / 1e6)
+        .fold(0.0, f64::max);
     Ok(Sample {
+        dirtied_mibs,
+        guest_gap_ms,
         total_ms: field(&answer, "total_ms").unwrap_or(f64::NAN),
         downtime_ms: field(&answer, "downtime_ms").unwrap_or(f64::NAN),
         iterations: field(&answer, "iterations").unwrap_or(f64::NAN),
@@ -269,17 +317,26 @@ fn migration(kiln: &Path, dir: &Path, o: &Opts) -> Result<(), String> {
         o.max_downtime_ms,
         o.runs
     );
-    println!("| dirty rate | total ms | downtime ms | dirty rounds | MiB sent |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| counter rate | dirtied (guest) | total ms | downtime ms | largest guest gap ms | dirty rounds | MiB sent |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for &rate in &o.rates {
         let mut s = Vec::new();
         for run in 0..o.runs {
             s.push(one(kiln, dir, o, rate, run)?);
         }
         println!(
-            "| {rate} MiB/s | {:.0} | {:.1} | {:.0} | {:.0} |",
+            "| {} | {:.1} MiB/s | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} |",
+            if rate == 0 {
+                "max".to_string()
+            } else {
+                format!("{rate} MiB/s")
+            },
+            median(s.iter().map(|x| x.dirtied_mibs).collect()),
             median(s.iter().map(|x| x.total_ms).collect()),
             median(s.iter().map(|x| x.downtime_ms).collect()),
+            median(s.iter().map(|x| x.guest_gap_ms).collect()),
             median(s.iter().map(|x| x.iterations).collect()),
             median(s.iter().map(|x| x.mib_sent).collect()),
         );

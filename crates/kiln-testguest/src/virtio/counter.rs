@@ -7,7 +7,7 @@
 //!   previous pass's [`page_word`] and then writes this pass's. Paced to
 //!   `kiln.counter.rate` MiB/s (0: as fast as it goes).
 //! - Output: every `kiln.counter.period_ms` ms a line
-//!   `counter seq=N t_ns=T errors=E pass=P`, `T` from kvmclock; a gap between two lines
+//!   `counter seq=N t_ns=T errors=E pass=P dirtied_kib=K`, `T` from kvmclock; a gap between two lines
 //!   longer than the period plus `kiln.counter.jump_ms` prints `counter jump=NS ns seq=N`.
 //!   kvmclock going backwards is an error.
 //! - Disk: with a writable virtio-blk, each line (seq from 1) also writes sector `seq % span` stamped
@@ -361,6 +361,8 @@ pub fn run_counter<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool
             l.push_dec(t.errors());
             l.push_str(" pass=");
             l.push_dec(pages.as_ref().map_or(0, |pg| pg.pass));
+            l.push_str(" dirtied_kib=");
+            l.push_dec(t.steps * 4);
             p.info(l.as_bytes());
             last_tick = now;
         }
