@@ -73,6 +73,8 @@ pub struct Running {
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
+    /// Raw serial output: a migration may cut a line in two.
+    raw: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
 impl Running {
@@ -87,9 +89,17 @@ impl Running {
         let out = child.stdout.take().ok_or("no stdout")?;
         let err = child.stderr.take().ok_or("no stderr")?;
         let tx2 = tx.clone();
+        let raw = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let r = raw.clone();
         std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
+            let mut rd = BufReader::new(out);
+            let mut line = Vec::new();
+            while rd.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                r.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(&line);
+                let _ = tx.send(String::from_utf8_lossy(&line).trim_end().to_string());
+                line.clear();
             }
         });
         std::thread::spawn(move || {
@@ -101,6 +111,7 @@ impl Running {
             child,
             lines: rx,
             seen: Vec::new(),
+            raw,
         })
     }
 
@@ -131,13 +142,13 @@ impl Running {
         self.seen[n..].join("\n")
     }
 
-    fn stop(mut self) -> Vec<String> {
+    /// Ends the process; returns its serial output.
+    fn stop(mut self) -> String {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        while let Ok(l) = self.lines.try_recv() {
-            self.seen.push(l);
-        }
-        std::mem::take(&mut self.seen)
+        std::thread::sleep(Duration::from_millis(50));
+        let raw = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&raw).into_owned()
     }
 }
 
@@ -238,52 +249,30 @@ fn one(kiln: &Path, dir: &Path, o: &Opts, rate: u64, run: usize) -> Result<Sampl
     // The guest goes on over there.
     let first = dst.wait_for("counter seq=", Duration::from_secs(20))?;
     dst.wait_for("counter seq=", Duration::from_secs(20))?;
-    let mut src_lines: Vec<String> = src
-        .stop()
-        .into_iter()
-        .filter(|l| !l.starts_with("stderr: "))
-        .collect();
-    let mut dst_lines: Vec<String> = dst
-        .stop()
-        .into_iter()
-        .filter(|l| !l.starts_with("stderr: "))
-        .collect();
-    // The pause may cut a line; the destination prints the rest of it.
-    if src_lines
-        .last()
-        .is_some_and(|l| field(l, "dirtied_kib").is_none())
-        && !dst_lines.is_empty()
-    {
-        let rest = dst_lines.remove(0);
-        if let Some(l) = src_lines.last_mut() {
-            l.push_str(&rest);
-        }
-    }
-    let (a, b) = (seqs(&src_lines), seqs(&dst_lines));
-    let (Some(&last), Some(&next)) = (a.last(), b.first()) else {
+    let src_out = src.stop();
+    // One serial stream: the destination goes on where the source stopped, mid-line or not.
+    let stream = format!("{src_out}{}", dst.stop());
+    let src_lines: Vec<String> = src_out.lines().map(str::to_string).collect();
+    let all_lines: Vec<String> = stream.lines().map(str::to_string).collect();
+    let all = seqs(&all_lines);
+    if let Some(w) = all.windows(2).find(|w| w[1] != w[0] + 1) {
         return Err(format!(
-            "no counter lines on one side; first on dst: {first}"
-        ));
-    };
-    if next != last + 1 {
-        return Err(format!(
-            "sequence gap: source ended at {last}, destination went on at {next}"
+            "sequence gap: {} then {} (first on the destination: {first})",
+            w[0], w[1]
         ));
     }
-    if let Some(e) = dst_lines.iter().find(|l| l.starts_with("counter error")) {
-        return Err(format!("guest error after migration: {e}"));
+    if all.len() <= seqs(&src_lines).len() {
+        return Err("the destination printed no counter line".into());
+    }
+    if let Some(e) = all_lines.iter().find(|l| l.starts_with("counter error")) {
+        return Err(format!("guest error: {e}"));
     }
     let p = progress(&src_lines);
     let dirtied_mibs = match (p.first(), p.last()) {
         (Some(a), Some(b)) if b.0 > a.0 => (b.1 - a.1) / 1024.0 / ((b.0 - a.0) / 1e9),
         _ => f64::NAN,
     };
-    let all: Vec<(f64, f64)> = p
-        .iter()
-        .chain(progress(&dst_lines).iter())
-        .copied()
-        .collect();
-    let guest_gap_ms = all
+    let guest_gap_ms = progress(&all_lines)
         .windows(2)
         .map(|w| (w[1].0 - w[0].0) / 1e6)
         .fold(0.0, f64::max);
