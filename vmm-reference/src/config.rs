@@ -91,7 +91,7 @@ impl std::str::FromStr for SerialArg {
 /// With no --kernel, kiln boots its bundled conformance guest, which checks the virtual
 /// machine and prints `KTEST <scenario> PASS|FAIL` lines on the serial console.
 ///
-/// Exit status: 0 guest powered off; 1 error (message names the flag or resource);
+/// Exit status: 0 guest powered off (or migrated away); 1 error (message names the flag or resource);
 /// 2 bad command line; 3 guest requested a reset; 4 guest crashed (triple fault, KVM internal
 /// error; vCPU registers printed); 148 a thread made a system call its seccomp filter
 /// forbids; 128+N stopped by signal N.
