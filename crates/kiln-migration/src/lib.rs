@@ -330,6 +330,9 @@ struct Sender<'a, V: SourceVm, S: Write> {
     zero_fp: u64,
     /// [`SourceVm::known_zero`] as of this round.
     hint: Option<Vec<Vec<u64>>>,
+    /// Time spent reading and fingerprinting pages, and how many: the paused scan's cost.
+    read_time: Duration,
+    read_pages: u64,
     buf: Vec<u8>,
     report: Report,
 }
@@ -376,6 +379,15 @@ impl<V: SourceVm, S: Write> Sender<'_, V, S> {
         Ok(count)
     }
 
+    /// What the paused fingerprint pass will cost: the measured read + fingerprint time per
+    /// page, times the pages that are not known to be zero.
+    fn scan_estimate(&self) -> Duration {
+        let total: u64 = self.regions.iter().map(Region::pages).sum();
+        let known: u64 = self.hint.as_ref().map_or(0, |h| count(h));
+        let per_page = self.read_time.as_secs_f64() / self.read_pages.max(1) as f64;
+        Duration::from_secs_f64(per_page * total.saturating_sub(known) as f64)
+    }
+
     /// Sends pages `start..start + n` of region `r`, known to be zero, as a marker.
     fn send_known_zero(&mut self, r: usize, start: u64, n: u64) -> Result<u64> {
         let gpa = self.regions[r].gpa + start * PAGE;
@@ -391,7 +403,10 @@ impl<V: SourceVm, S: Write> Sender<'_, V, S> {
         let reg = self.regions[r];
         let gpa = reg.gpa + start * PAGE;
         self.buf.resize((n * PAGE) as usize, 0);
+        let t = Instant::now();
         self.vm.read(gpa, &mut self.buf).map_err(Error::Vm)?;
+        self.read_time += t.elapsed();
+        self.read_pages += n;
         let zero_fp = self.zero_fp;
         let mut k = 0;
         while k < n {
@@ -420,10 +435,12 @@ impl<V: SourceVm, S: Write> Sender<'_, V, S> {
                 self.report.bytes +=
                     wire::write_pages(self.s, run_gpa, data).map_err(Self::io)? as u64;
                 self.report.pages += k - from;
+                let t = Instant::now();
                 for j in from..k {
                     let fp = fingerprint(self.key, page(j));
                     self.sent[r][(start + j) as usize] = fp;
                 }
+                self.read_time += t.elapsed();
             }
         }
         Ok(n)
@@ -572,6 +589,8 @@ fn send_inner<V: SourceVm, S: Read + Write>(
         key,
         zero_fp: fingerprint(key, &[0u8; PAGE as usize]),
         hint: None,
+        read_time: Duration::ZERO,
+        read_pages: 0,
         buf: Vec::new(),
         report: Report::default(),
     };
@@ -594,16 +613,12 @@ fn send_inner<V: SourceVm, S: Read + Write>(
     .map_err(Sender::<V, S>::io)? as u64;
     let full_time = t.elapsed();
     let mut bw = (s.report.bytes - b0) as f64 / full_time.as_secs_f64().max(1e-6);
-    // The paused fingerprint pass costs about what the full pass did per page, minus the
-    // transfer: counted in at a quarter of it (hashing is faster than sending).
-    let scan = full_time / 4;
-
     // Dirty rounds until the rest fits the downtime.
     let mut dirty;
     loop {
         dirty = s.vm.dirty_log().map_err(Error::Vm)?;
         let bytes = count(&dirty) * PAGE;
-        let estimate = Duration::from_secs_f64(bytes as f64 / bw) + scan;
+        let estimate = Duration::from_secs_f64(bytes as f64 / bw) + s.scan_estimate();
         if estimate <= params.max_downtime {
             break;
         }
