@@ -315,12 +315,85 @@ pub struct RestoreInput {
 }
 
 /// Diff snapshot bookkeeping of one VM.
+///
+/// vCPU writes are in KVM's dirty log; devices write guest memory through the host mapping,
+/// which the log doesn't see. So the last full snapshot also left a keyed fingerprint of
+/// every page, and a diff adds each page whose fingerprint changed.
 #[derive(Debug, Default)]
 pub struct DirtyTracking {
     /// KVM dirty logging is on for every slot (since the first full snapshot).
     logging: bool,
     /// Pages dirtied since the last full snapshot, per region (KVM bitmap layout).
     since_full: Vec<Vec<u64>>,
+    /// Each page's fingerprint at the last full snapshot, per region.
+    prints: Vec<Vec<u64>>,
+    /// The fingerprint key (differs per full snapshot, so a guest can't aim at it).
+    key: u64,
+}
+
+/// A keyed 64-bit fingerprint of one page.
+fn fingerprint(key: u64, page: &[u8]) -> u64 {
+    // SAFETY: every bit pattern is a valid u64; align_to only reinterprets the aligned
+    // middle (all of a guest page, which is page-aligned).
+    let (head, words, tail) = unsafe { page.align_to::<u64>() };
+    let mut h = key;
+    let mut mix = |w: u64| {
+        h = (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^= h >> 32;
+    };
+    for &b in head.iter().chain(tail) {
+        mix(u64::from(b));
+    }
+    for &w in words {
+        mix(w);
+    }
+    h
+}
+
+fn fresh_key() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let here = &t as *const u64 as u64;
+    fingerprint(0x6b69_6c6e, &[t.to_le_bytes(), here.to_le_bytes()].concat())
+}
+
+impl DirtyTracking {
+    /// Starts a new base: every page's fingerprint now, nothing dirty.
+    fn new_base(&mut self, ram: &[(u64, &[u8])]) {
+        let page = kiln_memory::PAGE_SIZE as usize;
+        self.key = fresh_key();
+        let key = self.key;
+        self.prints = ram
+            .iter()
+            .map(|(_, d)| d.chunks(page).map(|p| fingerprint(key, p)).collect())
+            .collect();
+        self.since_full = ram
+            .iter()
+            .map(|(_, d)| vec![0u64; d.len().div_ceil(page).div_ceil(64)])
+            .collect();
+    }
+
+    /// Adds KVM's dirty `log` and every page whose fingerprint changed (device writes).
+    fn add_changes(&mut self, log: Vec<Vec<u64>>, ram: &[(u64, &[u8])]) {
+        let page = kiln_memory::PAGE_SIZE as usize;
+        for ((acc, new), ((_, data), prints)) in self
+            .since_full
+            .iter_mut()
+            .zip(log)
+            .zip(ram.iter().zip(&self.prints))
+        {
+            for (a, n) in acc.iter_mut().zip(new) {
+                *a |= n;
+            }
+            for (i, (p, before)) in data.chunks(page).zip(prints).enumerate() {
+                let bit = 1u64 << (i % 64);
+                if acc[i / 64] & bit == 0 && fingerprint(self.key, p) != *before {
+                    acc[i / 64] |= bit;
+                }
+            }
+        }
+    }
 }
 
 impl DirtyTracking {
@@ -469,21 +542,12 @@ impl Vm {
                         .into(),
                 ));
             }
-            if let Some(t) = state.virtio.iter().find(|t| t.active) {
-                // Device writes go through the host mapping, which KVM's dirty log
-                // doesn't see: a diff could miss them.
-                return Err(SnapshotError::Diff(format!(
-                    "{} is active and its writes to guest memory are not dirty-logged; \
-                     take a full snapshot",
-                    kiln_virtio::device_name(t.device_type)
-                )));
-            }
             let log = take_dirty_log(self.vm_fd(), self.memory())?;
-            for (acc, new) in self.dirty.since_full.iter_mut().zip(log) {
-                for (a, n) in acc.iter_mut().zip(new) {
-                    *a |= n;
-                }
-            }
+            // A clone shares the mappings; it only frees `self` for the update below.
+            let mem = self.memory().clone();
+            // SAFETY: paused (checked by capture_state): nothing writes guest memory.
+            let ram = unsafe { ram_slices(&mem) };
+            self.dirty.add_changes(log, &ram);
         }
         // SAFETY: the VM is paused (capture_state checked it): no vCPU runs and the device
         // event loop is paused, so nothing writes guest memory while the file is written.
@@ -511,11 +575,10 @@ impl Vm {
                 enable_dirty_log(self.vm_fd(), self.memory())?;
                 self.dirty.logging = true;
             }
-            self.dirty.since_full = self
-                .memory()
-                .iter()
-                .map(|r| vec![0u64; (r.len() / kiln_memory::PAGE_SIZE).div_ceil(64) as usize])
-                .collect();
+            let mem = self.memory().clone();
+            // SAFETY: still paused: nothing writes guest memory.
+            let ram = unsafe { ram_slices(&mem) };
+            self.dirty.new_base(&ram);
         }
         Ok(format!(
             "{} snapshot: {} vCPUs, {} MiB of memory, {} KiB of it written, state {} in {:.1} ms \
@@ -776,6 +839,29 @@ pub fn run_restore(cli: Cli, control: Option<ControlReceiver>) -> Result<Outcome
     let paused = cli.restore_paused;
     let (header, state): (Header, VmState) =
         kiln_snapshot::read_state(&arg.state).map_err(SnapshotError::from)?;
+    // The header's layout must be the one kiln gives this much RAM (a crafted file could
+    // otherwise map memory anywhere).
+    let expected = kiln_memory::MemoryLayout::new(state.machine.memory)
+        .map_err(|e| SnapshotError::Mismatch(format!("memory size: {e}")))?
+        .regions()
+        .iter()
+        .map(|(a, l)| (a.0, *l))
+        .collect::<Vec<_>>();
+    let regions_ok = header.memory.same_layout(&expected)
+        && header
+            .memory
+            .regions
+            .iter()
+            .zip(&MemoryDesc::full(&expected).regions)
+            .all(|(a, b)| a.file_offset == b.file_offset);
+    if !regions_ok {
+        return Err(SnapshotError::Mismatch(format!(
+            "{}: the memory layout in the header is not kiln's for {} bytes",
+            arg.state.display(),
+            state.machine.memory
+        ))
+        .into());
+    }
     let spec = restore_spec(cli, &state)?;
     let read = started.elapsed();
     let mem = load_memory(&arg, &header)?;
@@ -822,6 +908,30 @@ mod tests {
             let e = bad.parse::<RestoreArg>().unwrap_err().to_string();
             assert!(e.starts_with("--restore"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn diffs_catch_device_writes_by_fingerprint() {
+        let page = kiln_memory::PAGE_SIZE as usize;
+        let mut low = vec![0u8; 130 * page];
+        let high = vec![7u8; 4 * page];
+        let mut t = DirtyTracking::default();
+        t.new_base(&[(0, &low), (1 << 32, &high)]);
+        assert_eq!(t.since_full[0].len(), 3);
+        // A "device" writes page 100 behind KVM's back; KVM logged page 3.
+        low[100 * page + 17] = 1;
+        let log = vec![vec![1u64 << 3, 0, 0], vec![0]];
+        t.add_changes(log, &[(0, &low), (1 << 32, &high)]);
+        assert_eq!(t.since_full[0], vec![1 << 3, 1 << (100 - 64), 0]);
+        assert_eq!(t.since_full[1], vec![0]);
+        // Cumulative: a later diff still holds both, even with an empty log.
+        t.add_changes(vec![vec![0; 3], vec![0]], &[(0, &low), (1 << 32, &high)]);
+        assert_eq!(t.since_full[0], vec![1 << 3, 1 << (100 - 64), 0]);
+        // A new key each base.
+        let k = t.key;
+        t.new_base(&[(0, &low), (1 << 32, &high)]);
+        assert_ne!(t.key, k);
+        assert_eq!(t.since_full[0], vec![0, 0, 0]);
     }
 
     #[test]

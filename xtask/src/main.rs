@@ -8,11 +8,14 @@
 //!   same image.
 //! - `cargo xtask bench-migrate`: live migration of the `counter` guest between two kilns on
 //!   this host at several dirty rates: total time, downtime, rounds, bytes.
+//! - `cargo xtask bench-snapshot`: snapshot create and restore times for 256 MiB and 1 GiB
+//!   guests.
 //! - `cargo xtask linux-guest`: a stock Debian kernel (vmlinux, vmlinuz) and a busybox
 //!   initramfs in `target/linux-guest/`.
 
 mod bench_blk;
 mod bench_migrate;
+mod bench_snapshot;
 mod bench_startup;
 mod linux_guest;
 mod test;
@@ -21,7 +24,7 @@ mod testguest;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | bench-blk [--runs N] [--ms MS] [--qd N] [--image-mib N] | bench-migrate [--runs N] [--mib N] [--rates R,R] [--transport tcp|unix] [--max-downtime-ms N] [--memory SIZE] | linux-guest [--out DIR]>";
+const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | bench-blk [--runs N] [--ms MS] [--qd N] [--image-mib N] | bench-migrate [--runs N] [--mib N] [--rates R,R] [--transport tcp|unix] [--max-downtime-ms N] [--memory SIZE] | bench-snapshot [--runs N] [--sizes MIB,MIB] | linux-guest [--out DIR]>";
 
 fn workspace_root() -> PathBuf {
     // xtask/ sits directly under the workspace root.
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
         Some("bench-startup") => ("bench-startup", bench_startup::run(&args[1..])),
         Some("bench-blk") => ("bench-blk", bench_blk::run(&args[1..])),
         Some("bench-migrate") => ("bench-migrate", bench_migrate::run(&args[1..])),
+        Some("bench-snapshot") => ("bench-snapshot", bench_snapshot::run(&args[1..])),
         Some("linux-guest") => ("linux-guest", linux_guest::run_task(&args[1..])),
         _ => {
             eprintln!("{USAGE}\n{}", testguest::USAGE);

@@ -1,5 +1,5 @@
 //! Prints the header of a kiln snapshot state file: `cargo run -p kiln-snapshot --example
-//! inspect -- STATE`. The payload is left undecoded (it is the VMM's type).
+//! inspect -- STATE`. The file is checked; the payload (the VMM's type) is left undecoded.
 
 fn main() -> std::process::ExitCode {
     let Some(path) = std::env::args_os().nth(1) else {
@@ -7,9 +7,8 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     };
     let path = std::path::PathBuf::from(path);
-    // `IgnoredAny` accepts whatever payload follows the header.
-    match kiln_snapshot::read_state::<serde::de::IgnoredAny>(&path) {
-        Ok((h, _)) => {
+    match kiln_snapshot::read_header(&path) {
+        Ok(h) => {
             println!("{h:#?}");
             std::process::ExitCode::SUCCESS
         }

@@ -259,13 +259,9 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
-/// Checks and decodes state file bytes read from `path` (see the [crate docs](crate) for the
-/// order of checks); the host check uses `host`.
-pub fn decode_state<T: DeserializeOwned>(
-    path: &Path,
-    bytes: &[u8],
-    host: &CpuFeatures,
-) -> Result<(Header, T)> {
+/// Checks state file bytes up to and including the header (magic, version, length,
+/// checksum); returns the header and the payload bytes.
+fn check_and_split<'a>(path: &Path, bytes: &'a [u8]) -> Result<(Header, &'a [u8])> {
     let p = || path.to_path_buf();
     if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
         return Err(Error::Magic {
@@ -321,25 +317,38 @@ pub fn decode_state<T: DeserializeOwned>(
         what: "header",
         source,
     })?;
-    header
-        .check_host(host)
-        .map_err(|why| Error::Incompatible { path: p(), why })?;
-    let payload_bytes = &bytes[PREAMBLE + header_len..body_end];
+    Ok((header, &bytes[PREAMBLE + header_len..body_end]))
+}
+
+/// Checks and decodes state file bytes read from `path` (see the [crate docs](crate) for the
+/// order of checks); the host check uses `host`.
+pub fn decode_state<T: DeserializeOwned>(
+    path: &Path,
+    bytes: &[u8],
+    host: &CpuFeatures,
+) -> Result<(Header, T)> {
+    let (header, payload_bytes) = check_and_split(path, bytes)?;
+    header.check_host(host).map_err(|why| Error::Incompatible {
+        path: path.to_path_buf(),
+        why,
+    })?;
     let payload = postcard::from_bytes(payload_bytes).map_err(|source| Error::Decode {
-        path: p(),
+        path: path.to_path_buf(),
         what: "VM state",
         source,
     })?;
     Ok((header, payload))
 }
 
-/// Reads and checks the state file at `path` against this host's CPU.
-pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<(Header, T)> {
-    read_state_for(path, &CpuFeatures::host())
+/// Reads and checks the state file at `path` (magic, version, length, checksum) and returns
+/// its header, without decoding the payload or checking this host (for tools that inspect
+/// snapshots, and for finding a diff's memory description).
+pub fn read_header(path: &Path) -> Result<Header> {
+    let bytes = read_file(path)?;
+    check_and_split(path, &bytes).map(|(h, _)| h)
 }
 
-/// [`read_state`], checking compatibility with a host that has `host`'s CPU.
-pub fn read_state_for<T: DeserializeOwned>(path: &Path, host: &CpuFeatures) -> Result<(Header, T)> {
+fn read_file(path: &Path) -> Result<Vec<u8>> {
     let mut f = File::open(path).map_err(io_err(path, "opening the state file"))?;
     let len = f
         .metadata()
@@ -355,6 +364,17 @@ pub fn read_state_for<T: DeserializeOwned>(path: &Path, host: &CpuFeatures) -> R
     let mut bytes = Vec::with_capacity(len as usize);
     f.read_to_end(&mut bytes)
         .map_err(io_err(path, "reading the state file"))?;
+    Ok(bytes)
+}
+
+/// Reads and checks the state file at `path` against this host's CPU.
+pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<(Header, T)> {
+    read_state_for(path, &CpuFeatures::host())
+}
+
+/// [`read_state`], checking compatibility with a host that has `host`'s CPU.
+pub fn read_state_for<T: DeserializeOwned>(path: &Path, host: &CpuFeatures) -> Result<(Header, T)> {
+    let bytes = read_file(path)?;
     decode_state(path, &bytes, host)
 }
 
@@ -397,6 +417,7 @@ mod tests {
         let path = write(dir.path());
         let (h, p): (Header, Payload) = read_state(&path).unwrap();
         assert_eq!(h, header());
+        assert_eq!(read_header(&path).unwrap(), h);
         assert_eq!(p, payload());
         // No temporary file is left behind.
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
