@@ -1,6 +1,7 @@
 //! `cargo xtask bench-migrate [--runs N] [--mib N] [--rates R,R] [--transport tcp|unix]
-//! [--max-downtime-ms N] [--memory SIZE]`: live migration of the conformance guest's `counter`
-//! scenario (dirtying `--mib` MiB at each rate in MiB/s) from one kiln to another on this
+//! [--max-downtime-ms N] [--memory SIZE] [--cpus N]`: live migration of the conformance
+//! guest's `counter` scenario (each of `--cpus` vCPUs, default 1, dirtying its own `--mib`
+//! MiB; the rate in MiB/s is the guest's total, split among them) from one kiln to another on this
 //! host: total time, downtime (source pause → destination running), dirty rounds and bytes,
 //! median over `--runs`. The guest's own view is checked on every run: its sequence goes on
 //! on the destination with no gap and no errors.
@@ -24,6 +25,8 @@ struct Opts {
     unix: bool,
     max_downtime_ms: u64,
     memory: String,
+    /// vCPUs; with more than one every AP dirties too and the rate is split among them.
+    cpus: u32,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -34,6 +37,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         unix: false,
         max_downtime_ms: 300,
         memory: "256M".into(),
+        cpus: 1,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -62,6 +66,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                 o.max_downtime_ms = num("--max-downtime-ms", val("--max-downtime-ms")?)?
             }
             "--memory" => o.memory = val("--memory")?,
+            "--cpus" => o.cpus = num("--cpus", val("--cpus")?)?.clamp(1, 16) as u32,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -225,14 +230,21 @@ fn one(kiln: &Path, dir: &Path, o: &Opts, rate: u64, run: usize) -> Result<Sampl
     let mut dst = Running::spawn(dst)?;
     dst.wait_for("waiting for an incoming VM", Duration::from_secs(20))?;
     let mut src = Command::new(kiln);
-    src.args(["--memory", &o.memory, "--control-sock"])
+    let per_cpu = if rate == 0 {
+        0
+    } else {
+        ((rate + u64::from(o.cpus) / 2) / u64::from(o.cpus)).max(1)
+    };
+    let cpus = o.cpus.to_string();
+    src.args(["--memory", &o.memory, "--cpus", &cpus, "--control-sock"])
         .arg(&sock)
         .args([
             "--cmdline",
             &format!(
                 "console=ttyS0 kiln.test=counter kiln.counter.secs=0 kiln.counter.mib={} \
-                 kiln.counter.rate={rate} kiln.counter.period_ms=10",
-                o.mib
+                 kiln.counter.rate={per_cpu} kiln.counter.period_ms=10 kiln.counter.aps={}",
+                o.mib,
+                u32::from(o.cpus > 1)
             ),
         ]);
     let mut src = Running::spawn(src)?;
@@ -295,7 +307,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn migration(kiln: &Path, dir: &Path, o: &Opts) -> Result<(), String> {
     println!("== migration");
     println!(
-        "counter guest, {} MiB dirtied, {} memory, {}, max downtime {} ms, median of {} runs",
+        "counter guest, {} vCPU(s) dirtying {} MiB each, {} memory, {}, max downtime {} ms, median of {} runs",
+        o.cpus,
         o.mib,
         o.memory,
         if o.unix {

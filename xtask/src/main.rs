@@ -24,7 +24,7 @@ mod testguest;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | bench-blk [--runs N] [--ms MS] [--qd N] [--image-mib N] | bench-migrate [--runs N] [--mib N] [--rates R,R] [--transport tcp|unix] [--max-downtime-ms N] [--memory SIZE] | bench-snapshot [--runs N] [--sizes MIB,MIB] | linux-guest [--out DIR]>";
+const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | bench-blk [--runs N] [--ms MS] [--qd N] [--image-mib N] | bench-migrate [--runs N] [--mib N] [--rates R,R] [--transport tcp|unix] [--max-downtime-ms N] [--memory SIZE] [--cpus N] | bench-snapshot [--runs N] [--sizes MIB,MIB] | linux-guest [--out DIR]>";
 
 fn workspace_root() -> PathBuf {
     // xtask/ sits directly under the workspace root.
