@@ -90,6 +90,8 @@ struct FakeSource {
     /// destination got it.
     locked: bool,
     lock_taken: bool,
+    /// Every dirty log has page 0 dirty (a guest that never stops writing).
+    always_dirty: bool,
     /// Called once when paused: device writes that land behind the log.
     on_pause: Option<OnPause>,
 }
@@ -127,7 +129,10 @@ impl SourceVm for FakeSource {
     }
     fn dirty_log(&mut self) -> std::result::Result<Vec<Vec<u64>>, String> {
         let mut m = self.mem.lock().unwrap();
-        let d = m.dirty.clone();
+        let mut d = m.dirty.clone();
+        if self.always_dirty {
+            d[0][0] |= 1;
+        }
         for b in &mut m.dirty {
             b.iter_mut().for_each(|w| *w = 0);
         }
@@ -267,6 +272,7 @@ fn source(mem: &Arc<Mutex<Mem>>, paused: &Arc<AtomicBool>) -> FakeSource {
         resumes: 0,
         locked: true,
         lock_taken: false,
+        always_dirty: false,
         on_pause: None,
     }
 }
@@ -309,7 +315,9 @@ fn a_running_guest_arrives_intact_with_device_writes() {
     assert_eq!(dst.state.as_deref(), Some(&b"device-state"[..]));
     let m = mem.lock().unwrap();
     assert!(m.bytes == dst.bytes, "destination memory differs: {report}");
-    assert!(report.device_pages >= 2, "{report}");
+    // The write in region 1 is found by fingerprint; the one in region 0 may share its page
+    // with the guest's last writes and then go out as a dirty page anyway.
+    assert!(report.device_pages >= 1, "{report}");
     assert!(report.zero_pages > 0 && report.pages > 0, "{report}");
     assert_eq!(got.pages + got.zero_pages, report.pages + report.zero_pages);
     assert_eq!(src.resumes, 0);
@@ -529,6 +537,7 @@ fn the_iteration_limit_ends_pre_copy() {
     let stop = Arc::new(AtomicBool::new(false));
     let t = dirtier(mem.clone(), paused.clone(), stop.clone());
     let mut src = source(&mem, &paused);
+    src.always_dirty = true;
     let (mut a, mut b) = UnixStream::pair().unwrap();
     let d = std::thread::spawn(move || {
         let mut dst = FakeDest::new(&regions());
