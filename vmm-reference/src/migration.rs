@@ -231,6 +231,8 @@ pub struct VmSource<'a> {
     tracker: DirtyTracker,
     /// `/proc/self/pagemap`, for private anonymous guest memory only (see `known_zero`).
     pagemap: Option<std::fs::File>,
+    /// The VM was paused before the migration: a failed one leaves it paused.
+    was_paused: bool,
 }
 
 impl<'a> VmSource<'a> {
@@ -245,6 +247,7 @@ impl<'a> VmSource<'a> {
             .then(|| std::fs::File::open("/proc/self/pagemap").ok())
             .flatten();
         VmSource {
+            was_paused: vm.is_paused(),
             vm,
             tracker,
             pagemap,
@@ -296,7 +299,9 @@ impl SourceVm for VmSource<'_> {
         self.vm.pause()
     }
     fn resume(&mut self) {
-        self.vm.resume()
+        if !self.was_paused {
+            self.vm.resume()
+        }
     }
     /// Private anonymous memory that is neither present nor swapped out was never written
     /// (or was dropped by the balloon): it reads as zeros. Reading it would cost a fault
@@ -374,7 +379,6 @@ pub fn migrate(vm: &mut Vm, p: &MigrateParams) -> Result<Report, String> {
     let params = Params {
         max_downtime: p.max_downtime,
         max_iterations: p.max_iterations,
-        commit_timeout: IO_TIMEOUT,
     };
     let mut src = VmSource::new(vm);
     kiln_migration::send(&mut src, &mut s, &host_info(), &params).map_err(|e| {

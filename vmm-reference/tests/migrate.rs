@@ -377,29 +377,101 @@ fn a_destination_that_dies_half_way_leaves_the_vm_running_on_the_source() {
     }
     let _l = vm_lock();
     let dir = scratch("mig-dies");
-    // A destination that takes the hello, reads 1 MiB of pages and dies.
+    // A destination that takes the hello and dies at the first pages.
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = format!("tcp:{}", l.local_addr().expect("addr"));
-    let fake = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().expect("accept");
-        let mut hdr = [0u8; 8];
-        s.read_exact(&mut hdr).expect("hello header");
-        let len = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]) as usize;
-        let mut hello = vec![0u8; len];
-        s.read_exact(&mut hello).expect("hello");
-        assert_eq!(hdr[0], 1, "the first frame is a hello");
-        assert_eq!(&hello[..8], b"KILNMIG\0");
-        // HelloOk.
-        s.write_all(&[2, 0, 0, 0, 0, 0, 0, 0]).expect("hello-ok");
-        let mut buf = vec![0u8; 1 << 20];
-        s.read_exact(&mut buf).expect("pages");
-        // Dropping `s` closes the connection mid-stream.
-    });
+    let fake = fake_destination(l, 4);
     let (src, sock) = source(&dir, 5);
     let seq_now = ticks(&src.output()).last().map_or(0, |t| t.0);
     let answer = ctl(&sock, &format!("migrate {addr}"));
     fake.join().expect("fake destination");
     check_kept(src, &answer, seq_now);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A fake destination on `l`: takes the hello, then reads frames until one of `kind`
+/// (4 pages, 8 commit) and hangs up.
+fn fake_destination(l: std::net::TcpListener, kind: u8) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        let mut saw_hello = false;
+        loop {
+            let mut hdr = [0u8; 8];
+            if s.read_exact(&mut hdr).is_err() {
+                return;
+            }
+            let len = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]) as usize;
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).expect("payload");
+            if !saw_hello {
+                assert_eq!(hdr[0], 1, "the first frame is a hello");
+                assert_eq!(&payload[..8], b"KILNMIG\0");
+                s.write_all(&[2, 0, 0, 0, 0, 0, 0, 0]).expect("hello-ok");
+                saw_hello = true;
+            } else if hdr[0] == kind {
+                return;
+            }
+        }
+    })
+}
+
+#[test]
+fn a_paused_vm_whose_migration_fails_after_commit_stays_paused_with_its_disk() {
+    if skip_kvm("a_paused_vm_whose_migration_fails_after_commit_stays_paused_with_its_disk") {
+        return;
+    }
+    let _l = vm_lock();
+    let dir = scratch("mig-after-commit");
+    let sock = dir.join("ctl");
+    let _ = std::fs::remove_file(&sock);
+    let img = disk(&dir);
+    let disk_arg = format!("path={}", img.display());
+    let cmdline = counter_cmdline(4);
+    let mut src = Kiln::spawn(&[
+        "--cmdline",
+        &cmdline,
+        "--disk",
+        &disk_arg,
+        "--control-sock",
+        sock.to_str().unwrap_or(""),
+    ]);
+    src.wait_for("counter seq=5", Duration::from_secs(60), |l| {
+        tick(l).filter(|&(n, _)| n >= 5)
+    });
+    assert_eq!(ctl(&sock, "pause"), "ok");
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = format!("tcp:{}", l.local_addr().expect("addr"));
+    // Everything is sent, the disk lock handed over, then the destination vanishes.
+    let fake = fake_destination(l, 8);
+    let answer = ctl(&sock, &format!("migrate {addr}"));
+    fake.join().expect("fake destination");
+    assert!(answer.starts_with("error "), "{answer}");
+    // Still paused: no new line.
+    let n = ticks(&src.serial()).len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        ticks(&src.serial()).len(),
+        n,
+        "a paused VM ran after a failed migration"
+    );
+    // It took its disk lock back: a second VM on the image is refused.
+    let mut other = Kiln::spawn(&["--disk", &disk_arg]);
+    assert_eq!(other.wait_exit(Duration::from_secs(20)), Some(1));
+    assert!(
+        other.output().contains("can't lock the image"),
+        "{}",
+        other.output()
+    );
+    assert_eq!(ctl(&sock, "resume"), "ok");
+    assert_eq!(
+        src.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        src.output()
+    );
+    let out = src.output();
+    assert!(out.contains("KTEST counter PASS"), "{out}");
+    assert!(out.contains("errors=0 (mem=0 blk=0 clock=0)"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -201,8 +201,6 @@ pub struct Params {
     pub max_downtime: Duration,
     /// Stop iterating after this many dirty rounds anyway.
     pub max_iterations: u32,
-    /// How long to wait for the destination's `Running` after `Commit`.
-    pub commit_timeout: Duration,
 }
 
 impl Default for Params {
@@ -210,7 +208,6 @@ impl Default for Params {
         Params {
             max_downtime: Duration::from_millis(300),
             max_iterations: 30,
-            commit_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -504,7 +501,8 @@ fn merge(into: &mut [Vec<u64>], from: &[Vec<u64>]) {
 /// On success the destination runs the VM and the caller must stop its own (it is left
 /// paused). On any error before the destination said `Running` the VM is running here
 /// again (resumed if it was paused), dirty logging is off, and the error says why; the
-/// caller should also set stream timeouts so that a silent destination ends in an error.
+/// caller sets the stream's read and write timeouts, so that a silent destination (also one
+/// that never answers `Commit`) ends in an error.
 ///
 /// Writes done by the VMM itself (virtio devices) are not in KVM's dirty log; they are
 /// found while paused by comparing a keyed fingerprint of every page with the fingerprint
@@ -666,7 +664,6 @@ fn send_inner<V: SourceVm, S: Read + Write>(
     s.vm.hand_over().map_err(Error::Vm)?;
     *stage = Stage::HandedOver;
     s.report.bytes += wire::write_frame(s.s, &Frame::Commit).map_err(Sender::<V, S>::io)? as u64;
-    let _ = params.commit_timeout; // enforced by the stream's read timeout (caller)
     match wire::read_frame(s.s)? {
         Frame::Running { restore_ns } => {
             s.report.downtime = pause_at.elapsed();

@@ -305,7 +305,6 @@ fn a_running_guest_arrives_intact_with_device_writes() {
     let params = Params {
         max_downtime: Duration::from_millis(50),
         max_iterations: 5,
-        ..Params::default()
     };
     let report = send(&mut src, &mut a, &host(), &params).unwrap();
     stop.store(true, Ordering::SeqCst);
@@ -547,7 +546,6 @@ fn the_iteration_limit_ends_pre_copy() {
     let params = Params {
         max_downtime: Duration::ZERO,
         max_iterations: 3,
-        ..Params::default()
     };
     let report = send(&mut src, &mut a, &host(), &params).unwrap();
     stop.store(true, Ordering::SeqCst);
