@@ -36,6 +36,8 @@ const STATE_NAME: &str = "<migration state>";
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one read or write on the stream may block (a silent peer is a failed peer).
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a vCPU found running after the pause may take to leave the guest.
+const PAUSE_AGAIN: Duration = Duration::from_secs(5);
 
 /// `tcp:HOST:PORT` or `unix:PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -296,7 +298,21 @@ impl SourceVm for VmSource<'_> {
         }
     }
     fn pause(&mut self) -> Result<(), String> {
-        self.vm.pause()
+        self.vm.pause()?;
+        // The final dirty log is only complete if no vCPU runs after it: check that every
+        // vCPU really is parked (a vCPU found running is paused again, and said so).
+        for h in self.vm.vcpu_handles() {
+            if h.state() == kiln_vcpu::VcpuState::Running {
+                eprintln!(
+                    "kiln: migration: vCPU {} was running after the pause; pausing it again",
+                    h.index()
+                );
+                if h.pause(PAUSE_AGAIN) == kiln_vcpu::VcpuState::Running {
+                    return Err(format!("vCPU {} does not pause", h.index()));
+                }
+            }
+        }
+        Ok(())
     }
     fn resume(&mut self) {
         if !self.was_paused {
@@ -354,7 +370,15 @@ impl SourceVm for VmSource<'_> {
         Ok(())
     }
     fn save_state(&mut self) -> Result<Vec<u8>, String> {
-        let state = self.vm.capture_state().map_err(|e| e.to_string())?;
+        let state = self.vm.capture_state().map_err(|e| {
+            let states: Vec<String> = self
+                .vm
+                .vcpu_handles()
+                .iter()
+                .map(|h| format!("{}:{:?}", h.index(), h.state()))
+                .collect();
+            format!("{e} (vCPU states now: {})", states.join(" "))
+        })?;
         let host = CpuFeatures::host();
         let layout: Vec<(u64, u64)> = regions(self.vm.memory())
             .iter()

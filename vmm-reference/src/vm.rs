@@ -1304,6 +1304,10 @@ impl Vm {
                         c.drain(|r| self.handle(r));
                     }
                     if self.migrated {
+                        // The requester (the control-socket thread) still has to write the
+                        // report it was just handed; the process ends right after this
+                        // returns, so give it a moment.
+                        std::thread::sleep(Duration::from_millis(200));
                         return Ok(Outcome::Migrated);
                     }
                 }
