@@ -91,7 +91,7 @@ impl std::str::FromStr for SerialArg {
 /// With no --kernel, kiln boots its bundled conformance guest, which checks the virtual
 /// machine and prints `KTEST <scenario> PASS|FAIL` lines on the serial console.
 ///
-/// Exit status: 0 guest powered off; 1 error (message names the flag or resource);
+/// Exit status: 0 guest powered off (or migrated away); 1 error (message names the flag or resource);
 /// 2 bad command line; 3 guest requested a reset; 4 guest crashed (triple fault, KVM internal
 /// error; vCPU registers printed); 148 a thread made a system call its seccomp filter
 /// forbids; 128+N stopped by signal N.
@@ -191,6 +191,12 @@ pub struct Cli {
     /// `bench-exits` scenario asks for timed interrupts (used by `kiln-bench exits`).
     #[arg(long)]
     pub exit_bench: bool,
+    /// Boot nothing: wait on `tcp:HOST:PORT` or `unix:PATH` for one VM migrated from another
+    /// kiln (`migrate` on its control socket), then run it. The guest's memory size, vCPUs
+    /// and devices come from the source; the other flags (`--memory` backing options,
+    /// `--serial`, seccomp, ...) from this command line. See docs/migration.md.
+    #[arg(long, value_name = "tcp:HOST:PORT|unix:PATH")]
+    pub migrate_listen: Option<crate::migration::MigrateAddr>,
 }
 
 /// Thread kinds for `--seccomp-selftest`.

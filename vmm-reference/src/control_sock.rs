@@ -3,7 +3,8 @@
 //! (issue 7) exposes the same requests.
 //!
 //! Commands (one per line; each answered with one line, `ok[ REPORT]` or `error MESSAGE`):
-//! `pause`, `resume`, `snapshot STATE MEM [diff]`. Connections are served one at a time.
+//! `pause`, `resume`, `snapshot STATE MEM [diff]`, `migrate ADDR [MAX_DOWNTIME_MS
+//! [MAX_ITERATIONS]]` (docs/migration.md). Connections are served one at a time.
 //!
 //! The thread is started before the VM's threads install their seccomp filters and runs
 //! without one (it parses only what the local user who owns the socket sends); the API
@@ -39,8 +40,29 @@ pub fn parse_command(line: &str) -> Result<VmRequest, String> {
                 diff,
             }))
         }
+        ["migrate", to, rest @ ..] => {
+            let num = |v: Option<&&str>, default: u64, what: &str| -> Result<u64, String> {
+                v.map_or(Ok(default), |v| {
+                    v.parse()
+                        .map_err(|_| format!("migrate: {what} must be a number, not {v:?}"))
+                })
+            };
+            if rest.len() > 2 {
+                return Err("usage: migrate ADDR [MAX_DOWNTIME_MS [MAX_ITERATIONS]]".into());
+            }
+            let ms = num(rest.first(), 300, "MAX_DOWNTIME_MS")?;
+            let it = num(rest.get(1), 30, "MAX_ITERATIONS")?;
+            to.parse::<crate::migration::MigrateAddr>()
+                .map_err(|e| format!("migrate: {e}"))?;
+            Ok(VmRequest::Migrate(control::MigrateParams {
+                to: to.to_string(),
+                max_downtime: Duration::from_millis(ms),
+                max_iterations: u32::try_from(it).unwrap_or(u32::MAX),
+            }))
+        }
         _ => Err(format!(
-            "unknown command {line:?} (pause, resume, snapshot STATE MEM [diff])"
+            "unknown command {line:?} (pause, resume, snapshot STATE MEM [diff], \
+             migrate ADDR [MAX_DOWNTIME_MS [MAX_ITERATIONS]])"
         )),
     }
 }

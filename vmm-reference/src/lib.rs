@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod control_sock;
 pub mod guest;
+pub mod migration;
 pub mod snapshot;
 pub mod virtio;
 pub mod vm;

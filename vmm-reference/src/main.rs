@@ -22,6 +22,9 @@ fn main() -> ExitCode {
     if cli.restore.is_some() {
         return finish(kiln::snapshot::run_restore(cli, control));
     }
+    if cli.migrate_listen.is_some() {
+        return finish(kiln::migration::run_incoming(cli, control));
+    }
     let dump_acpi = cli.dump_acpi.clone();
     let spec = match vm::VmSpec::from_cli(cli) {
         Ok(s) => s,

@@ -398,6 +398,26 @@ impl DirtyTracking {
     }
 }
 
+impl DirtyTracking {
+    /// Whether diff snapshots rely on KVM's dirty log (then nobody else may turn it off).
+    pub(crate) fn logging(&self) -> bool {
+        self.logging
+    }
+
+    /// Adds pages someone else read (and so cleared) from KVM's dirty log, e.g. a live
+    /// migration's rounds, so the next diff snapshot still has them.
+    pub(crate) fn note(&mut self, log: &[Vec<u64>]) {
+        if !self.logging {
+            return;
+        }
+        for (acc, new) in self.since_full.iter_mut().zip(log) {
+            for (a, n) in acc.iter_mut().zip(new) {
+                *a |= n;
+            }
+        }
+    }
+}
+
 /// Guest RAM as `(guest address, bytes)` per region.
 ///
 /// # Safety

@@ -44,6 +44,9 @@ pub enum VmmError {
     /// A flag value is malformed.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// An incoming migration (`--migrate-listen`) failed.
+    #[error("{0}")]
+    Migration(String),
     /// The KVM device can't be used.
     #[error("{path}: {source} (KVM must be available and this user allowed to open it)")]
     Kvm {
@@ -477,13 +480,15 @@ pub enum Outcome {
     Crashed(String),
     /// Stopped by this signal.
     Signal(i32),
+    /// Migrated away: the VM runs in another kiln now.
+    Migrated,
 }
 
 impl Outcome {
     /// The process exit status for this outcome (documented in `kiln --help`).
     pub fn exit_code(&self) -> u8 {
         match self {
-            Outcome::PowerOff => 0,
+            Outcome::PowerOff | Outcome::Migrated => 0,
             Outcome::Reset => EXIT_RESET,
             Outcome::Crashed(_) => EXIT_CRASH,
             Outcome::Signal(n) => 128u8.saturating_add(u8::try_from(*n).unwrap_or(0)),
@@ -999,6 +1004,11 @@ pub struct Vm {
     i8042: Arc<legacy::I8042Device>,
     power_button: kiln_irq::IrqfdLine,
     paused: bool,
+    /// Set once a migration handed the VM to another kiln: [`Vm::wait`] then ends.
+    migrated: bool,
+    /// The disk images' open files (dups of the devices'), whose `flock`s a migration
+    /// releases for the destination.
+    pub(crate) disk_locks: Vec<File>,
     /// Diff snapshot bookkeeping (dirty logging and the pages dirtied since the last full
     /// snapshot).
     pub(crate) dirty: crate::snapshot::DirtyTracking,
@@ -1141,6 +1151,18 @@ impl Vm {
             &events,
             restore.as_ref().map(|(s, _)| &s.serial),
         )?;
+        // Second handles on the disks' open files, sharing their locks: a migration hands
+        // the locks to the destination (and takes them back if it fails).
+        let disk_locks = inputs
+            .disks
+            .iter()
+            .flatten()
+            .map(|f| f.try_clone())
+            .collect::<io::Result<Vec<File>>>()
+            .map_err(|source| VmmError::Os {
+                what: "duplicating a disk image fd",
+                source,
+            })?;
         let virtio = crate::virtio::build(
             &vm,
             &chip,
@@ -1241,6 +1263,8 @@ impl Vm {
             power_button: devices.power_button,
             paused: start_paused,
             dirty: crate::snapshot::DirtyTracking::default(),
+            migrated: false,
+            disk_locks,
             chip,
             fd: vm,
             kvm: Arc::new(kvm),
@@ -1278,6 +1302,13 @@ impl Vm {
                 (Wake::Control, _) => {
                     if let Some(c) = control {
                         c.drain(|r| self.handle(r));
+                    }
+                    if self.migrated {
+                        // The requester (the control-socket thread) still has to write the
+                        // report it was just handed; the process ends right after this
+                        // returns, so give it a moment.
+                        std::thread::sleep(Duration::from_millis(200));
+                        return Ok(Outcome::Migrated);
                     }
                 }
                 (_, Some(d)) if std::time::Instant::now() >= d => {
@@ -1323,7 +1354,12 @@ impl Vm {
                 .snapshot(&p)
                 .map(VmResponse::Report)
                 .map_err(|e| e.to_string()),
-            VmRequest::Migrate(_) => Err("live migration is not supported yet".into()),
+            VmRequest::Migrate(p) => {
+                let report = crate::migration::migrate(self, &p)?;
+                self.migrated = true;
+                eprintln!("kiln: migrated to {}: {report}", p.to);
+                Ok(VmResponse::Report(report.to_string()))
+            }
         }
     }
 

@@ -6,12 +6,15 @@
 //!   and of QEMU microvm on the same guest image when it is installed.
 //! - `cargo xtask bench-blk`: the guest's block IOPS / MiB/s under kiln and QEMU microvm on the
 //!   same image.
+//! - `cargo xtask bench-migrate`: live migration of the `counter` guest between two kilns on
+//!   this host at several dirty rates: total time, downtime, rounds, bytes.
 //! - `cargo xtask bench-snapshot`: snapshot create and restore times for 256 MiB and 1 GiB
 //!   guests.
 //! - `cargo xtask linux-guest`: a stock Debian kernel (vmlinux, vmlinuz) and a busybox
 //!   initramfs in `target/linux-guest/`.
 
 mod bench_blk;
+mod bench_migrate;
 mod bench_snapshot;
 mod bench_startup;
 mod linux_guest;
@@ -21,7 +24,7 @@ mod testguest;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | bench-blk [--runs N] [--ms MS] [--qd N] [--image-mib N] | bench-snapshot [--runs N] [--sizes MIB,MIB] | linux-guest [--out DIR]>";
+const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | bench-blk [--runs N] [--ms MS] [--qd N] [--image-mib N] | bench-migrate [--runs N] [--mib N] [--rates R,R] [--transport tcp|unix] [--max-downtime-ms N] [--memory SIZE] [--cpus N] | bench-snapshot [--runs N] [--sizes MIB,MIB] | linux-guest [--out DIR]>";
 
 fn workspace_root() -> PathBuf {
     // xtask/ sits directly under the workspace root.
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Some("testguest") => ("testguest", testguest::testguest(&args[1..])),
         Some("bench-startup") => ("bench-startup", bench_startup::run(&args[1..])),
         Some("bench-blk") => ("bench-blk", bench_blk::run(&args[1..])),
+        Some("bench-migrate") => ("bench-migrate", bench_migrate::run(&args[1..])),
         Some("bench-snapshot") => ("bench-snapshot", bench_snapshot::run(&args[1..])),
         Some("linux-guest") => ("linux-guest", linux_guest::run_task(&args[1..])),
         _ => {

@@ -43,7 +43,10 @@
 
 #![warn(missing_docs)]
 
+mod dirty;
 mod host;
+
+pub use dirty::{DirtyTracker, RegionBitmap};
 
 use std::fmt;
 use std::fs::File;
@@ -253,7 +256,17 @@ pub enum Error {
         /// Length the layout requires.
         expected_len: u64,
     },
-    /// `KVM_SET_USER_MEMORY_REGION` failed for one slot.
+    /// `KVM_GET_DIRTY_LOG` failed for one slot (or logging is off: EINVAL).
+    #[error("KVM_GET_DIRTY_LOG for memory slot {slot} failed: {source}")]
+    DirtyLog {
+        /// KVM slot number.
+        slot: u32,
+        /// The underlying error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_SET_USER_MEMORY_REGION` failed for one slot (registering it, or turning its
+    /// dirty log on or off).
     #[error(
         "KVM_SET_USER_MEMORY_REGION for slot {slot} ({addr:#x}, {size} bytes) failed: {source}"
     )]

@@ -294,6 +294,24 @@ fn rules(kind: ThreadKind) -> Rules {
             ] {
                 allow(&mut r, nr);
             }
+            // Live migration: the outgoing connection (TCP or Unix; connect with a timeout
+            // makes the socket non-blocking with FIONBIO and polls it).
+            for nr in [
+                libc::SYS_socket,
+                libc::SYS_connect,
+                libc::SYS_setsockopt,
+                libc::SYS_getsockopt,
+                libc::SYS_sendto,
+                libc::SYS_recvfrom,
+                libc::SYS_shutdown,
+                // /proc/self/pagemap: which guest pages were never touched.
+                libc::SYS_pread64,
+                // Disk image locks handed to the destination (and taken back on failure).
+                libc::SYS_flock,
+            ] {
+                allow(&mut r, nr);
+            }
+            allow_values(&mut r, libc::SYS_ioctl, 1, &[libc::FIONBIO]);
             allow_values(&mut r, libc::SYS_ioctl, 1, &VM_SAVE_IOCTLS);
         }
         ThreadKind::Vcpu => {

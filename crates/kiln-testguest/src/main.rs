@@ -8,6 +8,7 @@
 
 mod benchexits;
 mod clock;
+mod counter_ap;
 mod entry;
 mod io;
 mod irq;

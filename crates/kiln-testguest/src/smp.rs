@@ -143,6 +143,9 @@ pub const TASK_HALT: u32 = 0;
 pub const TASK_CLOCK: u32 = 1;
 /// Check in, then take the exit benchmark's IPIs (`benchexits::ap_ipi_task`) until INITed.
 pub const TASK_BENCH_IPI: u32 = 2;
+/// Check in, then dirty and check memory for `counter` (`counter_ap::ap_task`) until told
+/// to stop.
+pub const TASK_COUNTER: u32 = 3;
 
 /// First Rust code on an AP, on its own stack, in long mode with the kernel's GDT.
 #[unsafe(no_mangle)]
@@ -153,6 +156,7 @@ extern "C" fn ap_main() {
     match AP_TASK.load(Ordering::SeqCst) {
         TASK_CLOCK => crate::clock::ap_pingpong(id),
         TASK_BENCH_IPI => crate::benchexits::ap_ipi_task(),
+        TASK_COUNTER => crate::counter_ap::ap_task(id),
         _ => {}
     }
 }
@@ -210,7 +214,12 @@ fn wait_for(expected: u32, timeout_cycles: u64) -> u32 {
 /// `expected` APs checked in or `timeout_cycles` of TSC passed. Returns the number that
 /// checked in. May be called again: the APs are INITed afresh.
 pub fn start_aps(expected: u32, timeout_cycles: u64) -> u32 {
-    prepare(TASK_HALT);
+    start_aps_with(TASK_HALT, expected, timeout_cycles)
+}
+
+/// [`start_aps`] with `task` for every AP.
+pub fn start_aps_with(task: u32, expected: u32, timeout_cycles: u64) -> u32 {
+    prepare(task);
     send_ipi(0, icr_init_all_but_self());
     spin(10_000_000);
     for _ in 0..2 {

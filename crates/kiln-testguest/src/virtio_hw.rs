@@ -222,6 +222,35 @@ impl Platform for Guest {
         let mut line = InputLine::new();
         while !line.push(io::serial_getb()) {}
     }
+    fn counter_ap_count(&self) -> u32 {
+        let cpus = self.acpi.as_ref().map_or(1, |a| a.lapics);
+        let t = crate::smp::TRAMPOLINE;
+        // The APs start through the trampoline page: not if the boot information lies there.
+        if self
+            .reserved
+            .iter()
+            .any(|&(s, e)| s < e && s < t + 0x1000 && t < e)
+        {
+            return 0;
+        }
+        cpus.saturating_sub(1)
+            .min(kiln_testguest::apic::MAX_APS as u32)
+    }
+    fn counter_aps_start(&self, base: u64, pages: u64, rate_pages: u64) -> u32 {
+        match self.counter_ap_count() {
+            0 => 0,
+            n => crate::counter_ap::start(base, pages, rate_pages, n),
+        }
+    }
+    fn counter_aps_status(&self) -> (u64, u64) {
+        (
+            crate::counter_ap::STEPS.load(Ordering::Relaxed),
+            crate::counter_ap::ERRORS.load(Ordering::Relaxed),
+        )
+    }
+    fn counter_aps_stop(&self) {
+        crate::counter_ap::stop()
+    }
 }
 
 /// The end of the driver's usable memory (see [`Guest::limit`]).

@@ -7,7 +7,7 @@
 //!   previous pass's [`page_word`] and then writes this pass's. Paced to
 //!   `kiln.counter.rate` MiB/s (0: as fast as it goes).
 //! - Output: every `kiln.counter.period_ms` ms a line
-//!   `counter seq=N t_ns=T errors=E pass=P`, `T` from kvmclock; a gap between two lines
+//!   `counter seq=N t_ns=T errors=E pass=P dirtied_kib=K`, `T` from kvmclock; a gap between two lines
 //!   longer than the period plus `kiln.counter.jump_ms` prints `counter jump=NS ns seq=N`.
 //!   kvmclock going backwards is an error.
 //! - Disk: with a writable virtio-blk, each line (seq from 1) also writes sector `seq % span` stamped
@@ -16,7 +16,9 @@
 //! - After `kiln.counter.secs` seconds (0: never) the result: PASS when there were no
 //!   pattern, disk or clock errors.
 //!
-//! It runs on the vCPU that runs the scenarios (the BSP).
+//! It runs on the vCPU that runs the scenarios (the BSP); with `kiln.counter.aps=1` every AP
+//! also dirties and checks its own `kiln.counter.mib` MiB (right after the BSP's) at the same
+//! rate, and the BSP's lines count their pages and errors too.
 
 use super::blk::{self, Blk, SECTOR};
 use super::layout::{self, DATA};
@@ -51,6 +53,8 @@ pub struct Settings {
     pub secs: u64,
     /// Sectors of the disk ring (0: don't use a disk).
     pub blk_sectors: u64,
+    /// Whether the APs dirty memory too (each its own `mib` MiB after the BSP's).
+    pub aps: bool,
 }
 
 impl Settings {
@@ -63,6 +67,7 @@ impl Settings {
             jump_ms: env.num("kiln.counter.jump_ms", 50, out)?,
             secs: env.num("kiln.counter.secs", 10, out)?,
             blk_sectors: env.num("kiln.counter.blk_sectors", 2048, out)?,
+            aps: env.num("kiln.counter.aps", 0, out)? == 1,
         };
         if s.period_ms == 0 || s.period_ms > 60_000 {
             out.push_str("kiln.counter.period_ms must be 1..=60000");
@@ -258,6 +263,22 @@ pub fn run_counter<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool
         return false;
     }
     let mut pages = (want > 0).then(|| Pages::new(&fr, want));
+    // The APs' areas: right after the BSP's, in the same free range.
+    let aps = if s.aps && want > 0 {
+        p.counter_ap_count()
+    } else {
+        0
+    };
+    if aps > 0 {
+        let first = fr.as_slice()[0];
+        if first.pages() < want * (1 + u64::from(aps)) {
+            out.push_str("kiln.counter.aps=1: the first free RAM range has room for ");
+            out.push_dec(first.pages() / 256);
+            out.push_str(" MiB, not ");
+            out.push_dec(s.mib * (1 + u64::from(aps)));
+            return false;
+        }
+    }
     let mut disk = None;
     if s.blk_sectors > 0 {
         if let Some(dev) = blk::find_writable(p, env) {
@@ -289,6 +310,19 @@ pub fn run_counter<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool
     start_line.push_dec(disk.as_ref().map_or(0, |d| d.span));
     p.info(start_line.as_bytes());
 
+    let started_aps = if aps > 0 {
+        let base = fr.as_slice()[0].start + want * PAGE;
+        let n = p.counter_aps_start(base, want, s.rate * 256);
+        let mut l = LineBuf::new();
+        l.push_str("counter aps=");
+        l.push_dec(u64::from(n));
+        l.push_str(" of ");
+        l.push_dec(u64::from(aps));
+        p.info(l.as_bytes());
+        n
+    } else {
+        0
+    };
     let period = s.period_ms * 1_000_000;
     let jump = s.jump_ms * 1_000_000;
     let end = s.secs.checked_mul(1_000_000_000);
@@ -357,10 +391,13 @@ pub fn run_counter<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool
             l.push_dec(seq);
             l.push_str(" t_ns=");
             l.push_dec(now);
+            let (ap_steps, ap_errors) = p.counter_aps_status();
             l.push_str(" errors=");
-            l.push_dec(t.errors());
+            l.push_dec(t.errors() + ap_errors);
             l.push_str(" pass=");
             l.push_dec(pages.as_ref().map_or(0, |pg| pg.pass));
+            l.push_str(" dirtied_kib=");
+            l.push_dec((t.steps + ap_steps) * 4);
             p.info(l.as_bytes());
             last_tick = now;
         }
@@ -371,6 +408,8 @@ pub fn run_counter<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool
     if let Some(d) = disk.as_mut() {
         let _ = d.b.t.reset(p);
     }
+    p.counter_aps_stop();
+    let (ap_steps, ap_errors) = p.counter_aps_status();
     out.push_str("seq=");
     out.push_dec(seq);
     out.push_str(" pages=");
@@ -385,8 +424,16 @@ pub fn run_counter<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool
     out.push_dec(t.jumps);
     out.push_str(" max_jump_ns=");
     out.push_dec(t.max_jump_ns);
+    if started_aps > 0 {
+        out.push_str(" aps=");
+        out.push_dec(u64::from(started_aps));
+        out.push_str(" ap_dirtied_mib=");
+        out.push_dec(ap_steps / 256);
+        out.push_str(" ap_errors=");
+        out.push_dec(ap_errors);
+    }
     out.push_str(" errors=");
-    out.push_dec(t.errors());
+    out.push_dec(t.errors() + ap_errors);
     out.push_str(" (mem=");
     out.push_dec(t.mem_errors);
     out.push_str(" blk=");
@@ -394,7 +441,7 @@ pub fn run_counter<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool
     out.push_str(" clock=");
     out.push_dec(t.backwards);
     out.push_str(")");
-    t.errors() == 0
+    t.errors() == 0 && ap_errors == 0 && started_aps == aps
 }
 
 #[cfg(test)]

@@ -87,6 +87,23 @@ pub trait Platform {
     /// Waits for one line of console input (`kiln.balloon.hold=1`: the host reads the VMM's
     /// RSS meanwhile). The default, for host tests, returns at once.
     fn wait_line(&self) {}
+    /// APs that [`Platform::counter_aps_start`] could start (0: none; host tests).
+    fn counter_ap_count(&self) -> u32 {
+        0
+    }
+    /// `counter` with `kiln.counter.aps=1`: starts the APs, AP `i` (APIC ID) dirtying and
+    /// checking its own `pages` pages from `base + (i - 1) * pages * 4096` at `rate_pages`
+    /// pages per second (0: as fast as it goes) until [`Platform::counter_aps_stop`].
+    /// Returns how many started.
+    fn counter_aps_start(&self, _base: u64, _pages: u64, _rate_pages: u64) -> u32 {
+        0
+    }
+    /// Pages the APs stepped over so far and the mismatches they found.
+    fn counter_aps_status(&self) -> (u64, u64) {
+        (0, 0)
+    }
+    /// Stops the APs' counter loops.
+    fn counter_aps_stop(&self) {}
 }
 
 /// What every virtio scenario gets.
