@@ -211,10 +211,16 @@ fn device_io(r: &mut Rules) {
         libc::SYS_fsync,
         libc::SYS_fallocate,
         libc::SYS_getrandom,
+        // virtio-net frames from the tap (writev is common).
+        libc::SYS_readv,
     ] {
         allow(r, nr);
     }
 }
+
+/// `TUNSETOFFLOAD`: virtio-net sets the tap's offloads to what the driver negotiated when it
+/// activates the device (on the vCPU thread that wrote `DRIVER_OK`).
+pub const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD as u64;
 
 // KVM ioctl request numbers (linux/kvm.h), computed like the kernel's _IO/_IOR macros.
 const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
@@ -248,7 +254,7 @@ fn rules(kind: ThreadKind) -> Rules {
                 &mut r,
                 libc::SYS_ioctl,
                 1,
-                &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS],
+                &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, TUNSETOFFLOAD],
             );
             // A QueueNotify that no ioeventfd matched is processed on the vCPU thread.
             device_io(&mut r);
@@ -268,6 +274,7 @@ fn rules(kind: ThreadKind) -> Rules {
             }
             // Relative timers only (flags 0).
             allow_values(&mut r, libc::SYS_timerfd_settime, 1, &[0]);
+            allow_values(&mut r, libc::SYS_ioctl, 1, &[TUNSETOFFLOAD]);
         }
         ThreadKind::Stdin => {
             allow(&mut r, libc::SYS_read);
@@ -508,6 +515,7 @@ mod tests {
         assert_eq!(KVM_GET_REGS, 0x8090_AE81);
         assert_eq!(KVM_GET_SREGS, 0x8138_AE83);
         assert_eq!(KVM_GET_CLOCK, 0x8030_AE7C);
+        assert_eq!(TUNSETOFFLOAD, 0x4004_54D0);
     }
 
     #[test]
