@@ -44,10 +44,16 @@ pub enum Scenario {
     MemoryStress,
     /// VM-exit latency histograms for each exit kind (`kiln-bench exits`).
     BenchExits,
+    /// virtio-net: ARP and pings to the host (needs `--net` and `kiln.net=`).
+    VirtioNet,
+    /// virtio-net: malformed transmit and receive chains, then pings (needs `--net`).
+    NetEvil,
+    /// virtio-net transmit throughput to a host UDP sink (needs `--net`).
+    NetBench,
 }
 
 /// Every scenario, in the order `all` would run them if they needed no input.
-pub const SCENARIOS: [Scenario; 18] = [
+pub const SCENARIOS: [Scenario; 21] = [
     Scenario::Boot,
     Scenario::Cpuid,
     Scenario::Serial,
@@ -66,6 +72,9 @@ pub const SCENARIOS: [Scenario; 18] = [
     Scenario::Balloon,
     Scenario::MemoryStress,
     Scenario::BenchExits,
+    Scenario::VirtioNet,
+    Scenario::NetEvil,
+    Scenario::NetBench,
 ];
 
 impl Scenario {
@@ -90,6 +99,9 @@ impl Scenario {
             Scenario::Balloon => "balloon",
             Scenario::MemoryStress => "memory-stress",
             Scenario::BenchExits => "bench-exits",
+            Scenario::VirtioNet => "virtio-net",
+            Scenario::NetEvil => "net-evil",
+            Scenario::NetBench => "net-bench",
         }
     }
 
@@ -116,7 +128,12 @@ impl Scenario {
     pub fn on_request(self) -> bool {
         matches!(
             self,
-            Scenario::Balloon | Scenario::MemoryStress | Scenario::BenchExits
+            Scenario::Balloon
+                | Scenario::MemoryStress
+                | Scenario::BenchExits
+                | Scenario::VirtioNet
+                | Scenario::NetEvil
+                | Scenario::NetBench
         )
     }
 

@@ -11,6 +11,7 @@
 //! - [`ring`]: split virtqueues in guest memory.
 //! - [`layout`]: the fixed guest-physical region the driver uses (docs/guest-contract.md).
 //! - [`blk`], [`rng`], [`reset`], [`evil`], [`bench`](mod@bench): the scenarios.
+//! - [`net`]: virtio-net and the `virtio-net`, `net-evil`, `net-bench` scenarios.
 
 pub mod balloon;
 pub mod bench;
@@ -18,6 +19,7 @@ pub mod blk;
 pub mod discover;
 pub mod evil;
 pub mod layout;
+pub mod net;
 pub mod reset;
 pub mod ring;
 pub mod rng;
