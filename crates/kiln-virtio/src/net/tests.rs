@@ -413,6 +413,53 @@ fn mergeable_receive_spans_chains_and_gives_back_the_rest() {
 }
 
 #[test]
+fn event_idx_asks_for_a_kick_past_the_buffers_it_left() {
+    // Two 512-byte buffers are too little for a full frame: the device leaves them and, with
+    // EVENT_IDX, must set avail_event to the available index (not its own position), or the
+    // driver's next buffer would not notify.
+    let (a, b) = pair();
+    let mut net = Net::new(
+        PairBackend {
+            fd: a,
+            offloads: false,
+            offload_flags: None,
+        },
+        NetConfig::default(),
+    )
+    .unwrap();
+    let m = mem();
+    let (mut rx, tx) = (Q::new(RXQ), Q::new(TXQ));
+    VirtioDevice::<Mem>::ack_features(&mut net, BASE | VIRTIO_RING_F_EVENT_IDX);
+    let mut rq = rx.queue();
+    rq.set_event_idx(true);
+    let mut tq = tx.queue();
+    tq.set_event_idx(true);
+    net.activate(m.clone(), vec![rq, tq], CountingInterrupt::new())
+        .unwrap();
+    rx.add(&m, &[(BUF, 512, true)]);
+    rx.add(&m, &[(BUF + 0x1000, 512, true)]);
+    let mut f = NetHdr::default().to_bytes().to_vec();
+    f.extend_from_slice(&frame(100, 1));
+    // SAFETY: f is readable for its length.
+    let n = unsafe { libc::write(b.as_raw_fd(), f.as_ptr().cast(), f.len()) };
+    assert_eq!(n, f.len() as isize);
+    assert_eq!(
+        net.process_backend(BACKEND_TOKEN).unwrap(),
+        QueueOutcome::Done
+    );
+    assert_eq!(rx.used_idx(&m), 0);
+    let avail_event: u16 = m
+        .read_obj(GuestAddress(RXQ + 0x2000 + 4 + 8 * u64::from(QS)))
+        .unwrap();
+    assert_eq!(avail_event, 2);
+    // A third buffer: now there is room, the frame arrives in the first chain.
+    rx.add(&m, &[(BUF + 0x2000, 1024, true)]);
+    net.process_queue(RX_QUEUE).unwrap();
+    assert_eq!(rx.used_idx(&m), 1);
+    assert_eq!(rx.used(&m, 0), (0, 112));
+}
+
+#[test]
 fn malformed_receive_chains_come_back_empty() {
     let mut h = harness(VIRTIO_F_VERSION_1);
     h.rx.add(&h.mem, &[(BUF, 2048, false)]);
