@@ -546,9 +546,12 @@ impl<M: GuestMemory, B: NetBackend> Net<M, B> {
             queue: RX_QUEUE,
             source,
         };
-        let mut frames = 0usize;
+        // Rounds of the loop (frames, retries), and chains put in the used ring.
+        let mut rounds = 0usize;
+        let mut used = 0usize;
         let outcome = loop {
-            if frames >= BUDGET {
+            rounds += 1;
+            if rounds > BUDGET {
                 break QueueOutcome::Pending;
             }
             if let Some(l) = self.rx_limiter.as_ref() {
@@ -599,6 +602,7 @@ impl<M: GuestMemory, B: NetBackend> Net<M, B> {
                         "virtio-net: malformed receive chain {head} returned empty"
                     ));
                     q.add_used(mem, head, 0).map_err(qerr)?;
+                    used += 1;
                     continue;
                 }
                 cap += chain_cap;
@@ -615,9 +619,8 @@ impl<M: GuestMemory, B: NetBackend> Net<M, B> {
                     q.go_to_previous_position();
                 }
                 self.iov.0.clear();
-                if want_kick(mem, q).map_err(qerr)? && frames < BUDGET {
-                    // The driver added buffers meanwhile: look again (bounded).
-                    frames += 1;
+                if want_kick(mem, q).map_err(qerr)? {
+                    // The driver added buffers meanwhile: look again (bounded by BUDGET).
                     continue;
                 }
                 break QueueOutcome::Done;
@@ -660,16 +663,16 @@ impl<M: GuestMemory, B: NetBackend> Net<M, B> {
                 left -= len;
                 used_chains += 1;
                 q.add_used(mem, head, len as u32).map_err(qerr)?;
+                used += 1;
             }
             // num_buffers: the tap skips those two bytes of the header; they are ours.
             let num = if mrg { used_chains } else { 1 };
             stream_write(mem, &self.rx_segs, 10, &num.to_le_bytes());
             stream_mark_dirty(mem, &self.rx_segs, n);
-            frames += 1;
             self.stats.rx_frames += 1;
             self.stats.rx_bytes += n as u64;
         };
-        if frames > 0 && q.needs_notification(mem).map_err(qerr)? {
+        if used > 0 && q.needs_notification(mem).map_err(qerr)? {
             a.interrupt
                 .trigger(InterruptKind::Queue(RX_QUEUE as u16))
                 .map_err(|source| Error::Interrupt {

@@ -460,6 +460,15 @@ fn event_idx_asks_for_a_kick_past_the_buffers_it_left() {
 }
 
 #[test]
+fn returned_bad_receive_chains_raise_an_interrupt_without_any_frame() {
+    let mut h = harness(BASE);
+    h.rx.add(&h.mem, &[(BUF, 2048, false)]);
+    assert_eq!(h.net.process_queue(RX_QUEUE).unwrap(), QueueOutcome::Done);
+    assert_eq!(h.rx.used(&h.mem, 0), (0, 0));
+    assert_eq!(h.irq.queue_count(), 1);
+}
+
+#[test]
 fn malformed_receive_chains_come_back_empty() {
     let mut h = harness(VIRTIO_F_VERSION_1);
     h.rx.add(&h.mem, &[(BUF, 2048, false)]);
