@@ -150,6 +150,11 @@ fn hostile_chains_leave_the_device_working() {
     ]);
     let r = run_with(cmd, None, Duration::from_secs(120));
     r.assert_passed(&["net-evil"]);
+    let k = r.ktests();
+    let detail = &k.iter().find(|(n, _, _)| n == "net-evil").unwrap().2;
+    assert!(detail.contains("tx_cases=11 rx_cases=3"), "{detail}");
+    // kiln said why it dropped them (rate-limited warnings).
+    assert!(r.stderr.contains("transmit frame dropped"), "{}", r.stderr);
 }
 
 #[test]

@@ -11,7 +11,7 @@
 //! MTU frame, so each frame takes one) and polls the used rings.
 
 use super::layout;
-use super::ring::{write_desc, Buf, SplitQueue};
+use super::ring::{write_desc, Buf, SplitQueue, DESC_F_INDIRECT, DESC_F_NEXT};
 use super::transport::{status, InitError, Transport};
 use super::{wait_until, Env, MmioDev, Platform, SECOND};
 use crate::line::{Describe, LineBuf};
@@ -655,8 +655,9 @@ pub fn run_net<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool {
 
 /// The `net-evil` scenario: malformed transmit chains (empty, header only, truncated, over
 /// the MTU, offload flags that weren't negotiated, a device-writable buffer, buffers outside
-/// RAM) and malformed receive chains (device-readable, shorter than the header); each must
-/// come back, the device must not need a reset, and pings must still work.
+/// RAM, a descriptor chained to itself, an indirect table outside RAM) and malformed receive
+/// chains (device-readable, shorter than the header, outside RAM); each must come back, the
+/// device must not need a reset, and pings must still work.
 pub fn run_net_evil<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool {
     let Some((mut n, a, host_mac)) = setup(p, env, out) else {
         return false;
@@ -702,14 +703,24 @@ pub fn run_net_evil<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> boo
             return false;
         }
     }
+    // Descriptor abuse, rewritten in place before the notification: a descriptor chained to
+    // itself (the device must stop at the queue size) and an indirect table outside RAM.
+    for (addr, len, flags) in [(b, HDR as u32, DESC_F_NEXT), (far, 64, DESC_F_INDIRECT)] {
+        let Some(head) = n.tx.add(p, &[Buf::r(addr, len)]) else {
+            out.push_str("transmit ring full");
+            return false;
+        };
+        write_desc(p, n.tx.mem.desc, head, addr, len, flags, head);
+    }
+    let total = cases.len() + 2;
     n.t.notify(p, 1);
     let tx = &mut n.tx;
-    let want = before.wrapping_add(cases.len() as u16);
+    let want = before.wrapping_add(total as u16);
     if !wait_until(p, 2 * SECOND, || tx.used_idx(p) == want) {
         out.push_str("malformed transmit chains not all returned: used ");
         out.push_dec(u64::from(n.tx.used_idx(p).wrapping_sub(before)));
         out.push_str(" of ");
-        out.push_dec(cases.len() as u64);
+        out.push_dec(total as u64);
         return false;
     }
     n.reap_tx(p);
@@ -744,7 +755,7 @@ pub fn run_net_evil<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> boo
         return false;
     }
     out.push_str("tx_cases=");
-    out.push_dec(cases.len() as u64);
+    out.push_dec(total as u64);
     out.push_str(" rx_cases=");
     out.push_dec(evil_rx.len() as u64);
     out.push_str(" pings_after=");
