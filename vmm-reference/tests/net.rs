@@ -5,7 +5,10 @@
 
 mod common;
 
+use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{run_with, skip_kvm};
@@ -184,6 +187,78 @@ fn bench_frames_reach_the_host() {
     );
     let got = ns.tap_rx_packets() - before;
     assert!(got >= 3000, "the host saw {got} packets of 3000 (+ ARP)");
+}
+
+/// Floods `GUEST_IP:port` with UDP datagrams from inside `ns` until `stop`; returns how
+/// many were sent.
+fn flood(ns: &Netns, port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    let nsf = std::fs::File::open(format!("/var/run/netns/{}", ns.name)).expect("netns file");
+    std::thread::spawn(move || {
+        // SAFETY: setns takes an fd we own; CLONE_NEWNET moves only this thread.
+        assert_eq!(
+            unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let sock = std::net::UdpSocket::bind((HOST_IP, 0)).expect("bind in the netns");
+        let buf = [0x6bu8; 1000];
+        let mut sent = 0;
+        while !stop.load(Ordering::Relaxed) {
+            if sock.send_to(&buf, (GUEST_IP, port)).is_ok() {
+                sent += 1;
+            }
+            // Paced a little: the point is that frames arrive, not how many.
+            if sent % 64 == 0 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        sent
+    })
+}
+
+#[test]
+fn host_frames_reach_the_guest() {
+    if skip_net("host_frames_reach_the_guest") {
+        return;
+    }
+    let ns = Netns::new("rx");
+    // The guest answers no ARP: the host gets its MAC statically.
+    ip(&[
+        "-n",
+        &ns.name,
+        "neigh",
+        "replace",
+        GUEST_IP,
+        "lladdr",
+        "02:4b:4c:00:00:02",
+        "dev",
+        &ns.tap,
+        "nud",
+        "permanent",
+    ]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = flood(&ns, 5556, stop.clone());
+    let mut cmd = ns.kiln();
+    cmd.args([
+        "--net",
+        &format!("tap={},mac=02:4b:4c:00:00:02", ns.tap),
+        "--cmdline",
+        &cmdline("net-bench", "kiln.netbench.dir=rx kiln.netbench.ms=500"),
+    ]);
+    let r = run_with(cmd, None, Duration::from_secs(120));
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().expect("sender thread");
+    r.assert_passed(&["net-bench"]);
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("KBENCH net-rx "))
+        .unwrap_or_else(|| panic!("no KBENCH net-rx line:\n{}", r.stdout));
+    let frames: u64 = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("rx_frames="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(frames > 0 && frames <= sent, "{line} (host sent {sent})");
 }
 
 #[test]

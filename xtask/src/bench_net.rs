@@ -1,4 +1,5 @@
-//! `cargo xtask bench-net [--runs N] [--frames N] [--size BYTES]`: network throughput of
+//! `cargo xtask bench-net [--runs N] [--frames N] [--size BYTES] [--rx-ms MS]`: network
+//! throughput of
 //! the conformance guest under `kiln`, and under QEMU microvm with the same guest when
 //! `qemu-system-x86_64` is installed.
 //!
@@ -6,7 +7,9 @@
 //! bound in it (a thread of this process that `setns`es into the namespace). The guest's
 //! `net-bench` scenario sends `--frames` UDP datagrams of `--size` bytes as fast as the
 //! transmit queue takes them and reports frames/s and MiB/s measured with kvmclock; the
-//! sink counts what arrived. Both VMMs get 1 vCPU, 256 MiB and a tap with a virtio-net
+//! sink counts what arrived. The receive section floods the guest's port from a host
+//! socket (a static neighbour entry for the guest's MAC, which both VMMs are given) while the
+//! guest (`kiln.netbench.dir=rx`) counts what it receives for `--rx-ms`. Both VMMs get 1 vCPU, 256 MiB and a tap with a virtio-net
 //! header and no vhost (QEMU `vhost=off`): the comparison is of the device model and its
 //! notification path. Runs alternate between the VMMs so host noise hits both alike; the
 //! tables show medians.
@@ -28,12 +31,16 @@ const HOST_IP: &str = "10.201.0.1";
 const GUEST_IP: &str = "10.201.0.2";
 const TAP: &str = "kt0";
 const PORT: u16 = 5555;
+/// The guest's MAC in both VMMs, so the host can have a static neighbour entry (the guest
+/// answers no ARP requests).
+const GUEST_MAC: &str = "02:4b:4c:00:00:02";
 
 /// Options of the whole command.
 pub struct Opts {
     runs: usize,
     frames: u64,
     size: u64,
+    rx_ms: u64,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -41,6 +48,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         runs: 3,
         frames: 200_000,
         size: 1472,
+        rx_ms: 2000,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -53,6 +61,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         match a.as_str() {
             "--runs" => o.runs = num("--runs")? as usize,
             "--frames" => o.frames = num("--frames")?,
+            "--rx-ms" => o.rx_ms = num("--rx-ms")?.min(60_000),
             "--size" => {
                 o.size = num("--size")?;
                 if o.size > 1472 {
@@ -87,10 +96,16 @@ struct Section {
 }
 
 /// The sections, in print order.
-const SECTIONS: &[Section] = &[Section {
-    title: udp_tx_title,
-    run: udp_tx,
-}];
+const SECTIONS: &[Section] = &[
+    Section {
+        title: udp_tx_title,
+        run: udp_tx,
+    },
+    Section {
+        title: udp_rx_title,
+        run: udp_rx,
+    },
+];
 
 /// A network namespace with the tap at `HOST_IP/30`, deleted on drop.
 struct Netns {
@@ -123,6 +138,19 @@ impl Netns {
         ip(&["-n", n, "tuntap", "add", "dev", TAP, "mode", "tap"])?;
         ip(&["-n", n, "addr", "add", &format!("{HOST_IP}/30"), "dev", TAP])?;
         ip(&["-n", n, "link", "set", TAP, "up"])?;
+        ip(&[
+            "-n",
+            n,
+            "neigh",
+            "replace",
+            GUEST_IP,
+            "lladdr",
+            GUEST_MAC,
+            "dev",
+            TAP,
+            "nud",
+            "permanent",
+        ])?;
         Ok(ns)
     }
 
@@ -150,27 +178,59 @@ struct Sink {
     thread: std::thread::JoinHandle<Result<(u64, u64), String>>,
 }
 
+/// A UDP socket bound to `addr` by a thread that `setns`es into `ns`; the thread then runs
+/// `body(socket, stop)` and returns what it returns.
+fn ns_thread(
+    ns: &Netns,
+    addr: (&'static str, u16),
+    body: fn(UdpSocket, &AtomicBool) -> (u64, u64),
+) -> Result<Sink, String> {
+    let path = Path::new("/var/run/netns").join(&ns.name);
+    let nsf = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let s = stop.clone();
+    let thread = std::thread::spawn(move || -> Result<(u64, u64), String> {
+        // SAFETY: setns takes an fd we own; CLONE_NEWNET moves only this thread.
+        if unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            let e = format!("setns: {}", std::io::Error::last_os_error());
+            let _ = ready_tx.send(Err(e.clone()));
+            return Err(e);
+        }
+        let sock = match UdpSocket::bind(addr) {
+            Ok(s) => s,
+            Err(e) => {
+                let e = format!("bind {}:{}: {e}", addr.0, addr.1);
+                let _ = ready_tx.send(Err(e.clone()));
+                return Err(e);
+            }
+        };
+        let _ = ready_tx.send(Ok(()));
+        Ok(body(sock, &s))
+    });
+    ready_rx
+        .recv()
+        .map_err(|_| "network thread died".to_string())??;
+    Ok(Sink { stop, thread })
+}
+
+/// Floods the guest's port with full-size datagrams until stopped; returns (sent, 0).
+fn flood(sock: UdpSocket, stop: &AtomicBool) -> (u64, u64) {
+    let buf = [0x6bu8; 1472];
+    let mut sent = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        // ENOBUFS when the tap's queue is full: the guest isn't keeping up, which is what
+        // is measured.
+        if sock.send_to(&buf, (GUEST_IP, PORT + 1)).is_ok() {
+            sent += 1;
+        }
+    }
+    (sent, 0)
+}
+
 impl Sink {
     fn start(ns: &Netns) -> Result<Sink, String> {
-        let path = Path::new("/var/run/netns").join(&ns.name);
-        let nsf = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || -> Result<(u64, u64), String> {
-            // SAFETY: setns takes an fd we own; CLONE_NEWNET moves only this thread.
-            if unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                let e = std::io::Error::last_os_error();
-                let _ = ready_tx.send(Err(format!("setns: {e}")));
-                return Err(format!("setns: {e}"));
-            }
-            let sock = match UdpSocket::bind((HOST_IP, PORT)) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(format!("bind {HOST_IP}:{PORT}: {e}")));
-                    return Err(e.to_string());
-                }
-            };
+        ns_thread(ns, (HOST_IP, PORT), |sock, s| {
             // A big receive buffer so the sink, not its socket, is what counts.
             let size: libc::c_int = 16 << 20;
             // SAFETY: SO_RCVBUF(FORCE) reads one int from the pointer.
@@ -184,7 +244,6 @@ impl Sink {
                 );
             }
             let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
-            let _ = ready_tx.send(Ok(()));
             let (mut n, mut bytes) = (0u64, 0u64);
             let mut buf = [0u8; 2048];
             loop {
@@ -193,15 +252,11 @@ impl Sink {
                         n += 1;
                         bytes += len as u64;
                     }
-                    Err(_) if s.load(Ordering::SeqCst) => return Ok((n, bytes)),
+                    Err(_) if s.load(Ordering::SeqCst) => return (n, bytes),
                     Err(_) => {}
                 }
             }
-        });
-        ready_rx
-            .recv()
-            .map_err(|_| "sink thread died".to_string())??;
-        Ok(Sink { stop, thread })
+        })
     }
 
     /// Datagrams and bytes received.
@@ -220,8 +275,12 @@ struct Sample {
     delivered: u64,
 }
 
-fn bench_once(ns: &Netns, cmd: Command, who: &str) -> Result<Sample, String> {
-    let sink = Sink::start(ns)?;
+fn bench_once(ns: &Netns, cmd: Command, who: &str, rx: bool) -> Result<Sample, String> {
+    let sink = if rx {
+        ns_thread(ns, (HOST_IP, 0), flood)?
+    } else {
+        Sink::start(ns)?
+    };
     let out = ns
         .wrap(&cmd)
         .stdin(Stdio::null())
@@ -241,9 +300,10 @@ fn bench_once(ns: &Netns, cmd: Command, who: &str) -> Result<Sample, String> {
     if !text.contains("KTEST net-bench PASS") {
         return Err(fail());
     }
+    let prefix = if rx { "KBENCH net-rx " } else { "KBENCH net " };
     let line = text
         .lines()
-        .find(|l| l.starts_with("KBENCH net "))
+        .find(|l| l.starts_with(prefix))
         .ok_or_else(fail)?;
     let get = |key: &str| -> Result<f64, String> {
         line.split_whitespace()
@@ -263,6 +323,74 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// Runs the guest with `guest` as its command line under kiln (and QEMU), `runs` times each,
+/// alternating, each run in a fresh namespace.
+fn measure(c: &Ctx, guest: &str, rx: bool) -> Result<(Vec<Sample>, Vec<Sample>), String> {
+    let kiln_cmd = || {
+        let mut cmd = Command::new(&c.kiln);
+        cmd.args(["--memory", "256M", "--cpus", "1", "--rng", "off"])
+            .arg("--net")
+            .arg(format!("tap={TAP},mac={GUEST_MAC}"))
+            .arg("--cmdline")
+            .arg(guest);
+        cmd
+    };
+    let qemu_cmd = || {
+        let mut cmd = testguest::qemu_microvm("256M");
+        cmd.arg("-kernel")
+            .arg(&c.elf)
+            .arg("-append")
+            .arg(format!("{guest} kiln.verify=0"))
+            .arg("-netdev")
+            .arg(format!(
+                "tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off"
+            ))
+            .arg("-device")
+            .arg(format!("virtio-net-device,netdev=n0,mac={GUEST_MAC}"));
+        cmd
+    };
+    let mut k = Vec::new();
+    let mut q = Vec::new();
+    for i in 0..c.opts.runs {
+        println!(
+            "== net-bench {} run {}/{}",
+            if rx { "rx" } else { "tx" },
+            i + 1,
+            c.opts.runs
+        );
+        let ns = Netns::new()?;
+        k.push(bench_once(&ns, kiln_cmd(), "kiln", rx)?);
+        if c.qemu {
+            q.push(bench_once(&ns, qemu_cmd(), "QEMU microvm", rx)?);
+        }
+    }
+    Ok((k, q))
+}
+
+fn udp_rx_title(c: &Ctx) -> String {
+    format!(
+        "net-bench rx, host UDP flood → guest over a tap: 1472-byte datagrams for {} ms, 1 vCPU, median of {} runs (what the guest counted)",
+        c.opts.rx_ms, c.opts.runs
+    )
+}
+
+/// Host-to-guest UDP throughput: the host floods, the guest counts for `rx_ms`.
+fn udp_rx(c: &Ctx) -> Result<Vec<Row>, String> {
+    let guest = format!(
+        "console=ttyS0 kiln.test=net-bench kiln.net={GUEST_IP}/{HOST_IP} \
+         kiln.netbench.dir=rx kiln.netbench.ms={}",
+        c.opts.rx_ms
+    );
+    let (k, q) = measure(c, &guest, true)?;
+    let med = |s: &[Sample], f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
+    let row = |name, f: fn(&Sample) -> f64| Row {
+        name,
+        kiln: med(&k, f),
+        qemu: c.qemu.then(|| med(&q, f)),
+    };
+    Ok(vec![row("frames/s", |s| s.fps), row("MiB/s", |s| s.mibs)])
+}
+
 fn udp_tx_title(c: &Ctx) -> String {
     format!(
         "net-bench, guest → host UDP sink over a tap: {} datagrams of {} bytes, 1 vCPU, median of {} runs",
@@ -277,38 +405,7 @@ fn udp_tx(c: &Ctx) -> Result<Vec<Row>, String> {
          kiln.netbench.frames={} kiln.netbench.size={} kiln.netbench.port={PORT}",
         c.opts.frames, c.opts.size
     );
-    let kiln_cmd = || {
-        let mut cmd = Command::new(&c.kiln);
-        cmd.args(["--memory", "256M", "--cpus", "1", "--rng", "off"])
-            .arg("--net")
-            .arg(format!("tap={TAP}"))
-            .arg("--cmdline")
-            .arg(&guest);
-        cmd
-    };
-    let qemu_cmd = || {
-        let mut cmd = testguest::qemu_microvm("256M");
-        cmd.arg("-kernel")
-            .arg(&c.elf)
-            .arg("-append")
-            .arg(format!("{guest} kiln.verify=0"))
-            .arg("-netdev")
-            .arg(format!(
-                "tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off"
-            ))
-            .args(["-device", "virtio-net-device,netdev=n0"]);
-        cmd
-    };
-    let mut k = Vec::new();
-    let mut q = Vec::new();
-    for i in 0..c.opts.runs {
-        println!("== net-bench run {}/{}", i + 1, c.opts.runs);
-        let ns = Netns::new()?;
-        k.push(bench_once(&ns, kiln_cmd(), "kiln")?);
-        if c.qemu {
-            q.push(bench_once(&ns, qemu_cmd(), "QEMU microvm")?);
-        }
-    }
+    let (k, q) = measure(c, &guest, false)?;
     let med = |s: &[Sample], f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
     let pct = |s: &Sample| 100.0 * s.delivered as f64 / c.opts.frames as f64;
     let row = |name, f: fn(&Sample) -> f64| Row {

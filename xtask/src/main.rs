@@ -6,7 +6,7 @@
 //!   and of QEMU microvm on the same guest image when it is installed.
 //! - `cargo xtask bench-blk`: the guest's block IOPS / MiB/s under kiln and QEMU microvm on the
 //!   same image.
-//! - `cargo xtask bench-net`: the guest's UDP transmit frames/s and MiB/s to a host sink over a
+//! - `cargo xtask bench-net`: the guest's UDP transmit and receive frames/s and MiB/s over a
 //!   tap, under kiln and QEMU microvm (makes a network namespace; needs root).
 //! - `cargo xtask linux-guest`: a stock Debian kernel (vmlinux, vmlinuz) and a busybox
 //!   initramfs in `target/linux-guest/`.
@@ -21,7 +21,7 @@ mod testguest;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | bench-blk [--runs N] [--ms MS] [--qd N] [--image-mib N] | bench-net [--runs N] [--frames N] [--size BYTES] | linux-guest [--out DIR]>";
+const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | bench-blk [--runs N] [--ms MS] [--qd N] [--image-mib N] | bench-net [--runs N] [--frames N] [--size BYTES] [--rx-ms MS] | linux-guest [--out DIR]>";
 
 fn workspace_root() -> PathBuf {
     // xtask/ sits directly under the workspace root.

@@ -551,8 +551,14 @@ fn push_mac(out: &mut LineBuf, m: &[u8; 6]) {
     }
 }
 
-/// The setup every scenario shares: addresses, region, device, ARP.
-fn setup<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> Option<(Net, Addrs, [u8; 6])> {
+/// The setup every scenario shares: addresses, region, device, and (with `arp`) the host's
+/// MAC by ARP (else all zeros).
+fn setup<P: Platform>(
+    p: &P,
+    env: &Env<'_>,
+    out: &mut LineBuf,
+    arp: bool,
+) -> Option<(Net, Addrs, [u8; 6])> {
     let Some(a) = env.cmdline.get("kiln.net").and_then(parse_addrs) else {
         out.push_str("kiln.net=GUESTIP/HOSTIP missing or malformed");
         return None;
@@ -582,6 +588,9 @@ fn setup<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> Option<(Net, A
         out.push_hex(u64::from(n.status));
         out.push_str(")");
         return None;
+    }
+    if !arp {
+        return Some((n, a, [0; 6]));
     }
     let host_mac = match n.arp(p, &a, 10) {
         Ok(m) => m,
@@ -631,7 +640,7 @@ fn pings<P: Platform>(
 /// The `virtio-net` scenario: MAC and link status from the configuration space, ARP for
 /// the host, three pings with every checksum of the replies checked.
 pub fn run_net<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool {
-    let Some((mut n, a, host_mac)) = setup(p, env, out) else {
+    let Some((mut n, a, host_mac)) = setup(p, env, out, true) else {
         return false;
     };
     let mut odd = 0;
@@ -659,7 +668,7 @@ pub fn run_net<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool {
 /// chains (device-readable, shorter than the header, outside RAM); each must come back, the
 /// device must not need a reset, and pings must still work.
 pub fn run_net_evil<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool {
-    let Some((mut n, a, host_mac)) = setup(p, env, out) else {
+    let Some((mut n, a, host_mac)) = setup(p, env, out, true) else {
         return false;
     };
     let mut odd = 0;
@@ -769,10 +778,13 @@ pub const DEFAULT_BENCH_FRAMES: u64 = 200_000;
 pub const DEFAULT_BENCH_SIZE: u64 = 1472;
 /// Default UDP port of the host sink (`kiln.netbench.port`).
 pub const DEFAULT_BENCH_PORT: u64 = 5555;
+/// Default receive measurement window in ms (`kiln.netbench.ms`, `kiln.netbench.dir=rx`).
+pub const DEFAULT_BENCH_MS: u64 = 2000;
 
 /// The `net-bench` scenario: sends `kiln.netbench.frames` UDP datagrams of
 /// `kiln.netbench.size` bytes to the host's `kiln.netbench.port` as fast as the transmit
-/// queue takes them, and prints `KBENCH net tx_frames=.. tx_mibs=.. ...`.
+/// queue takes them, and prints `KBENCH net tx_frames=.. fps=.. mibs=..`; with
+/// `kiln.netbench.dir=rx` it counts what the host sends instead (see `bench_rx`).
 pub fn run_net_bench<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bool {
     let (Some(frames), Some(size), Some(port)) = (
         env.num("kiln.netbench.frames", DEFAULT_BENCH_FRAMES, out),
@@ -785,9 +797,29 @@ pub fn run_net_bench<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bo
         out.push_str("kiln.netbench: size 1..=1472, port 1..=65535, frames > 0");
         return false;
     }
-    let Some((mut n, a, host_mac)) = setup(p, env, out) else {
+    let rx = match env.cmdline.get("kiln.netbench.dir") {
+        None | Some(b"tx") => false,
+        Some(b"rx") => true,
+        Some(_) => {
+            out.push_str("kiln.netbench.dir: tx or rx");
+            return false;
+        }
+    };
+    let Some(ms) = env.num("kiln.netbench.ms", DEFAULT_BENCH_MS, out) else {
         return false;
     };
+    if !(1..=60_000).contains(&ms) {
+        out.push_str("kiln.netbench.ms: 1..=60000");
+        return false;
+    }
+    // The receive bench needs no ARP (the host has a static entry for the guest), and the
+    // host's flood could crowd the reply out of the tap's queue.
+    let Some((mut n, a, host_mac)) = setup(p, env, out, !rx) else {
+        return false;
+    };
+    if rx {
+        return bench_rx(p, &mut n, ms, out);
+    }
     // One prebuilt frame per transmit descriptor: the loop only recycles descriptors.
     let mut f = [0u8; MAX_FRAME];
     let len = udp(&mut f, n.mac, host_mac, &a, port as u16, size as usize);
@@ -856,6 +888,97 @@ pub fn run_net_bench<P: Platform>(p: &P, env: &Env<'_>, out: &mut LineBuf) -> bo
     p.info(l.as_bytes());
     out.push_str("frames=");
     out.push_dec(done);
+    out.push_str(" fps=");
+    out.push_dec(fps);
+    true
+}
+
+/// `net-bench` with `kiln.netbench.dir=rx`: waits up to 10 s for the host's first frame,
+/// then counts the frames that arrive in the next `ms` milliseconds, recycling buffers in
+/// batches (one notification per batch), and prints `KBENCH net-rx ...`.
+fn bench_rx<P: Platform>(p: &P, n: &mut Net, ms: u64, out: &mut LineBuf) -> bool {
+    n.rx.set_no_interrupt(p, true);
+    let burst = |n: &mut Net| -> Result<(u64, u64), NetError> {
+        let (mut frames, mut bytes) = (0u64, 0u64);
+        while let Some((id, len)) = n.rx.pop_used(p) {
+            let addr = usize::try_from(id)
+                .ok()
+                .and_then(|i| n.rx_buf.get(i))
+                .copied()
+                .unwrap_or(0);
+            if addr == 0 {
+                continue;
+            }
+            frames += 1;
+            bytes += u64::from(len).saturating_sub(HDR as u64);
+            n.post_rx(p, addr)?;
+        }
+        if frames > 0 {
+            n.t.notify(p, 0);
+        }
+        Ok((frames, bytes))
+    };
+    // Whatever came before the host's stream (ARP, IPv6 noise) doesn't count.
+    let _ = burst(n);
+    let first = p.now_ns();
+    let mut started = None;
+    while started.is_none() {
+        match burst(n) {
+            Ok((f, _)) if f > 0 => started = Some(p.now_ns()),
+            Ok(_) if p.now_ns().wrapping_sub(first) > 10 * SECOND => {
+                out.push_str("no frame from the host within 10 s");
+                let _ = n.t.reset(p);
+                return false;
+            }
+            Ok(_) => core::hint::spin_loop(),
+            Err(e) => {
+                e.describe(out);
+                let _ = n.t.reset(p);
+                return false;
+            }
+        }
+    }
+    let start = started.unwrap_or(first);
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    let end = start + ms * 1_000_000;
+    while p.now_ns() < end {
+        match burst(n) {
+            Ok((f, b)) => {
+                frames += f;
+                bytes += b;
+            }
+            Err(e) => {
+                e.describe(out);
+                let _ = n.t.reset(p);
+                return false;
+            }
+        }
+    }
+    let ns = p.now_ns().wrapping_sub(start).max(1);
+    let _ = n.t.reset(p);
+    let fps = (u128::from(frames) * u128::from(SECOND) / u128::from(ns)) as u64;
+    let mibs_tenths =
+        (u128::from(bytes) * 10 * u128::from(SECOND) / u128::from(ns) / (1 << 20)) as u64;
+    let mut l = LineBuf::new();
+    l.push_str("KBENCH net-rx rx_frames=");
+    l.push_dec(frames);
+    l.push_str(" bytes=");
+    l.push_dec(bytes);
+    l.push_str(" ns=");
+    l.push_dec(ns);
+    l.push_str(" fps=");
+    l.push_dec(fps);
+    l.push_str(" mibs=");
+    l.push_dec(mibs_tenths / 10);
+    l.push_str(".");
+    l.push_dec(mibs_tenths % 10);
+    p.info(l.as_bytes());
+    if frames == 0 {
+        out.push_str("no frames counted");
+        return false;
+    }
+    out.push_str("dir=rx frames=");
+    out.push_dec(frames);
     out.push_str(" fps=");
     out.push_dec(fps);
     true
