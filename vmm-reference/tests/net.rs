@@ -195,10 +195,8 @@ fn flood(ns: &Netns, port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandl
     let nsf = std::fs::File::open(format!("/var/run/netns/{}", ns.name)).expect("netns file");
     std::thread::spawn(move || {
         // SAFETY: setns takes an fd we own; CLONE_NEWNET moves only this thread.
-        assert_eq!(
-            unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+        let rc = unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
         let sock = std::net::UdpSocket::bind((HOST_IP, 0)).expect("bind in the netns");
         let buf = [0x6bu8; 1000];
         let mut sent = 0;
