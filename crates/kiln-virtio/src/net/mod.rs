@@ -650,25 +650,33 @@ impl<M: GuestMemory, B: NetBackend> Net<M, B> {
             if let Some(l) = self.rx_limiter.as_mut() {
                 l.charge_at(1, n as u64, Instant::now());
             }
-            // Hand out the chains the frame filled (at least the first: it holds the header),
-            // give back the rest.
+            // The chains the frame filled (at least the first: it holds the header).
             let mut left = n.max(HDR_LEN);
             let mut used_chains = 0u16;
-            for &(head, chain_cap) in &self.rx_chains {
+            for &(_, chain_cap) in &self.rx_chains {
                 if left == 0 {
-                    q.go_to_previous_position();
-                    continue;
+                    break;
                 }
-                let len = left.min(chain_cap as usize);
-                left -= len;
+                left -= left.min(chain_cap as usize);
                 used_chains += 1;
-                q.add_used(mem, head, len as u32).map_err(qerr)?;
-                used += 1;
             }
-            // num_buffers: the tap skips those two bytes of the header; they are ours.
+            // num_buffers (the tap skips those two header bytes: they are ours), before the
+            // used ring shows the driver anything.
             let num = if mrg { used_chains } else { 1 };
             stream_write(mem, &self.rx_segs, 10, &num.to_le_bytes());
             stream_mark_dirty(mem, &self.rx_segs, n);
+            // Give back the chains the frame didn't need (the last ones popped), then hand
+            // out the others.
+            for _ in usize::from(used_chains)..self.rx_chains.len() {
+                q.go_to_previous_position();
+            }
+            let mut left = n.max(HDR_LEN);
+            for &(head, chain_cap) in &self.rx_chains[..usize::from(used_chains)] {
+                let len = left.min(chain_cap as usize);
+                left -= len;
+                q.add_used(mem, head, len as u32).map_err(qerr)?;
+                used += 1;
+            }
             self.stats.rx_frames += 1;
             self.stats.rx_bytes += n as u64;
         };
