@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use super::{NetBackend, HDR_LEN};
 use crate::Error;
@@ -124,8 +125,6 @@ impl Tap {
         Ok(())
     }
 }
-
-use std::os::unix::fs::OpenOptionsExt;
 
 impl NetBackend for Tap {
     unsafe fn readv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
