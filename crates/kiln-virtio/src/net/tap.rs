@@ -164,6 +164,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn creates_a_tap_in_a_private_netns() {
+        // A thread of its own in a new network namespace: the tap (not persistent) goes away
+        // with its fd, and the host's namespace never sees it.
+        let r = std::thread::spawn(|| {
+            // SAFETY: unshare takes no pointers; CLONE_NEWNET affects only this thread.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!("unshare: {}", io::Error::last_os_error()));
+            }
+            let mut tap = Tap::open("kt-unit").map_err(|e| e.to_string())?;
+            assert_eq!(tap.name(), "kt-unit");
+            tap.set_offload(offload::CSUM | offload::TSO4 | offload::TSO6)
+                .map_err(|e| format!("TUNSETOFFLOAD: {e}"))?;
+            let mut buf = [0u8; 64];
+            let iov = [libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }];
+            // SAFETY: the iovec points at `buf`, alive for the call.
+            let e = unsafe { tap.readv(&iov) }.expect_err("no frame yet");
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "nonblocking");
+            Ok(())
+        })
+        .join()
+        .expect("tap thread");
+        if let Err(e) = r {
+            if std::env::var_os("KILN_SKIP_KVM").is_some_and(|v| v == "1") {
+                eprintln!("SKIPPED creates_a_tap_in_a_private_netns: {e}");
+                return;
+            }
+            panic!("{e} (needs root and /dev/net/tun; KILN_SKIP_KVM=1 skips)");
+        }
+    }
+
+    #[test]
     fn rejects_bad_names_before_any_syscall() {
         for n in ["", "a/b", "0123456789abcdefXX", "a b"] {
             let e = Tap::open(n).unwrap_err().to_string();
