@@ -146,6 +146,12 @@ pub struct Cli {
     /// host block device.
     #[arg(long, value_name = "OPTIONS")]
     pub disk: Vec<DiskArg>,
+    /// A virtio-net device on a host tap (repeatable): `tap=NAME[,mac=MAC][,mtu=N][,id=ID]`
+    /// plus rate limits per direction as for --disk with an `rx_` or `tx_` prefix
+    /// (`tx_bw_size=..,tx_bw_refill_time=..`). The tap is attached, or created if it doesn't
+    /// exist (creating needs CAP_NET_ADMIN); without `mac` a random local address is used.
+    #[arg(long, value_name = "OPTIONS")]
+    pub net: Vec<NetArg>,
     /// The virtio entropy device (fed by the host's getrandom): `on` (default), `off`, or
     /// rate limits as for --disk (`bw_size=1024,bw_refill_time=1000` = 1 KiB/s).
     #[arg(long, default_value = "on", value_name = "on|off|OPTIONS")]
@@ -398,6 +404,126 @@ impl std::str::FromStr for DiskArg {
             read_only,
             id,
             rate_limit,
+        })
+    }
+}
+
+/// One `--net`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetArg {
+    /// The host tap interface.
+    pub tap: String,
+    /// The guest's MAC address (`None`: a random locally administered one).
+    pub mac: Option<[u8; 6]>,
+    /// The MTU announced to the guest.
+    pub mtu: u16,
+    /// A name for logs.
+    pub id: Option<String>,
+    /// Throttling of what the guest receives (`rx_bw_size`, ...).
+    pub rx_rate_limit: RateLimitArg,
+    /// Throttling of what the guest sends (`tx_bw_size`, ...).
+    pub tx_rate_limit: RateLimitArg,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`; a multicast address can't be a NIC's.
+fn parse_mac(v: &str) -> Result<[u8; 6], String> {
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = v.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!(
+            "mac={v}: expected six hex bytes like 52:54:00:12:34:56"
+        ));
+    }
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(format!(
+                "mac={v}: expected six hex bytes like 52:54:00:12:34:56"
+            ));
+        }
+        *b = u8::from_str_radix(p, 16)
+            .map_err(|_| format!("mac={v}: expected six hex bytes like 52:54:00:12:34:56"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "mac={v}: a multicast address (low bit of the first byte set)"
+        ));
+    }
+    if mac == [0; 6] {
+        return Err(format!("mac={v}: the all-zero address"));
+    }
+    Ok(mac)
+}
+
+impl std::str::FromStr for NetArg {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        const FLAG: &str = "--net";
+        let err = |why: String| ConfigError::DeviceOption {
+            flag: FLAG,
+            value: s.to_string(),
+            why,
+        };
+        let opts = split_options(FLAG, s)?;
+        // rx_* and tx_* keys are rate limits in the --disk syntax.
+        let mut rx: Vec<(&str, &str)> = Vec::new();
+        let mut tx: Vec<(&str, &str)> = Vec::new();
+        let mut rest = Vec::new();
+        for (k, v) in opts {
+            if let Some(k) = k.strip_prefix("rx_") {
+                rx.push((k, v));
+            } else if let Some(k) = k.strip_prefix("tx_") {
+                tx.push((k, v));
+            } else {
+                rest.push((k, v));
+            }
+        }
+        let rx_rate_limit = RateLimitArg::take(FLAG, s, &mut rx)?;
+        let tx_rate_limit = RateLimitArg::take(FLAG, s, &mut tx)?;
+        let known = format!("tap, mac, mtu, id, rx_/tx_ + {RATE_LIMIT_KEYS}");
+        if let Some((k, _)) = rx.first() {
+            return Err(err(format!("unknown option \"rx_{k}\" (known: {known})")));
+        }
+        if let Some((k, _)) = tx.first() {
+            return Err(err(format!("unknown option \"tx_{k}\" (known: {known})")));
+        }
+        let (mut tap, mut mac, mut mtu, mut id) = (None, None, kiln_virtio::net::DEFAULT_MTU, None);
+        let mut unknown = Vec::new();
+        for (k, v) in rest {
+            match k {
+                "tap" => {
+                    if v.is_empty() || v.len() > kiln_virtio::net::tap::MAX_NAME_LEN {
+                        return Err(err(format!(
+                            "tap={v}: an interface name of 1 to {} bytes",
+                            kiln_virtio::net::tap::MAX_NAME_LEN
+                        )));
+                    }
+                    if v.contains(['/', ' ', ':']) {
+                        return Err(err(format!("tap={v}: not a valid interface name")));
+                    }
+                    tap = Some(v.to_string());
+                }
+                "mac" => mac = Some(parse_mac(v).map_err(err)?),
+                "mtu" => {
+                    let (lo, hi) = (kiln_virtio::net::MIN_MTU, kiln_virtio::net::MAX_MTU);
+                    mtu = v
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|m| (lo..=hi).contains(m))
+                        .ok_or_else(|| err(format!("mtu={v}: expected {lo} to {hi}")))?;
+                }
+                "id" => id = Some(v.to_string()),
+                _ => unknown.push((k, v)),
+            }
+        }
+        unknown_options(FLAG, s, &unknown, &known)?;
+        let tap = tap.ok_or_else(|| err("tap=NAME is required".into()))?;
+        Ok(NetArg {
+            tap,
+            mac,
+            mtu,
+            id,
+            rx_rate_limit,
+            tx_rate_limit,
         })
     }
 }
@@ -960,6 +1086,41 @@ mod tests {
         ] {
             let e = bad.parse::<DiskArg>().unwrap_err().to_string();
             assert!(e.starts_with("--disk"), "{bad}: {e}");
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn net_options() {
+        let n: NetArg = "tap=kt0,mac=02:00:00:aa:BB:01,mtu=9000,id=n0,rx_bw_size=1000,rx_bw_refill_time=10,tx_ops_size=5,tx_ops_refill_time=100"
+            .parse()
+            .unwrap();
+        assert_eq!(n.tap, "kt0");
+        assert_eq!(n.mac, Some([2, 0, 0, 0xaa, 0xbb, 1]));
+        assert_eq!((n.mtu, n.id.as_deref()), (9000, Some("n0")));
+        assert_eq!(n.rx_rate_limit.bandwidth.unwrap().size, 1000);
+        assert!(n.rx_rate_limit.ops.is_none() && n.tx_rate_limit.bandwidth.is_none());
+        assert_eq!(n.tx_rate_limit.ops.unwrap().size, 5);
+        let d: NetArg = "tap=x".parse().unwrap();
+        assert_eq!((d.mac, d.mtu), (None, 1500));
+        for (bad, why) in [
+            ("mac=02:00:00:00:00:01", "tap=NAME is required"),
+            ("tap=", "1 to 15 bytes"),
+            ("tap=0123456789abcdef", "1 to 15 bytes"),
+            ("tap=a/b", "not a valid interface name"),
+            ("tap=t,mac=02:00:00:00:00", "six hex bytes"),
+            ("tap=t,mac=02:00:00:00:00:zz", "six hex bytes"),
+            ("tap=t,mac=01:00:00:00:00:01", "multicast"),
+            ("tap=t,mac=00:00:00:00:00:00", "all-zero"),
+            ("tap=t,mtu=67", "mtu=67: expected 68 to 65517"),
+            ("tap=t,mtu=70000", "expected 68 to"),
+            ("tap=t,mtu=big", "expected 68 to"),
+            ("tap=t,colour=red", "unknown option \"colour\""),
+            ("tap=t,rx_colour=red", "unknown option \"rx_colour\""),
+            ("tap=t,tx_bw_size=10", "go together"),
+        ] {
+            let e = bad.parse::<NetArg>().unwrap_err().to_string();
+            assert!(e.starts_with("--net"), "{bad}: {e}");
             assert!(e.contains(why), "{bad}: {e}");
         }
     }

@@ -16,10 +16,11 @@ use kiln_irq::IrqChip;
 use kiln_memory::GuestMemoryMmap;
 use kiln_virtio::mmio::{MMIO_SIZE, QUEUE_NOTIFY_OFFSET};
 use kiln_virtio::{
-    Balloon, BalloonConfig, Block, BlockConfig, EventLoop, EventLoopHandle, MmioTransport, Rng,
+    Balloon, BalloonConfig, Block, BlockConfig, EventLoop, EventLoopHandle, MmioTransport, Net,
+    NetConfig, Rng, Tap,
 };
 
-use crate::config::{BalloonArg, DiskArg, RateLimitArg, RngArg};
+use crate::config::{BalloonArg, DiskArg, NetArg, RateLimitArg, RngArg};
 use crate::vm::VmmError;
 
 /// Base of the first virtio-mmio window; window `i` is at `VIRTIO_MMIO_BASE + i * MMIO_SIZE`
@@ -35,6 +36,8 @@ pub const MAX_VIRTIO_DEVICES: usize = 7;
 pub enum VirtioKind {
     /// The `--disk` with this index.
     Block(usize),
+    /// The `--net` with this index.
+    Net(usize),
     /// The entropy device.
     Rng,
     /// The memory balloon.
@@ -52,15 +55,17 @@ pub struct VirtioSlot {
     pub gsi: u32,
 }
 
-/// Assigns windows and GSIs: disks in command-line order, then the entropy device, then the
-/// balloon.
+/// Assigns windows and GSIs: disks in command-line order, then network devices, then the
+/// entropy device, then the balloon.
 pub fn slots(
     disks: &[DiskArg],
+    nets: &[NetArg],
     rng: &RngArg,
     balloon: Option<&BalloonArg>,
 ) -> Result<Vec<VirtioSlot>, VmmError> {
     let kinds: Vec<VirtioKind> = (0..disks.len())
         .map(VirtioKind::Block)
+        .chain((0..nets.len()).map(VirtioKind::Net))
         .chain(rng.enabled.then_some(VirtioKind::Rng))
         .chain(balloon.map(|_| VirtioKind::Balloon))
         .collect();
@@ -127,6 +132,32 @@ pub fn open_disk(d: &DiskArg) -> Result<File, VmmError> {
         ));
     }
     Ok(f)
+}
+
+/// Opens (or creates) the tap of each `--net`, on the main thread before any seccomp filter.
+pub fn open_taps(nets: &[NetArg]) -> Result<Vec<Option<Tap>>, VmmError> {
+    nets.iter()
+        .map(|n| {
+            Tap::open(&n.tap).map(Some).map_err(|e| VmmError::Net {
+                tap: n.tap.clone(),
+                why: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// A random locally administered unicast MAC (the `--net` default).
+fn random_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    // SAFETY: getrandom writes at most 6 bytes into the 6-byte buffer.
+    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
+    if n != 6 {
+        // Not fatal: a fixed fallback is still a valid address.
+        mac = [0, 0x12, 0x34, 0x56, 0x78, 0x9a];
+    }
+    // Locally administered (bit 1), unicast (bit 0 clear).
+    mac[0] = (mac[0] & 0xfc) | 0x02;
+    mac
 }
 
 fn limiter(
@@ -219,6 +250,8 @@ pub fn build(
     slots: &[VirtioSlot],
     disks: &[DiskArg],
     mut disk_files: Vec<Option<File>>,
+    nets: &[NetArg],
+    mut taps: Vec<Option<Tap>>,
     rng: &RngArg,
     balloon: Option<&BalloonArg>,
     mmio: &mut MmioBus,
@@ -251,6 +284,29 @@ pub fn build(
                 (
                     Arc::new(MmioTransport::new(mem.clone(), blk, line)),
                     format!("virtio-blk {}", block_index - 1),
+                )
+            }
+            VirtioKind::Net(i) => {
+                let n = &nets[i];
+                let net_err = |why: String| VmmError::Net {
+                    tap: n.tap.clone(),
+                    why,
+                };
+                let tap = taps
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .ok_or_else(|| net_err("tap not opened".into()))?;
+                let cfg = NetConfig {
+                    mac: n.mac.unwrap_or_else(random_mac),
+                    mtu: n.mtu,
+                    rx_rate_limiter: limiter("--net", &n.rx_rate_limit)?,
+                    tx_rate_limiter: limiter("--net", &n.tx_rate_limit)?,
+                    ..NetConfig::default()
+                };
+                let net = Net::new(tap, cfg).map_err(|e| net_err(e.to_string()))?;
+                (
+                    Arc::new(MmioTransport::new(mem.clone(), net, line)),
+                    format!("virtio-net {}", n.id.as_deref().unwrap_or(&n.tap)),
                 )
             }
             VirtioKind::Rng => {
@@ -339,7 +395,7 @@ mod tests {
     #[test]
     fn disks_first_then_rng() {
         let b: BalloonArg = "size=8".parse().unwrap();
-        let s = slots(&[disk("/a"), disk("/b")], &RngArg::default(), Some(&b)).unwrap();
+        let s = slots(&[disk("/a"), disk("/b")], &[], &RngArg::default(), Some(&b)).unwrap();
         assert_eq!(s.len(), 4);
         assert_eq!(s[3].kind, VirtioKind::Balloon);
         assert_eq!(s[0].kind, VirtioKind::Block(0));
@@ -358,11 +414,29 @@ mod tests {
     }
 
     #[test]
+    fn nets_after_disks_before_rng() {
+        let n: NetArg = "tap=kt0".parse().unwrap();
+        let s = slots(&[disk("/a")], &[n.clone(), n], &RngArg::default(), None).unwrap();
+        let kinds: Vec<_> = s.iter().map(|s| s.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                VirtioKind::Block(0),
+                VirtioKind::Net(0),
+                VirtioKind::Net(1),
+                VirtioKind::Rng
+            ]
+        );
+        let m = random_mac();
+        assert_eq!(m[0] & 3, 2, "locally administered unicast");
+    }
+
+    #[test]
     fn too_many_devices_is_an_error_naming_the_limit() {
         let disks: Vec<DiskArg> = (0..7).map(|i| disk(&format!("/d{i}"))).collect();
         let off: RngArg = "off".parse().unwrap();
-        assert_eq!(slots(&disks, &off, None).unwrap().len(), 7);
-        let e = slots(&disks, &RngArg::default(), None)
+        assert_eq!(slots(&disks, &[], &off, None).unwrap().len(), 7);
+        let e = slots(&disks, &[], &RngArg::default(), None)
             .unwrap_err()
             .to_string();
         assert!(

@@ -139,9 +139,17 @@ pub enum VmmError {
         /// Why.
         why: String,
     },
+    /// A `--net` tap can't be used.
+    #[error("--net tap={tap}: {why}")]
+    Net {
+        /// The tap name.
+        tap: String,
+        /// Why.
+        why: String,
+    },
     /// More virtio devices than there are interrupt lines for them.
     #[error(
-        "--disk/--rng: {count} virtio devices asked for, at most {max} fit (one IOAPIC GSI each)"
+        "--disk/--net/--rng: {count} virtio devices asked for, at most {max} fit (one IOAPIC GSI each)"
     )]
     TooManyDevices {
         /// Devices asked for.
@@ -207,6 +215,8 @@ pub struct VmSpec {
     pub shutdown_timeout: Duration,
     /// `--disk`s, in order.
     pub disks: Vec<DiskArg>,
+    /// `--net`s, in order.
+    pub nets: Vec<crate::config::NetArg>,
     /// `--rng`.
     pub rng: RngArg,
     /// Where each virtio device sits (derived from `disks` and `rng`).
@@ -429,7 +439,7 @@ impl VmSpec {
             ),
             KernelSource::Path(_) => cmdline,
         };
-        let virtio = crate::virtio::slots(&cli.disk, &cli.rng, cli.balloon.as_ref())?;
+        let virtio = crate::virtio::slots(&cli.disk, &cli.net, &cli.rng, cli.balloon.as_ref())?;
         if let Some(b) = &cli.balloon {
             if b.size > memory {
                 return Err(VmmError::Balloon(format!(
@@ -459,6 +469,7 @@ impl VmSpec {
             protocol: cli.boot_protocol,
             shutdown_timeout: Duration::from_secs_f64(cli.shutdown_timeout),
             disks: cli.disk,
+            nets: cli.net,
             rng: cli.rng,
             virtio,
             seccomp,
@@ -794,6 +805,7 @@ struct Inputs {
     initrd: Option<File>,
     serial_out: Box<dyn io::Write + Send>,
     disks: Vec<Option<File>>,
+    taps: Vec<Option<kiln_virtio::Tap>>,
 }
 
 fn open_inputs(spec: &VmSpec) -> Result<Inputs, VmmError> {
@@ -833,12 +845,15 @@ fn open_inputs(spec: &VmSpec) -> Result<Inputs, VmmError> {
         .iter()
         .map(|d| crate::virtio::open_disk(d).map(Some))
         .collect::<Result<_, _>>()?;
+    // Taps are attached here, on the main thread, before any seccomp filter.
+    let taps = crate::virtio::open_taps(&spec.nets)?;
     Ok(Inputs {
         kernel,
         kernel_flag,
         initrd,
         serial_out,
         disks,
+        taps,
     })
 }
 
@@ -1170,6 +1185,8 @@ impl Vm {
             &spec.virtio,
             &spec.disks,
             inputs.disks,
+            &spec.nets,
+            inputs.taps,
             &spec.rng,
             spec.balloon.as_ref(),
             &mut devices.mmio,

@@ -10,12 +10,15 @@
 //!   this host at several dirty rates: total time, downtime, rounds, bytes.
 //! - `cargo xtask bench-snapshot`: snapshot create and restore times for 256 MiB and 1 GiB
 //!   guests.
+//! - `cargo xtask bench-net`: the guest's UDP transmit and receive frames/s and MiB/s over a
+//!   tap, under kiln and QEMU microvm (makes a network namespace; needs root).
 //! - `cargo xtask linux-guest`: a stock Debian kernel (vmlinux, vmlinuz) and a busybox
 //!   initramfs in `target/linux-guest/`.
 
 mod bench_blk;
 mod bench_migrate;
 mod bench_snapshot;
+mod bench_net;
 mod bench_startup;
 mod linux_guest;
 mod test;
@@ -24,7 +27,7 @@ mod testguest;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | bench-blk [--runs N] [--ms MS] [--qd N] [--image-mib N] | bench-migrate [--runs N] [--mib N] [--rates R,R] [--transport tcp|unix] [--max-downtime-ms N] [--memory SIZE] [--cpus N] | bench-snapshot [--runs N] [--sizes MIB,MIB] | linux-guest [--out DIR]>";
+const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | bench-blk [--runs N] [--ms MS] [--qd N] [--image-mib N] | bench-net [--runs N] [--frames N] [--size BYTES] [--rx-ms MS] | bench-migrate [--runs N] [--mib N] [--rates R,R] [--transport tcp|unix] [--max-downtime-ms N] [--memory SIZE] [--cpus N] | bench-snapshot [--runs N] [--sizes MIB,MIB] | linux-guest [--out DIR]>";
 
 fn workspace_root() -> PathBuf {
     // xtask/ sits directly under the workspace root.
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Some("bench-blk") => ("bench-blk", bench_blk::run(&args[1..])),
         Some("bench-migrate") => ("bench-migrate", bench_migrate::run(&args[1..])),
         Some("bench-snapshot") => ("bench-snapshot", bench_snapshot::run(&args[1..])),
+        Some("bench-net") => ("bench-net", bench_net::run(&args[1..])),
         Some("linux-guest") => ("linux-guest", linux_guest::run_task(&args[1..])),
         _ => {
             eprintln!("{USAGE}\n{}", testguest::USAGE);

@@ -143,7 +143,8 @@ impl TokenBucket {
         if rest <= self.budget {
             self.budget -= rest;
         } else {
-            self.debt = rest - self.budget;
+            // Adds to an existing debt (only `charge_at` takes while in debt).
+            self.debt = self.debt.saturating_add(rest - self.budget);
             self.budget = 0;
         }
     }
@@ -252,6 +253,18 @@ impl RateLimiter {
         ok
     }
 
+    /// Charges `ops` and `bytes` at `now` whether or not the buckets hold them, leaving a debt
+    /// that later requests wait out. For costs known only after the fact (a received frame's
+    /// length): check with [`time_until_at`](Self::time_until_at) first, charge afterwards.
+    pub fn charge_at(&mut self, ops: u64, bytes: u64, now: Instant) {
+        for (b, n) in [(&mut self.ops, ops), (&mut self.bandwidth, bytes)] {
+            if let Some(b) = b {
+                b.refill(now);
+                b.take(n);
+            }
+        }
+    }
+
     /// [`consume_at`](Self::consume_at) with the current time.
     pub fn consume(&mut self, ops: u64, bytes: u64) -> bool {
         self.consume_at(ops, bytes, Instant::now())
@@ -301,6 +314,19 @@ mod tests {
             RateLimiter::new_at(None, Some(cfg(1, 0, 0)), t).err(),
             Some(Error::ZeroRefillTime { bucket: "ops" })
         );
+    }
+
+    #[test]
+    fn charge_leaves_a_debt_that_accumulates() {
+        let t0 = Instant::now();
+        let mut l = RateLimiter::new_at(Some(cfg(1000, 0, 1000)), None, t0).unwrap();
+        assert_eq!(l.time_until_at(1, 0, t0), Duration::ZERO);
+        l.charge_at(1, 1500, t0);
+        l.charge_at(1, 500, t0);
+        // 1000 tokens of debt at 1 token/ms.
+        assert_eq!(l.time_until_at(1, 0, t0), Duration::from_millis(1000));
+        assert!(!l.consume_at(1, 0, t0 + Duration::from_millis(999)));
+        assert!(l.consume_at(1, 0, t0 + Duration::from_millis(1000)));
     }
 
     #[test]

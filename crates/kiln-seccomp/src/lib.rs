@@ -211,10 +211,16 @@ fn device_io(r: &mut Rules) {
         libc::SYS_fsync,
         libc::SYS_fallocate,
         libc::SYS_getrandom,
+        // virtio-net frames from the tap (writev is common).
+        libc::SYS_readv,
     ] {
         allow(r, nr);
     }
 }
+
+/// `TUNSETOFFLOAD`: virtio-net sets the tap's offloads to what the driver negotiated when it
+/// activates the device (on the vCPU thread that wrote `DRIVER_OK`).
+pub const TUNSETOFFLOAD: u64 = 0x4004_54D0;
 
 // KVM ioctl request numbers (linux/kvm.h), computed like the kernel's _IO/_IOR macros.
 const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
@@ -319,7 +325,7 @@ fn rules(kind: ThreadKind) -> Rules {
                 &mut r,
                 libc::SYS_ioctl,
                 1,
-                &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS],
+                &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, TUNSETOFFLOAD],
             );
             // Saving the vCPU's state while it is paused (snapshots, migration).
             allow_values(&mut r, libc::SYS_ioctl, 1, &VCPU_SAVE_IOCTLS);
@@ -341,6 +347,7 @@ fn rules(kind: ThreadKind) -> Rules {
             }
             // Relative timers only (flags 0).
             allow_values(&mut r, libc::SYS_timerfd_settime, 1, &[0]);
+            allow_values(&mut r, libc::SYS_ioctl, 1, &[TUNSETOFFLOAD]);
         }
         ThreadKind::Stdin => {
             allow(&mut r, libc::SYS_read);
@@ -592,6 +599,7 @@ mod tests {
         assert_eq!(VM_SAVE_IOCTLS[1], 0x8070_AE9F); // KVM_GET_PIT2
         assert_eq!(VM_SAVE_IOCTLS[3], 0x4010_AE42); // KVM_GET_DIRTY_LOG
         assert_eq!(VM_SAVE_IOCTLS[4], 0x4020_AE46); // KVM_SET_USER_MEMORY_REGION
+        assert_eq!(TUNSETOFFLOAD as libc::c_ulong, libc::TUNSETOFFLOAD);
     }
 
     #[test]

@@ -169,8 +169,18 @@ fn write(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
     if fs::read(path).map(|old| old == bytes).unwrap_or(false) {
         return Ok(());
     }
-    fs::write(path, bytes).map_err(|source| BuildError::Io {
+    // A new file renamed into place, never an in-place write: a target directory seeded
+    // with hard links shares these files with other checkouts, which must not see ours.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    fs::write(&tmp, bytes).map_err(|source| BuildError::Io {
         op: "writing",
+        path: tmp.clone(),
+        source,
+    })?;
+    fs::rename(&tmp, path).map_err(|source| BuildError::Io {
+        op: "renaming into place",
         path: path.to_path_buf(),
         source,
     })

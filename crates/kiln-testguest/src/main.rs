@@ -90,6 +90,15 @@ const TABLE: &[(Scenario, RunFn)] = &[
     (Scenario::Balloon, |c, o| {
         virtio_hw::run(c, o, vio::balloon::run_balloon)
     }),
+    (Scenario::VirtioNet, |c, o| {
+        virtio_hw::run(c, o, vio::net::run_net)
+    }),
+    (Scenario::NetEvil, |c, o| {
+        virtio_hw::run(c, o, vio::net::run_net_evil)
+    }),
+    (Scenario::NetBench, |c, o| {
+        virtio_hw::run(c, o, vio::net::run_net_bench)
+    }),
     (Scenario::MemoryStress, memstress::run),
     (Scenario::BenchExits, benchexits::run),
     (Scenario::Counter, |c, o| {

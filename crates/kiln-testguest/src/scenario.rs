@@ -47,10 +47,16 @@ pub enum Scenario {
     /// Keeps dirtying and checking memory (and disk blocks) while printing a kvmclock-stamped
     /// sequence, for pause, snapshot and migration tests.
     Counter,
+    /// virtio-net: ARP and pings to the host (needs `--net` and `kiln.net=`).
+    VirtioNet,
+    /// virtio-net: malformed transmit and receive chains, then pings (needs `--net`).
+    NetEvil,
+    /// virtio-net transmit throughput to a host UDP sink (needs `--net`).
+    NetBench,
 }
 
 /// Every scenario, in the order `all` would run them if they needed no input.
-pub const SCENARIOS: [Scenario; 19] = [
+pub const SCENARIOS: [Scenario; 22] = [
     Scenario::Boot,
     Scenario::Cpuid,
     Scenario::Serial,
@@ -70,6 +76,9 @@ pub const SCENARIOS: [Scenario; 19] = [
     Scenario::MemoryStress,
     Scenario::BenchExits,
     Scenario::Counter,
+    Scenario::VirtioNet,
+    Scenario::NetEvil,
+    Scenario::NetBench,
 ];
 
 impl Scenario {
@@ -95,6 +104,9 @@ impl Scenario {
             Scenario::MemoryStress => "memory-stress",
             Scenario::BenchExits => "bench-exits",
             Scenario::Counter => "counter",
+            Scenario::VirtioNet => "virtio-net",
+            Scenario::NetEvil => "net-evil",
+            Scenario::NetBench => "net-bench",
         }
     }
 
@@ -121,7 +133,13 @@ impl Scenario {
     pub fn on_request(self) -> bool {
         matches!(
             self,
-            Scenario::Balloon | Scenario::MemoryStress | Scenario::BenchExits | Scenario::Counter
+            Scenario::Balloon
+                | Scenario::Counter
+                | Scenario::MemoryStress
+                | Scenario::BenchExits
+                | Scenario::VirtioNet
+                | Scenario::NetEvil
+                | Scenario::NetBench
         )
     }
 

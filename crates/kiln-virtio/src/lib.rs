@@ -14,6 +14,7 @@ pub mod balloon;
 pub mod block;
 pub mod event_loop;
 pub mod mmio;
+pub mod net;
 mod queue;
 pub mod rng;
 
@@ -25,6 +26,7 @@ pub use balloon::{Balloon, BalloonConfig, BalloonStats};
 pub use block::{Block, BlockConfig};
 pub use event_loop::{EventLoop, EventLoopHandle, QueueHandler};
 pub use mmio::MmioTransport;
+pub use net::{Net, NetConfig, Tap};
 pub use rng::Rng;
 pub use virtio_queue::Queue;
 pub use vm_memory::GuestMemory;
@@ -37,6 +39,8 @@ pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 /// `VIRTIO_RING_F_EVENT_IDX`: interrupt/notification suppression through ring event indices.
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
+/// Virtio device ID of a network device.
+pub const VIRTIO_ID_NET: u32 = 1;
 /// Virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 /// Virtio device ID of an entropy source.
@@ -121,6 +125,23 @@ pub enum Error {
         /// What is wrong.
         why: String,
     },
+    /// A tap interface could not be opened or configured.
+    #[error("virtio-net: tap {name}: {what}: {source}")]
+    Tap {
+        /// The interface name.
+        name: String,
+        /// The step that failed.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The backend refused the offloads the driver negotiated.
+    #[error("virtio-net: setting the backend offloads: {0}")]
+    NetOffload(#[source] io::Error),
+    /// An MTU outside 68..=65517.
+    #[error("virtio-net: MTU {0} is outside 68..=65517")]
+    Mtu(u16),
     /// A queue size that isn't a power of two in 1..=32768.
     #[error("{device}: invalid queue size {size} (a power of two up to 32768)")]
     QueueSize {

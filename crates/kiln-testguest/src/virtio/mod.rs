@@ -11,6 +11,7 @@
 //! - [`ring`]: split virtqueues in guest memory.
 //! - [`layout`]: the fixed guest-physical region the driver uses (docs/guest-contract.md).
 //! - [`blk`], [`rng`], [`reset`], [`evil`], [`bench`](mod@bench), [`counter`]: the scenarios.
+//! - [`net`]: virtio-net and the `virtio-net`, `net-evil`, `net-bench` scenarios.
 
 pub mod balloon;
 pub mod bench;
@@ -19,6 +20,7 @@ pub mod counter;
 pub mod discover;
 pub mod evil;
 pub mod layout;
+pub mod net;
 pub mod reset;
 pub mod ring;
 pub mod rng;
