@@ -19,7 +19,7 @@ use kiln_virtio::{
     Balloon, BalloonConfig, Block, BlockConfig, EventLoop, EventLoopHandle, MmioTransport, Rng,
 };
 
-use crate::config::{BalloonArg, DiskArg, RateLimitArg, RngArg};
+use crate::config::{BalloonArg, DiskArg, RateLimitArg, RngArg, VsockArg};
 use crate::vm::VmmError;
 
 /// Base of the first virtio-mmio window; window `i` is at `VIRTIO_MMIO_BASE + i * MMIO_SIZE`
@@ -39,6 +39,8 @@ pub enum VirtioKind {
     Rng,
     /// The memory balloon.
     Balloon,
+    /// The vsock device.
+    Vsock,
 }
 
 /// One virtio-mmio device's place in the VM.
@@ -53,16 +55,18 @@ pub struct VirtioSlot {
 }
 
 /// Assigns windows and GSIs: disks in command-line order, then the entropy device, then the
-/// balloon.
+/// balloon, then the vsock device.
 pub fn slots(
     disks: &[DiskArg],
     rng: &RngArg,
     balloon: Option<&BalloonArg>,
+    vsock: Option<&VsockArg>,
 ) -> Result<Vec<VirtioSlot>, VmmError> {
     let kinds: Vec<VirtioKind> = (0..disks.len())
         .map(VirtioKind::Block)
         .chain(rng.enabled.then_some(VirtioKind::Rng))
         .chain(balloon.map(|_| VirtioKind::Balloon))
+        .chain(vsock.map(|_| VirtioKind::Vsock))
         .collect();
     if kinds.len() > MAX_VIRTIO_DEVICES {
         return Err(VmmError::TooManyDevices {
@@ -175,6 +179,8 @@ pub struct VirtioDevices {
     pub event_loop: Option<EventLoopHandle>,
     /// The balloon, if `--balloon` was given.
     pub balloon: Option<BalloonHandle>,
+    /// The `--vsock` listener's path, removed at shutdown.
+    pub vsock_uds: Option<std::path::PathBuf>,
 }
 
 /// What `--balloon` asks of the device.
@@ -202,6 +208,7 @@ pub fn build(
     mut disk_files: Vec<Option<File>>,
     rng: &RngArg,
     balloon: Option<&BalloonArg>,
+    vsock: Option<&VsockArg>,
     mmio: &mut MmioBus,
     thread_init: Box<dyn FnOnce() -> Result<(), String> + Send>,
 ) -> Result<VirtioDevices, VmmError> {
@@ -254,6 +261,22 @@ pub fn build(
                 let t: BalloonHandle = Arc::new(MmioTransport::new(mem.clone(), b, line));
                 out.balloon = Some(t.clone());
                 (t, "virtio-balloon".into())
+            }
+            VirtioKind::Vsock => {
+                let v = vsock.ok_or_else(|| VmmError::Vsock("no --vsock options".into()))?;
+                // Binds the listener: host programs can connect before the guest runs.
+                let dev = kiln_virtio::Vsock::new(kiln_virtio::VsockConfig {
+                    guest_cid: v.cid,
+                    uds_path: v.uds.clone(),
+                    queue_size: kiln_virtio::vsock::DEFAULT_QUEUE_SIZE,
+                })
+                .map_err(|e| VmmError::Vsock(e.to_string()))?;
+                out.vsock_uds = Some(v.uds.clone());
+                let name = match &v.id {
+                    Some(id) => format!("virtio-vsock {id}"),
+                    None => "virtio-vsock".into(),
+                };
+                (Arc::new(MmioTransport::new(mem.clone(), dev, line)), name)
             }
         };
         let queues = dev.queue_count();
@@ -318,7 +341,13 @@ mod tests {
     #[test]
     fn disks_first_then_rng() {
         let b: BalloonArg = "size=8".parse().unwrap();
-        let s = slots(&[disk("/a"), disk("/b")], &RngArg::default(), Some(&b)).unwrap();
+        let s = slots(
+            &[disk("/a"), disk("/b")],
+            &RngArg::default(),
+            Some(&b),
+            None,
+        )
+        .unwrap();
         assert_eq!(s.len(), 4);
         assert_eq!(s[3].kind, VirtioKind::Balloon);
         assert_eq!(s[0].kind, VirtioKind::Block(0));
@@ -340,8 +369,8 @@ mod tests {
     fn too_many_devices_is_an_error_naming_the_limit() {
         let disks: Vec<DiskArg> = (0..7).map(|i| disk(&format!("/d{i}"))).collect();
         let off: RngArg = "off".parse().unwrap();
-        assert_eq!(slots(&disks, &off, None).unwrap().len(), 7);
-        let e = slots(&disks, &RngArg::default(), None)
+        assert_eq!(slots(&disks, &off, None, None).unwrap().len(), 7);
+        let e = slots(&disks, &RngArg::default(), None, None)
             .unwrap_err()
             .to_string();
         assert!(

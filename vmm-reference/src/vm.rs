@@ -149,6 +149,9 @@ pub enum VmmError {
     /// `--balloon` is unusable.
     #[error("--balloon: {0}")]
     Balloon(String),
+    /// `--vsock` is unusable (its listener can't be created, ...).
+    #[error("--vsock: {0}")]
+    Vsock(String),
     /// Building, loading or installing seccomp filters failed.
     #[error(transparent)]
     Seccomp(#[from] kiln_seccomp::Error),
@@ -213,6 +216,8 @@ pub struct VmSpec {
     pub exit_bench: bool,
     /// `--balloon`.
     pub balloon: Option<crate::config::BalloonArg>,
+    /// `--vsock`.
+    pub vsock: Option<crate::config::VsockArg>,
 }
 
 fn seccomp_filters(cli: &Cli) -> Result<Option<Arc<kiln_seccomp::Filters>>, VmmError> {
@@ -423,7 +428,12 @@ impl VmSpec {
             ),
             KernelSource::Path(_) => cmdline,
         };
-        let virtio = crate::virtio::slots(&cli.disk, &cli.rng, cli.balloon.as_ref())?;
+        let virtio = crate::virtio::slots(
+            &cli.disk,
+            &cli.rng,
+            cli.balloon.as_ref(),
+            cli.vsock.as_ref(),
+        )?;
         if let Some(b) = &cli.balloon {
             if b.size > memory {
                 return Err(VmmError::Balloon(format!(
@@ -459,6 +469,7 @@ impl VmSpec {
             seccomp_selftest,
             exit_bench: cli.exit_bench,
             balloon: cli.balloon,
+            vsock: cli.vsock,
         })
     }
 }
@@ -1093,6 +1104,7 @@ impl Vm {
             inputs.disks,
             &spec.rng,
             spec.balloon.as_ref(),
+            spec.vsock.as_ref(),
             &mut devices.mmio,
             thread_init(&spec, ThreadKind::Device),
         )?;
@@ -1347,6 +1359,9 @@ impl Vm {
         stop_all(vcpus);
         if let Some(l) = virtio.event_loop {
             l.stop();
+        }
+        if let Some(p) = &virtio.vsock_uds {
+            let _ = std::fs::remove_file(p);
         }
         bench.stop();
         drop(fd);

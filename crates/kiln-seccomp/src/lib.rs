@@ -216,6 +216,37 @@ fn device_io(r: &mut Rules) {
     }
 }
 
+/// The vsock device's Unix sockets: accepting host connections, connecting to `<uds>_PORT`
+/// (non-blocking Unix stream sockets only), its inner epoll set, peeking at `CONNECT`
+/// lines and half-closing.
+fn vsock_sockets(r: &mut Rules) {
+    let flags = (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
+    allow_values(r, libc::SYS_accept4, 3, &[flags]);
+    r.entry(libc::SYS_socket).or_default().push(rule(vec![
+        cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64),
+        cond(1, SeccompCmpOp::Eq, libc::SOCK_STREAM as u64 | flags),
+    ]));
+    allow(r, libc::SYS_connect);
+    allow_values(
+        r,
+        libc::SYS_epoll_ctl,
+        1,
+        &[libc::EPOLL_CTL_ADD as u64, libc::EPOLL_CTL_DEL as u64],
+    );
+    allow_values(
+        r,
+        libc::SYS_recvfrom,
+        3,
+        &[0, (libc::MSG_PEEK | libc::MSG_DONTWAIT) as u64],
+    );
+    allow_values(
+        r,
+        libc::SYS_shutdown,
+        1,
+        &[libc::SHUT_RD as u64, libc::SHUT_WR as u64],
+    );
+}
+
 // KVM ioctl request numbers (linux/kvm.h), computed like the kernel's _IO/_IOR macros.
 const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
     (dir << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
@@ -268,6 +299,7 @@ fn rules(kind: ThreadKind) -> Rules {
             }
             // Relative timers only (flags 0).
             allow_values(&mut r, libc::SYS_timerfd_settime, 1, &[0]);
+            vsock_sockets(&mut r);
         }
         ThreadKind::Stdin => {
             allow(&mut r, libc::SYS_read);

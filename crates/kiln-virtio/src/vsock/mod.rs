@@ -701,20 +701,29 @@ impl Backend {
     /// Accepts host connections on the listener until it has none.
     fn accept_all(&mut self) {
         loop {
-            match self.listener.accept() {
-                Ok((s, _)) => {
-                    if s.set_nonblocking(true).is_err() {
-                        continue;
-                    }
-                    // Port 0s until the CONNECT line names the guest port.
-                    let c = Conn::new(s, State::HostHello, 0, 0);
-                    if let Some(idx) = self.insert(c) {
-                        self.host_hello(idx);
-                    }
+            // SAFETY: null address pointers are allowed (the peer's address isn't wanted);
+            // the listener fd is valid while `self` lives.
+            let fd = unsafe {
+                libc::accept4(
+                    self.listener.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // WouldBlock: done. Anything else (EMFILE...): try again on the next event.
-                Err(_) => break,
+                // EAGAIN: done. Anything else (EMFILE...): try again on the next event.
+                break;
+            }
+            // SAFETY: `fd` is a fresh socket nobody else owns.
+            let s = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            // Port 0s until the CONNECT line names the guest port.
+            let c = Conn::new(s, State::HostHello, 0, 0);
+            if let Some(idx) = self.insert(c) {
+                self.host_hello(idx);
             }
         }
     }
