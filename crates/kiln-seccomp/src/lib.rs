@@ -239,6 +239,11 @@ fn vsock_sockets(r: &mut Rules) {
         3,
         &[0, (libc::MSG_PEEK | libc::MSG_DONTWAIT) as u64],
     );
+    // std writes to sockets with send(MSG_NOSIGNAL): connected sockets only (no address).
+    r.entry(libc::SYS_sendto).or_default().push(rule(vec![
+        cond(3, SeccompCmpOp::Eq, libc::MSG_NOSIGNAL as u64),
+        cond(4, SeccompCmpOp::Eq, 0),
+    ]));
     allow_values(
         r,
         libc::SYS_shutdown,
@@ -270,6 +275,8 @@ fn rules(kind: ThreadKind) -> Rules {
                 libc::SYS_ppoll,
                 libc::SYS_read,
                 libc::SYS_tgkill,
+                // Removing the --vsock listener's socket file at shutdown.
+                libc::SYS_unlink,
             ] {
                 allow(&mut r, nr);
             }

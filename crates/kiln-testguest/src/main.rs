@@ -89,6 +89,15 @@ const TABLE: &[(Scenario, RunFn)] = &[
     (Scenario::Balloon, |c, o| {
         virtio_hw::run(c, o, vio::balloon::run_balloon)
     }),
+    (Scenario::Vsock, |c, o| {
+        virtio_hw::run(c, o, vio::vsock::run_vsock)
+    }),
+    (Scenario::VsockEvil, |c, o| {
+        virtio_hw::run(c, o, vio::vsock::run_vsock_evil)
+    }),
+    (Scenario::VsockBench, |c, o| {
+        virtio_hw::run(c, o, vio::vsock::run_vsock_bench)
+    }),
     (Scenario::MemoryStress, memstress::run),
     (Scenario::BenchExits, benchexits::run),
 ];

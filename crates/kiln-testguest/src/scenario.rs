@@ -40,6 +40,13 @@ pub enum Scenario {
     /// virtio-balloon: inflate by the device's target, touch the rest, deflate, report
     /// statistics (needs `--balloon`).
     Balloon,
+    /// virtio-vsock: 1 MiB each way with a host listener, a refused port, host-initiated
+    /// connections echoed (needs `--vsock` and the host side in docs/guest-contract.md).
+    Vsock,
+    /// virtio-vsock hostile packets and credit abuse, then a normal connection.
+    VsockEvil,
+    /// virtio-vsock throughput each way.
+    VsockBench,
     /// Touch all RAM with a pattern and verify it.
     MemoryStress,
     /// VM-exit latency histograms for each exit kind (`kiln-bench exits`).
@@ -47,7 +54,7 @@ pub enum Scenario {
 }
 
 /// Every scenario, in the order `all` would run them if they needed no input.
-pub const SCENARIOS: [Scenario; 18] = [
+pub const SCENARIOS: [Scenario; 21] = [
     Scenario::Boot,
     Scenario::Cpuid,
     Scenario::Serial,
@@ -64,6 +71,9 @@ pub const SCENARIOS: [Scenario; 18] = [
     Scenario::VirtioEvil,
     Scenario::BlkBench,
     Scenario::Balloon,
+    Scenario::Vsock,
+    Scenario::VsockEvil,
+    Scenario::VsockBench,
     Scenario::MemoryStress,
     Scenario::BenchExits,
 ];
@@ -88,6 +98,9 @@ impl Scenario {
             Scenario::VirtioEvil => "virtio-evil",
             Scenario::BlkBench => "blk-bench",
             Scenario::Balloon => "balloon",
+            Scenario::Vsock => "vsock",
+            Scenario::VsockEvil => "vsock-evil",
+            Scenario::VsockBench => "vsock-bench",
             Scenario::MemoryStress => "memory-stress",
             Scenario::BenchExits => "bench-exits",
         }
@@ -116,7 +129,12 @@ impl Scenario {
     pub fn on_request(self) -> bool {
         matches!(
             self,
-            Scenario::Balloon | Scenario::MemoryStress | Scenario::BenchExits
+            Scenario::Balloon
+                | Scenario::MemoryStress
+                | Scenario::BenchExits
+                | Scenario::Vsock
+                | Scenario::VsockEvil
+                | Scenario::VsockBench
         )
     }
 

@@ -323,6 +323,8 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
 
 impl<M> Vsock<M> {
     /// Creates the device and binds its listener at `cfg.uds_path` (which must not exist).
+    /// The socket file stays when the device is dropped (the device thread may not unlink
+    /// files under seccomp): its owner removes it at shutdown.
     pub fn new(cfg: VsockConfig) -> Result<Self> {
         check_queue_size(DEVICE, cfg.queue_size)?;
         if !valid_guest_cid(cfg.guest_cid) {
@@ -363,13 +365,6 @@ impl<M> Vsock<M> {
     /// What was refused or dropped so far.
     pub fn stats(&self) -> VsockStats {
         self.b.stats
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        // The listener's socket file would otherwise outlive the VM.
-        let _ = std::fs::remove_file(&self.uds_path);
     }
 }
 

@@ -261,7 +261,6 @@ fn identity_config_and_listener() {
         assert!(matches!(e, Error::VsockCid(c) if c == cid));
     }
     drop(h);
-    assert!(!uds.exists(), "the listener's file outlives the device");
 }
 
 #[test]
