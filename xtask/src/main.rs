@@ -6,11 +6,14 @@
 //!   and of QEMU microvm on the same guest image when it is installed.
 //! - `cargo xtask bench-blk`: the guest's block IOPS / MiB/s under kiln and QEMU microvm on the
 //!   same image.
+//! - `cargo xtask bench-vsock`: the guest's vsock MiB/s each way under kiln (QEMU has only
+//!   vhost-vsock, which needs /dev/vhost-vsock: not compared).
 //! - `cargo xtask linux-guest`: a stock Debian kernel (vmlinux, vmlinuz) and a busybox
 //!   initramfs in `target/linux-guest/`.
 
 mod bench_blk;
 mod bench_startup;
+mod bench_vsock;
 mod linux_guest;
 mod test;
 mod testguest;
@@ -18,7 +21,7 @@ mod testguest;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | bench-blk [--runs N] [--ms MS] [--qd N] [--image-mib N] | linux-guest [--out DIR]>";
+const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | bench-blk [--runs N] [--ms MS] [--qd N] [--image-mib N] | bench-vsock [--runs N] [--mib N] | linux-guest [--out DIR]>";
 
 fn workspace_root() -> PathBuf {
     // xtask/ sits directly under the workspace root.
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
         Some("testguest") => ("testguest", testguest::testguest(&args[1..])),
         Some("bench-startup") => ("bench-startup", bench_startup::run(&args[1..])),
         Some("bench-blk") => ("bench-blk", bench_blk::run(&args[1..])),
+        Some("bench-vsock") => ("bench-vsock", bench_vsock::run(&args[1..])),
         Some("linux-guest") => ("linux-guest", linux_guest::run_task(&args[1..])),
         _ => {
             eprintln!("{USAGE}\n{}", testguest::USAGE);
