@@ -193,7 +193,10 @@ impl Conn {
             || self.owe_credit_update
             || self.owe_credit_request
             || (self.readable && self.may_send_data() && self.peer_credit() > 0)
-            || (self.readable && self.may_send_data() && !self.credit_requested)
+            || (self.readable
+                && self.may_send_data()
+                && self.peer_credit() == 0
+                && !self.credit_requested)
     }
 
     fn header(&self, guest_cid: u64, op: u16) -> Header {
@@ -855,13 +858,11 @@ impl Backend {
         } else if c.owe_response {
             c.owe_response = false;
             c.header(guest_cid, OP_RESPONSE)
-        } else if c.readable && c.may_send_data() && c.peer_credit() > 0 {
+        } else if c.readable && c.may_send_data() && c.peer_credit() > 0 && cap > HDR_LEN {
+            // (A header-sized buffer can still take the control packets below.)
             let want = (c.peer_credit() as usize)
                 .min(cap - HDR_LEN)
                 .min(self.rxbuf.len());
-            if want == 0 {
-                return Produced::Nothing;
-            }
             match (&c.stream).read(&mut self.rxbuf[..want]) {
                 Ok(0) => {
                     c.readable = false;
@@ -893,7 +894,7 @@ impl Backend {
             c.host_shut |= c.owe_shutdown;
             c.owe_shutdown = 0;
             h
-        } else if c.readable && c.may_send_data() && !c.credit_requested {
+        } else if c.readable && c.may_send_data() && c.peer_credit() == 0 && !c.credit_requested {
             // Data waits and the guest gave no credit: ask once.
             c.credit_requested = true;
             c.header(guest_cid, OP_CREDIT_REQUEST)
