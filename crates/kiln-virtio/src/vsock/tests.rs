@@ -646,3 +646,120 @@ fn tiny_rx_buffers_neither_spin_nor_lose_packets() {
         .unwrap();
     assert_eq!(&b, b"payload");
 }
+
+mod prop {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One guest action: a TX packet with fields drawn near the interesting values, or RX
+    /// buffers (possibly tiny or outside memory), or host activity.
+    #[derive(Debug, Clone)]
+    enum Act {
+        Tx {
+            op: u16,
+            type_: u16,
+            src_port: u32,
+            dst_port: u32,
+            len: u32,
+            data: u32,
+            flags: u32,
+            buf_alloc: u32,
+            fwd_cnt: u32,
+        },
+        Rx(u32),
+        HostWrite,
+        HostConnect(u32),
+    }
+
+    fn act() -> impl Strategy<Value = Act> {
+        prop_oneof![
+            4 => (
+                0u16..9,
+                prop_oneof![Just(TYPE_STREAM), any::<u16>()],
+                10u32..13,
+                prop_oneof![Just(1u32), Just(2u32), Just(FIRST_LOCAL_PORT), any::<u32>()],
+                prop_oneof![0u32..64, Just(u32::MAX), Just(MAX_PAYLOAD as u32 + 1)],
+                0u32..64,
+                0u32..4,
+                prop_oneof![Just(0u32), 1u32..100, Just(1 << 20)],
+                any::<u32>(),
+            )
+                .prop_map(
+                    |(op, type_, src_port, dst_port, len, data, flags, buf_alloc, fwd_cnt)| {
+                        Act::Tx {
+                            op,
+                            type_,
+                            src_port,
+                            dst_port,
+                            len,
+                            data,
+                            flags,
+                            buf_alloc,
+                            fwd_cnt,
+                        }
+                    }
+                ),
+            2 => prop_oneof![Just(0u32), 1u32..50, Just(RXBUF)].prop_map(Act::Rx),
+            1 => Just(Act::HostWrite),
+            1 => (0u32..3).prop_map(Act::HostConnect),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Whatever the guest sends and however the host behaves, the device neither panics
+        /// nor hangs, and its used lengths stay within the buffers.
+        #[test]
+        fn any_packet_sequence_is_safe(acts in proptest::collection::vec(act(), 1..40)) {
+            let mut h = H::new("prop");
+            let _l1 = h.listen(1);
+            let _l2 = h.listen(2);
+            let mut hosts: Vec<UnixStream> = Vec::new();
+            for a in acts {
+                match a {
+                    Act::Tx { op, type_, src_port, dst_port, len, data, flags, buf_alloc, fwd_cnt } => {
+                        let hd = Header {
+                            src_cid: CID,
+                            dst_cid: HOST_CID,
+                            src_port,
+                            dst_port,
+                            len,
+                            type_,
+                            op,
+                            flags,
+                            buf_alloc,
+                            fwd_cnt,
+                        };
+                        let payload = vec![0x5a; data as usize];
+                        h.send_raw(&hd, &payload);
+                    }
+                    Act::Rx(n) => {
+                        let i = u64::from(h.rx.next_desc);
+                        h.rx.add(&h.mem, &[(RXDATA + i * u64::from(RXBUF), n, true)]);
+                        h.dev.process_queue(RXQ).unwrap();
+                    }
+                    Act::HostWrite => {
+                        for s in &mut hosts {
+                            let _ = s.set_nonblocking(true);
+                            let _ = s.write(b"host bytes");
+                        }
+                        h.backend();
+                    }
+                    Act::HostConnect(p) => {
+                        if let Ok(mut s) = UnixStream::connect(&h.uds) {
+                            let _ = s.write_all(format!("CONNECT {}\n", 10 + p).as_bytes());
+                            hosts.push(s);
+                        }
+                        h.backend();
+                    }
+                }
+                while let Some((_, len)) = h.rx.pop_used(&h.mem) {
+                    prop_assert!(len <= RXBUF);
+                }
+                prop_assert!(h.dev.connections() <= MAX_CONNS);
+            }
+        }
+    }
+}
