@@ -179,8 +179,19 @@ pub struct VirtioDevices {
     pub event_loop: Option<EventLoopHandle>,
     /// The balloon, if `--balloon` was given.
     pub balloon: Option<BalloonHandle>,
-    /// The `--vsock` listener's path, removed at shutdown.
-    pub vsock_uds: Option<std::path::PathBuf>,
+    /// The `--vsock` listener's socket file, removed when this is dropped.
+    pub vsock_uds: Option<SocketFile>,
+}
+
+/// A Unix socket file the VMM created, removed on drop (at shutdown, or when booting fails
+/// after the device was created), so the next VM can bind the same path.
+#[derive(Debug)]
+pub struct SocketFile(pub std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// What `--balloon` asks of the device.
@@ -271,7 +282,7 @@ pub fn build(
                     queue_size: kiln_virtio::vsock::DEFAULT_QUEUE_SIZE,
                 })
                 .map_err(|e| VmmError::Vsock(e.to_string()))?;
-                out.vsock_uds = Some(v.uds.clone());
+                out.vsock_uds = Some(SocketFile(v.uds.clone()));
                 let name = match &v.id {
                     Some(id) => format!("virtio-vsock {id}"),
                     None => "virtio-vsock".into(),

@@ -1360,9 +1360,7 @@ impl Vm {
         if let Some(l) = virtio.event_loop {
             l.stop();
         }
-        if let Some(p) = &virtio.vsock_uds {
-            let _ = std::fs::remove_file(p);
-        }
+        // The rest of `virtio` (the --vsock socket file) goes when this returns.
         bench.stop();
         drop(fd);
         drop(mem);
