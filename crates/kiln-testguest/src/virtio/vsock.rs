@@ -294,7 +294,8 @@ pub struct Vsock {
     pub t: Transport,
     rx: SplitQueue,
     tx: SplitQueue,
-    _ev: SplitQueue,
+    /// The event queue (one buffer posted; kiln never uses it).
+    ev: SplitQueue,
     /// Our CID (from the configuration space).
     pub cid: u64,
     rx_slot_of: [u8; 256],
@@ -324,7 +325,7 @@ impl Vsock {
             t,
             rx,
             tx,
-            _ev: ev,
+            ev,
             cid: 0,
             rx_slot_of: [0; 256],
             tx_slot_of: [0; 256],
@@ -344,7 +345,7 @@ impl Vsock {
             v.rx_slot_of[usize::from(h)] = slot as u8;
             slot += 1;
         }
-        if let Some(_h) = v._ev.add(p, &[Buf::w(EV_BUFS, 8)]) {}
+        let _ = v.ev.add(p, &[Buf::w(EV_BUFS, 8)]);
         // The driver polls: used-buffer interrupts would only cost the device a write.
         v.rx.set_no_interrupt(p, true);
         v.tx.set_no_interrupt(p, true);
