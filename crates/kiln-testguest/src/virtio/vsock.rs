@@ -40,7 +40,7 @@ pub const SHUT_RCV: u32 = 1;
 pub const SHUT_SEND: u32 = 2;
 
 /// Queue sizes asked for.
-pub const RX_QS: u16 = 32;
+pub const RX_QS: u16 = 16;
 /// TX queue size (and TX slots: one per in-flight packet).
 pub const TX_QS: u16 = 16;
 const EV_QS: u16 = 4;
@@ -53,10 +53,10 @@ const EV_BUFS: u64 = layout::SMALL + 0x1000;
 /// RX buffers (header and payload in one buffer, like Linux), [`RX_STRIDE`] apart; each
 /// starts 4 bytes into its slot so that the payload after the 44-byte header is 8-aligned.
 const RX_BUFS: u64 = layout::DATA;
-/// Bytes of each RX buffer: a header and 16 KiB (the per-packet cost is mostly the guest's:
+/// Bytes of each RX buffer: a header and 32 KiB (the per-packet cost is mostly the guest's:
 /// fewer, larger packets go faster).
-pub const RX_BUF_LEN: u32 = HDR + 0x4000;
-const RX_STRIDE: u64 = 0x4100;
+pub const RX_BUF_LEN: u32 = HDR + 0x8000;
+const RX_STRIDE: u64 = 0x8100;
 /// TX payloads, one [`MAX_PAYLOAD`] slot each.
 const TX_DATA: u64 = layout::DATA + 0x9_0000;
 /// Largest payload the driver sends.
