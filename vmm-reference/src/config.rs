@@ -182,7 +182,7 @@ pub struct Cli {
         long,
         value_name = "DIR|state=PATH,mem=PATH",
         conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disk", "rng",
-                              "balloon", "boot_protocol", "dump_acpi"]
+                              "balloon", "net", "vsock", "boot_protocol", "dump_acpi"]
     )]
     pub restore: Option<String>,
     /// With --restore: stay paused after restoring (resume through --control-sock).
@@ -193,6 +193,12 @@ pub struct Cli {
     /// until the API server exposes the same).
     #[arg(long, value_name = "PATH")]
     pub control_sock: Option<PathBuf>,
+    /// A virtio-vsock device: `cid=N,uds=PATH[,id=NAME]`. The guest (context ID N, 3 or
+    /// more) reaches host port P at the Unix socket `PATH_P`; host programs connect to the
+    /// listener kiln creates at PATH and write `CONNECT <guest port>\n` (Firecracker's
+    /// convention; see docs/guest-contract.md). PATH must not exist; kiln removes it at exit.
+    #[arg(long, value_name = "OPTIONS")]
+    pub vsock: Option<VsockArg>,
     /// Start the exit benchmark's irqfd injector thread, which the conformance guest's
     /// `bench-exits` scenario asks for timed interrupts (used by `kiln-bench exits`).
     #[arg(long)]
@@ -623,6 +629,73 @@ impl std::str::FromStr for BalloonArg {
             "size, deflate-on-oom, free-page-reporting, stats-interval",
         )?;
         Ok(b)
+    }
+}
+
+/// `--vsock`: the virtio socket device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockArg {
+    /// The guest's context ID (`cid=`).
+    pub cid: u64,
+    /// The host listener (`uds=`); guest connections to port P go to `<uds>_P`.
+    pub uds: PathBuf,
+    /// A name for the device (`id=`), for messages.
+    pub id: Option<String>,
+}
+
+impl std::str::FromStr for VsockArg {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        const FLAG: &str = "--vsock";
+        let err = |why: String| ConfigError::DeviceOption {
+            flag: FLAG,
+            value: s.to_string(),
+            why,
+        };
+        let (mut cid, mut uds, mut id) = (None, None, None);
+        let mut rest = Vec::new();
+        for (k, v) in split_options(FLAG, s)? {
+            match k {
+                "cid" => cid = Some(parse_u64(FLAG, s, k, v)?),
+                "uds" => uds = Some(PathBuf::from(v)),
+                "id" => id = Some(v.to_string()),
+                _ => rest.push((k, v)),
+            }
+        }
+        unknown_options(FLAG, s, &rest, "cid, uds, id")?;
+        let cid = cid.ok_or_else(|| err("cid= is required".into()))?;
+        if !kiln_virtio::vsock::valid_guest_cid(cid) {
+            return Err(err(format!(
+                "cid={cid}: 0, 1 and 2 are reserved (hypervisor, local, host) and the CID must \
+                 be below 4294967295"
+            )));
+        }
+        let uds = uds.ok_or_else(|| err("uds= is required".into()))?;
+        let dir = match uds.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !dir.is_dir() {
+            return Err(err(format!(
+                "uds={}: the directory {} does not exist",
+                uds.display(),
+                dir.display()
+            )));
+        }
+        // sun_path holds 107 bytes and a NUL; `_PORT` adds up to 11.
+        if uds.as_os_str().len() + 11 > 107 {
+            return Err(err(format!(
+                "uds={}: too long for a Unix socket path with a _PORT suffix (at most 96 bytes)",
+                uds.display()
+            )));
+        }
+        if std::fs::symlink_metadata(&uds).is_ok() {
+            return Err(err(format!(
+                "uds={}: already exists (another VM's socket, or a stale one to remove)",
+                uds.display()
+            )));
+        }
+        Ok(VsockArg { cid, uds, id })
     }
 }
 
@@ -1123,6 +1196,40 @@ mod tests {
             assert!(e.starts_with("--net"), "{bad}: {e}");
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn vsock_options() {
+        let dir = std::env::temp_dir();
+        let uds = dir.join(format!("kiln-cfg-vsock-{}", std::process::id()));
+        let v: VsockArg = format!("cid=3,uds={},id=v0", uds.display())
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (v.cid, v.uds.as_path(), v.id.as_deref()),
+            (3, uds.as_path(), Some("v0"))
+        );
+        std::fs::write(&uds, b"").unwrap();
+        let in_use = format!("cid=3,uds={}", uds.display());
+        for (bad, why) in [
+            ("uds=/tmp/x".to_string(), "cid= is required"),
+            ("cid=3".to_string(), "uds= is required"),
+            ("cid=2,uds=/tmp/x".to_string(), "reserved"),
+            ("cid=0,uds=/tmp/x".to_string(), "reserved"),
+            ("cid=4294967295,uds=/tmp/x".to_string(), "below"),
+            ("cid=x,uds=/tmp/x".to_string(), "non-negative integer"),
+            (
+                "cid=3,uds=/nonexistent/dir/v.sock".to_string(),
+                "does not exist",
+            ),
+            ("cid=3,uds=/tmp/x,port=1".to_string(), "unknown option"),
+            (format!("cid=3,uds=/tmp/{}", "a".repeat(100)), "too long"),
+            (in_use, "already exists"),
+        ] {
+            let e = bad.parse::<VsockArg>().unwrap_err().to_string();
+            assert!(e.starts_with("--vsock") && e.contains(why), "{bad}: {e}");
+        }
+        let _ = std::fs::remove_file(&uds);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use kiln_virtio::{
     NetConfig, Rng, Tap,
 };
 
-use crate::config::{BalloonArg, DiskArg, NetArg, RateLimitArg, RngArg};
+use crate::config::{BalloonArg, DiskArg, NetArg, RateLimitArg, RngArg, VsockArg};
 use crate::vm::VmmError;
 
 /// Base of the first virtio-mmio window; window `i` is at `VIRTIO_MMIO_BASE + i * MMIO_SIZE`
@@ -42,6 +42,8 @@ pub enum VirtioKind {
     Rng,
     /// The memory balloon.
     Balloon,
+    /// The vsock device.
+    Vsock,
 }
 
 /// One virtio-mmio device's place in the VM.
@@ -56,18 +58,20 @@ pub struct VirtioSlot {
 }
 
 /// Assigns windows and GSIs: disks in command-line order, then network devices, then the
-/// entropy device, then the balloon.
+/// entropy device, then the balloon, then the vsock device.
 pub fn slots(
     disks: &[DiskArg],
     nets: &[NetArg],
     rng: &RngArg,
     balloon: Option<&BalloonArg>,
+    vsock: Option<&VsockArg>,
 ) -> Result<Vec<VirtioSlot>, VmmError> {
     let kinds: Vec<VirtioKind> = (0..disks.len())
         .map(VirtioKind::Block)
         .chain((0..nets.len()).map(VirtioKind::Net))
         .chain(rng.enabled.then_some(VirtioKind::Rng))
         .chain(balloon.map(|_| VirtioKind::Balloon))
+        .chain(vsock.map(|_| VirtioKind::Vsock))
         .collect();
     if kinds.len() > MAX_VIRTIO_DEVICES {
         return Err(VmmError::TooManyDevices {
@@ -225,6 +229,19 @@ pub struct VirtioDevices {
     pub balloon: Option<BalloonHandle>,
     /// Every transport with its MMIO base, in slot order (for snapshots).
     pub transports: Vec<(u64, Arc<dyn SnapshotState>)>,
+    /// The `--vsock` listener's socket file, removed when this is dropped.
+    pub vsock_uds: Option<SocketFile>,
+}
+
+/// A Unix socket file the VMM created, removed on drop (at shutdown, or when booting fails
+/// after the device was created), so the next VM can bind the same path.
+#[derive(Debug)]
+pub struct SocketFile(pub std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// What `--balloon` asks of the device.
@@ -254,6 +271,7 @@ pub fn build(
     mut taps: Vec<Option<Tap>>,
     rng: &RngArg,
     balloon: Option<&BalloonArg>,
+    vsock: Option<&VsockArg>,
     mmio: &mut MmioBus,
     thread_init: Box<dyn FnOnce() -> Result<(), String> + Send>,
 ) -> Result<VirtioDevices, VmmError> {
@@ -330,6 +348,22 @@ pub fn build(
                 out.balloon = Some(t.clone());
                 (t, "virtio-balloon".into())
             }
+            VirtioKind::Vsock => {
+                let v = vsock.ok_or_else(|| VmmError::Vsock("no --vsock options".into()))?;
+                // Binds the listener: host programs can connect before the guest runs.
+                let dev = kiln_virtio::Vsock::new(kiln_virtio::VsockConfig {
+                    guest_cid: v.cid,
+                    uds_path: v.uds.clone(),
+                    queue_size: kiln_virtio::vsock::DEFAULT_QUEUE_SIZE,
+                })
+                .map_err(|e| VmmError::Vsock(e.to_string()))?;
+                out.vsock_uds = Some(SocketFile(v.uds.clone()));
+                let name = match &v.id {
+                    Some(id) => format!("virtio-vsock {id}"),
+                    None => "virtio-vsock".into(),
+                };
+                (Arc::new(MmioTransport::new(mem.clone(), dev, line)), name)
+            }
         };
         let snap: Arc<dyn SnapshotState> = dev.clone();
         out.transports.push((slot.base, snap));
@@ -395,7 +429,14 @@ mod tests {
     #[test]
     fn disks_first_then_rng() {
         let b: BalloonArg = "size=8".parse().unwrap();
-        let s = slots(&[disk("/a"), disk("/b")], &[], &RngArg::default(), Some(&b)).unwrap();
+        let s = slots(
+            &[disk("/a"), disk("/b")],
+            &[],
+            &RngArg::default(),
+            Some(&b),
+            None,
+        )
+        .unwrap();
         assert_eq!(s.len(), 4);
         assert_eq!(s[3].kind, VirtioKind::Balloon);
         assert_eq!(s[0].kind, VirtioKind::Block(0));
@@ -416,7 +457,7 @@ mod tests {
     #[test]
     fn nets_after_disks_before_rng() {
         let n: NetArg = "tap=kt0".parse().unwrap();
-        let s = slots(&[disk("/a")], &[n.clone(), n], &RngArg::default(), None).unwrap();
+        let s = slots(&[disk("/a")], &[n.clone(), n], &RngArg::default(), None, None).unwrap();
         let kinds: Vec<_> = s.iter().map(|s| s.kind).collect();
         assert_eq!(
             kinds,
@@ -435,8 +476,8 @@ mod tests {
     fn too_many_devices_is_an_error_naming_the_limit() {
         let disks: Vec<DiskArg> = (0..7).map(|i| disk(&format!("/d{i}"))).collect();
         let off: RngArg = "off".parse().unwrap();
-        assert_eq!(slots(&disks, &[], &off, None).unwrap().len(), 7);
-        let e = slots(&disks, &[], &RngArg::default(), None)
+        assert_eq!(slots(&disks, &[], &off, None, None).unwrap().len(), 7);
+        let e = slots(&disks, &[], &RngArg::default(), None, None)
             .unwrap_err()
             .to_string();
         assert!(

@@ -163,6 +163,9 @@ pub enum VmmError {
     /// Writing or restoring a snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// `--vsock` is unusable (its listener can't be created, ...).
+    #[error("--vsock: {0}")]
+    Vsock(String),
     /// Building, loading or installing seccomp filters failed.
     #[error(transparent)]
     Seccomp(#[from] kiln_seccomp::Error),
@@ -229,6 +232,8 @@ pub struct VmSpec {
     pub exit_bench: bool,
     /// `--balloon`.
     pub balloon: Option<crate::config::BalloonArg>,
+    /// `--vsock`.
+    pub vsock: Option<crate::config::VsockArg>,
 }
 
 fn seccomp_filters(cli: &Cli) -> Result<Option<Arc<kiln_seccomp::Filters>>, VmmError> {
@@ -439,7 +444,13 @@ impl VmSpec {
             ),
             KernelSource::Path(_) => cmdline,
         };
-        let virtio = crate::virtio::slots(&cli.disk, &cli.net, &cli.rng, cli.balloon.as_ref())?;
+        let virtio = crate::virtio::slots(
+            &cli.disk,
+            &cli.net,
+            &cli.rng,
+            cli.balloon.as_ref(),
+            cli.vsock.as_ref(),
+        )?;
         if let Some(b) = &cli.balloon {
             if b.size > memory {
                 return Err(VmmError::Balloon(format!(
@@ -476,6 +487,7 @@ impl VmSpec {
             seccomp_selftest,
             exit_bench: cli.exit_bench,
             balloon: cli.balloon,
+            vsock: cli.vsock,
         })
     }
 }
@@ -1189,6 +1201,7 @@ impl Vm {
             inputs.taps,
             &spec.rng,
             spec.balloon.as_ref(),
+            spec.vsock.as_ref(),
             &mut devices.mmio,
             thread_init(&spec, ThreadKind::Device),
         )?;
@@ -1490,6 +1503,7 @@ impl Vm {
         if let Some(l) = virtio.event_loop {
             l.stop();
         }
+        // The rest of `virtio` (the --vsock socket file) goes when this returns.
         bench.stop();
         drop(fd);
         drop(mem);

@@ -12,6 +12,8 @@
 //!   guests.
 //! - `cargo xtask bench-net`: the guest's UDP transmit and receive frames/s and MiB/s over a
 //!   tap, under kiln and QEMU microvm (makes a network namespace; needs root).
+//! - `cargo xtask bench-vsock`: the guest's vsock MiB/s each way under kiln (QEMU has only
+//!   vhost-vsock, which needs /dev/vhost-vsock: not compared).
 //! - `cargo xtask linux-guest`: a stock Debian kernel (vmlinux, vmlinuz) and a busybox
 //!   initramfs in `target/linux-guest/`.
 
@@ -20,6 +22,7 @@ mod bench_migrate;
 mod bench_snapshot;
 mod bench_net;
 mod bench_startup;
+mod bench_vsock;
 mod linux_guest;
 mod test;
 mod testguest;
@@ -27,7 +30,7 @@ mod testguest;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | bench-blk [--runs N] [--ms MS] [--qd N] [--image-mib N] | bench-net [--runs N] [--frames N] [--size BYTES] [--rx-ms MS] | bench-migrate [--runs N] [--mib N] [--rates R,R] [--transport tcp|unix] [--max-downtime-ms N] [--memory SIZE] [--cpus N] | bench-snapshot [--runs N] [--sizes MIB,MIB] | linux-guest [--out DIR]>";
+const USAGE: &str = "usage: cargo xtask <test | testguest [--qemu] [--out DIR] [--timeout SECS] | bench-startup [--runs N] | bench-blk [--runs N] [--ms MS] [--qd N] [--image-mib N] | bench-net [--runs N] [--frames N] [--size BYTES] [--rx-ms MS] | bench-vsock [--runs N] [--mib N] | bench-migrate [--runs N] [--mib N] [--rates R,R] [--transport tcp|unix] [--max-downtime-ms N] [--memory SIZE] [--cpus N] | bench-snapshot [--runs N] [--sizes MIB,MIB] | linux-guest [--out DIR]>";
 
 fn workspace_root() -> PathBuf {
     // xtask/ sits directly under the workspace root.
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Some("bench-migrate") => ("bench-migrate", bench_migrate::run(&args[1..])),
         Some("bench-snapshot") => ("bench-snapshot", bench_snapshot::run(&args[1..])),
         Some("bench-net") => ("bench-net", bench_net::run(&args[1..])),
+        Some("bench-vsock") => ("bench-vsock", bench_vsock::run(&args[1..])),
         Some("linux-guest") => ("linux-guest", linux_guest::run_task(&args[1..])),
         _ => {
             eprintln!("{USAGE}\n{}", testguest::USAGE);

@@ -221,6 +221,41 @@ fn device_io(r: &mut Rules) {
 /// `TUNSETOFFLOAD`: virtio-net sets the tap's offloads to what the driver negotiated when it
 /// activates the device (on the vCPU thread that wrote `DRIVER_OK`).
 pub const TUNSETOFFLOAD: u64 = 0x4004_54D0;
+/// The vsock device's Unix sockets: accepting host connections, connecting to `<uds>_PORT`
+/// (non-blocking Unix stream sockets only), its inner epoll set, peeking at `CONNECT`
+/// lines and half-closing.
+fn vsock_sockets(r: &mut Rules) {
+    let flags = (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
+    allow_values(r, libc::SYS_accept4, 3, &[flags]);
+    r.entry(libc::SYS_socket).or_default().push(rule(vec![
+        cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64),
+        cond(1, SeccompCmpOp::Eq, libc::SOCK_STREAM as u64 | flags),
+    ]));
+    allow(r, libc::SYS_connect);
+    allow_values(
+        r,
+        libc::SYS_epoll_ctl,
+        1,
+        &[libc::EPOLL_CTL_ADD as u64, libc::EPOLL_CTL_DEL as u64],
+    );
+    allow_values(
+        r,
+        libc::SYS_recvfrom,
+        3,
+        &[0, (libc::MSG_PEEK | libc::MSG_DONTWAIT) as u64],
+    );
+    // std writes to sockets with send(MSG_NOSIGNAL): connected sockets only (no address).
+    r.entry(libc::SYS_sendto).or_default().push(rule(vec![
+        cond(3, SeccompCmpOp::Eq, libc::MSG_NOSIGNAL as u64),
+        cond(4, SeccompCmpOp::Eq, 0),
+    ]));
+    allow_values(
+        r,
+        libc::SYS_shutdown,
+        1,
+        &[libc::SHUT_RD as u64, libc::SHUT_WR as u64],
+    );
+}
 
 // KVM ioctl request numbers (linux/kvm.h), computed like the kernel's _IO/_IOR macros.
 const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
@@ -348,6 +383,7 @@ fn rules(kind: ThreadKind) -> Rules {
             // Relative timers only (flags 0).
             allow_values(&mut r, libc::SYS_timerfd_settime, 1, &[0]);
             allow_values(&mut r, libc::SYS_ioctl, 1, &[TUNSETOFFLOAD]);
+            vsock_sockets(&mut r);
         }
         ThreadKind::Stdin => {
             allow(&mut r, libc::SYS_read);

@@ -99,6 +99,15 @@ const TABLE: &[(Scenario, RunFn)] = &[
     (Scenario::NetBench, |c, o| {
         virtio_hw::run(c, o, vio::net::run_net_bench)
     }),
+    (Scenario::Vsock, |c, o| {
+        virtio_hw::run(c, o, vio::vsock::run_vsock)
+    }),
+    (Scenario::VsockEvil, |c, o| {
+        virtio_hw::run(c, o, vio::vsock::run_vsock_evil)
+    }),
+    (Scenario::VsockBench, |c, o| {
+        virtio_hw::run(c, o, vio::vsock::run_vsock_bench)
+    }),
     (Scenario::MemoryStress, memstress::run),
     (Scenario::BenchExits, benchexits::run),
     (Scenario::Counter, |c, o| {

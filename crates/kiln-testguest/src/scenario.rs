@@ -40,6 +40,13 @@ pub enum Scenario {
     /// virtio-balloon: inflate by the device's target, touch the rest, deflate, report
     /// statistics (needs `--balloon`).
     Balloon,
+    /// virtio-vsock: 1 MiB each way with a host listener, a refused port, host-initiated
+    /// connections echoed (needs `--vsock` and the host side in docs/guest-contract.md).
+    Vsock,
+    /// virtio-vsock hostile packets and credit abuse, then a normal connection.
+    VsockEvil,
+    /// virtio-vsock throughput each way.
+    VsockBench,
     /// Touch all RAM with a pattern and verify it.
     MemoryStress,
     /// VM-exit latency histograms for each exit kind (`kiln-bench exits`).
@@ -56,7 +63,7 @@ pub enum Scenario {
 }
 
 /// Every scenario, in the order `all` would run them if they needed no input.
-pub const SCENARIOS: [Scenario; 22] = [
+pub const SCENARIOS: [Scenario; 25] = [
     Scenario::Boot,
     Scenario::Cpuid,
     Scenario::Serial,
@@ -73,6 +80,9 @@ pub const SCENARIOS: [Scenario; 22] = [
     Scenario::VirtioEvil,
     Scenario::BlkBench,
     Scenario::Balloon,
+    Scenario::Vsock,
+    Scenario::VsockEvil,
+    Scenario::VsockBench,
     Scenario::MemoryStress,
     Scenario::BenchExits,
     Scenario::Counter,
@@ -101,6 +111,9 @@ impl Scenario {
             Scenario::VirtioEvil => "virtio-evil",
             Scenario::BlkBench => "blk-bench",
             Scenario::Balloon => "balloon",
+            Scenario::Vsock => "vsock",
+            Scenario::VsockEvil => "vsock-evil",
+            Scenario::VsockBench => "vsock-bench",
             Scenario::MemoryStress => "memory-stress",
             Scenario::BenchExits => "bench-exits",
             Scenario::Counter => "counter",
@@ -140,6 +153,9 @@ impl Scenario {
                 | Scenario::VirtioNet
                 | Scenario::NetEvil
                 | Scenario::NetBench
+                | Scenario::Vsock
+                | Scenario::VsockEvil
+                | Scenario::VsockBench
         )
     }
 

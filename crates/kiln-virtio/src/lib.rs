@@ -17,6 +17,7 @@ pub mod mmio;
 pub mod net;
 mod queue;
 pub mod rng;
+pub mod vsock;
 
 use std::io;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub use net::{Net, NetConfig, Tap};
 pub use rng::Rng;
 pub use virtio_queue::Queue;
 pub use vm_memory::GuestMemory;
+pub use vsock::{Vsock, VsockConfig};
 
 /// `VIRTIO_F_VERSION_1`: the device is a virtio 1.x ("modern") device. Every device here
 /// offers it and the transport refuses drivers that don't accept it.
@@ -136,12 +138,26 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The vsock device's host Unix socket could not be set up.
+    #[error("virtio-vsock: {what} {}: {source}", path.display())]
+    VsockBackend {
+        /// What was being done ("binding", ...).
+        what: &'static str,
+        /// The listener path.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// The backend refused the offloads the driver negotiated.
     #[error("virtio-net: setting the backend offloads: {0}")]
     NetOffload(#[source] io::Error),
     /// An MTU outside 68..=65517.
     #[error("virtio-net: MTU {0} is outside 68..=65517")]
     Mtu(u16),
+    /// A guest CID that is reserved or too large.
+    #[error("virtio-vsock: guest CID {0} is reserved or out of range (3 to 4294967294)")]
+    VsockCid(u64),
     /// A queue size that isn't a power of two in 1..=32768.
     #[error("{device}: invalid queue size {size} (a power of two up to 32768)")]
     QueueSize {

@@ -25,6 +25,7 @@ pub mod reset;
 pub mod ring;
 pub mod rng;
 pub mod transport;
+pub mod vsock;
 
 #[cfg(test)]
 mod host;
