@@ -2,9 +2,12 @@
 //! another VMM would want lives in those crates, not here.
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod bench;
 pub mod config;
 pub mod control;
 pub mod guest;
+pub mod logger;
+pub mod metrics;
 pub mod virtio;
 pub mod vm;

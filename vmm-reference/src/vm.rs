@@ -213,6 +213,9 @@ pub struct VmSpec {
     pub exit_bench: bool,
     /// `--balloon`.
     pub balloon: Option<crate::config::BalloonArg>,
+    /// What vCPU threads are called, before their index (`None`: `kiln-vcpu`; `fc_vcpu ` when
+    /// kiln runs as `firecracker`).
+    pub vcpu_thread_prefix: Option<String>,
 }
 
 fn seccomp_filters(cli: &Cli) -> Result<Option<Arc<kiln_seccomp::Filters>>, VmmError> {
@@ -355,7 +358,26 @@ fn vcpu_thread_init(
     index: u32,
 ) -> Box<dyn FnOnce() -> Result<(), String> + Send + 'static> {
     let placement = spec.affinity_of(AffinityTarget::Vcpu(index));
-    thread_init_placed(spec, ThreadKind::Vcpu, placement, spec.vcpu_priority)
+    let init = thread_init_placed(spec, ThreadKind::Vcpu, placement, spec.vcpu_priority);
+    match &spec.vcpu_thread_prefix {
+        None => init,
+        Some(prefix) => {
+            let name = format!("{prefix}{index}");
+            Box::new(move || {
+                set_os_thread_name(&name);
+                init()
+            })
+        }
+    }
+}
+
+/// Renames the calling thread as the OS shows it (`/proc/self/task/*/comm`, at most 15 bytes).
+fn set_os_thread_name(name: &str) {
+    let mut bytes: Vec<u8> = name.bytes().filter(|&b| b != 0).take(15).collect();
+    bytes.push(0);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from `bytes`,
+    // which lives across the call.
+    unsafe { libc::prctl(libc::PR_SET_NAME, bytes.as_ptr() as libc::c_ulong, 0, 0, 0) };
 }
 
 fn thread_init_placed(
@@ -459,6 +481,7 @@ impl VmSpec {
             seccomp_selftest,
             exit_bench: cli.exit_bench,
             balloon: cli.balloon,
+            vcpu_thread_prefix: None,
         })
     }
 }
@@ -531,7 +554,7 @@ fn vm_setup<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T,
 
 /// Blocks SIGINT and SIGTERM in this thread (and all threads it spawns after) and returns a
 /// signalfd that reads them, so signals are handled in the main loop, not in a handler.
-fn signal_fd() -> Result<OwnedFd, VmmError> {
+pub fn signal_fd() -> Result<OwnedFd, VmmError> {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t owned by this frame.
@@ -732,7 +755,8 @@ fn build_devices(
         serial.clone(),
     )?;
     let power: Arc<dyn legacy::PowerEvents> = events.clone();
-    let i8042 = Arc::new(legacy::I8042Device::new(power.clone()));
+    let keyboard_irq = Arc::new(chip.legacy_line(vm, legacy::KEYBOARD_IRQ)?);
+    let i8042 = Arc::new(legacy::I8042Device::new(power.clone()).with_keyboard_irq(keyboard_irq));
     pio.insert(PioAddress(legacy::I8042_DATA_PORT), 1, i8042.clone())?;
     pio.insert(PioAddress(legacy::I8042_COMMAND_PORT), 1, i8042.clone())?;
     pio.insert(
@@ -1142,6 +1166,7 @@ impl Vm {
             if index == 0 {
                 kiln_vcpu::regs::setup_boot_regs(&fd, &boot_regs(&entry))?;
             }
+            crate::metrics::register_vcpu(&fd);
             vcpus.push(Vcpu::new(fd, index, handler.clone()));
         }
         let handles: Vec<VcpuHandle> = vcpus
@@ -1247,10 +1272,61 @@ impl Vm {
                 self.resume();
                 Ok(VmResponse::Done)
             }
-            VmRequest::CtrlAltDel => Err("SendCtrlAltDel is not supported yet".into()),
+            VmRequest::CtrlAltDel => self
+                .i8042
+                .trigger_ctrl_alt_del()
+                .map(|()| VmResponse::Done)
+                .map_err(|e| format!("SendCtrlAltDel: keyboard interrupt failed: {e}")),
             VmRequest::Snapshot(_) => Err("snapshots are not supported yet".into()),
             VmRequest::Migrate(_) => Err("live migration is not supported yet".into()),
+            VmRequest::BalloonTarget(bytes) => self.balloon_target(bytes),
+            VmRequest::BalloonStats => self.balloon_stats(),
         }
+    }
+
+    fn balloon_target(&mut self, bytes: u64) -> Result<VmResponse, String> {
+        let b = self
+            .virtio
+            .balloon
+            .as_ref()
+            .ok_or("the VM has no balloon device")?;
+        if bytes > self.spec.memory {
+            return Err(format!(
+                "balloon target of {bytes} bytes is more than the guest's memory ({} bytes)",
+                self.spec.memory
+            ));
+        }
+        let pages = u32::try_from(bytes / kiln_virtio::balloon::PAGE_SIZE).unwrap_or(u32::MAX);
+        b.with_device(|d| d.set_target(pages))
+            .map_err(|e| format!("balloon: {e}"))?;
+        Ok(VmResponse::Done)
+    }
+
+    fn balloon_stats(&mut self) -> Result<VmResponse, String> {
+        let b = self
+            .virtio
+            .balloon
+            .as_ref()
+            .ok_or("the VM has no balloon device")?;
+        let (target, actual, stats) =
+            b.with_device(|d| (d.target_pages(), d.actual_pages(), d.stats()));
+        let page = kiln_virtio::balloon::PAGE_SIZE;
+        let mut out = serde_json::Map::new();
+        out.insert("target_pages".into(), target.into());
+        out.insert("actual_pages".into(), actual.into());
+        out.insert("target_mib".into(), (u64::from(target) * page >> 20).into());
+        out.insert("actual_mib".into(), (u64::from(actual) * page >> 20).into());
+        for (name, v) in kiln_virtio::balloon::BalloonStats::NAMES
+            .iter()
+            .zip(stats.values)
+        {
+            if let Some(v) = v {
+                out.insert((*name).into(), v.into());
+            }
+        }
+        Ok(VmResponse::Report(
+            serde_json::Value::Object(out).to_string(),
+        ))
     }
 
     /// Whether the VM is paused.
