@@ -105,17 +105,6 @@ fn run_native(cli: Cli) -> ExitCode {
     }
 }
 
-/// Removes the API socket when the process ends normally.
-struct SocketFile(Option<PathBuf>);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        if let Some(p) = &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 /// The Firecracker command line: the API, `--config-file`, Firecracker's exit codes.
 fn run_firecracker(cli: Cli, args: Vec<OsString>, fc: bool) -> u8 {
     let started_at = std::time::Instant::now();
@@ -196,7 +185,6 @@ fn run_firecracker(cli: Cli, args: Vec<OsString>, fc: bool) -> u8 {
             return FC_EXIT_GENERIC;
         }
     };
-    let mut _socket = SocketFile(None);
     if !cli.no_api {
         let path = cli
             .api_sock
@@ -212,7 +200,8 @@ fn run_firecracker(cli: Cli, args: Vec<OsString>, fc: bool) -> u8 {
                 return FC_EXIT_GENERIC;
             }
         };
-        _socket = SocketFile(Some(path));
+        // Left in place at exit, as Firecracker does (the VMM thread's seccomp filter
+        // allows no unlink; the orchestrator or jailer owns the directory).
         let opts = api::ApiOptions {
             id: cli.id.clone(),
             max_payload: cli.http_api_max_payload_size,
@@ -241,14 +230,13 @@ fn run_firecracker(cli: Cli, args: Vec<OsString>, fc: bool) -> u8 {
         Some(v) => v,
         None => match wait_for_start(&signals, &start_rx, &fix_spec) {
             Ok(v) => v,
-            Err(sig) => return end_by_signal(sig, fc, _socket),
+            Err(sig) => return end_by_signal(sig, fc),
         },
     };
     kiln::logger::info(format_args!("microVM running"));
     let outcome = vm.wait(&signals, Some(&control));
     control.refuse_all("the VM has ended");
     vm.shutdown();
-    let _ = kiln::metrics::flush();
     match outcome {
         // Firecracker exits 0 when the guest powers off or reboots (Ctrl+Alt+Del).
         Ok(Outcome::PowerOff) | Ok(Outcome::Reset) => FC_EXIT_OK,
@@ -256,7 +244,7 @@ fn run_firecracker(cli: Cli, args: Vec<OsString>, fc: bool) -> u8 {
             eprintln!("kiln: guest crashed:\n{report}");
             FC_EXIT_GENERIC
         }
-        Ok(Outcome::Signal(sig)) => end_by_signal(sig, fc, _socket),
+        Ok(Outcome::Signal(sig)) => end_by_signal(sig, fc),
         Err(e) => {
             eprintln!("kiln: {e}");
             FC_EXIT_GENERIC
@@ -326,13 +314,13 @@ fn wait_for_start(
 }
 
 /// Ends on signal `sig`: as Firecracker (killed by it: default action) or as kiln (128+N).
-fn end_by_signal(sig: i32, fc: bool, socket: SocketFile) -> u8 {
-    drop(socket);
+fn end_by_signal(sig: i32, fc: bool) -> u8 {
     if fc {
-        // SAFETY: restoring the default action and unblocking `sig` in this thread, then
-        // raising it: the process ends as if never handled, as Firecracker's does.
+        // SAFETY: the action of SIGINT/SIGTERM was never changed (a signalfd only reads
+        // blocked signals), so unblocking `sig` in this thread and raising it ends the process
+        // as if it had never been handled, as Firecracker's does. Only rt_sigprocmask and
+        // tgkill, which the VMM thread's seccomp filter allows.
         unsafe {
-            libc::signal(sig, libc::SIG_DFL);
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, sig);

@@ -44,10 +44,14 @@ pub enum Scenario {
     MemoryStress,
     /// VM-exit latency histograms for each exit kind (`kiln-bench exits`).
     BenchExits,
+    /// Waits for the host to press Ctrl+Alt+Del (Firecracker's `SendCtrlAltDel`): keyboard
+    /// IRQ 1 through the IOAPIC and the scan codes from the i8042, then resets through the
+    /// i8042 as Linux does (needs input; ends the VM).
+    CtrlAltDel,
 }
 
 /// Every scenario, in the order `all` would run them if they needed no input.
-pub const SCENARIOS: [Scenario; 18] = [
+pub const SCENARIOS: [Scenario; 19] = [
     Scenario::Boot,
     Scenario::Cpuid,
     Scenario::Serial,
@@ -66,6 +70,7 @@ pub const SCENARIOS: [Scenario; 18] = [
     Scenario::Balloon,
     Scenario::MemoryStress,
     Scenario::BenchExits,
+    Scenario::CtrlAltDel,
 ];
 
 impl Scenario {
@@ -90,6 +95,7 @@ impl Scenario {
             Scenario::Balloon => "balloon",
             Scenario::MemoryStress => "memory-stress",
             Scenario::BenchExits => "bench-exits",
+            Scenario::CtrlAltDel => "ctrl-alt-del",
         }
     }
 
@@ -103,12 +109,15 @@ impl Scenario {
 
     /// Scenarios that wait for input are left out of `all`.
     pub fn needs_input(self) -> bool {
-        matches!(self, Scenario::Serial | Scenario::Irq)
+        matches!(self, Scenario::Serial | Scenario::Irq | Scenario::CtrlAltDel)
     }
 
     /// Scenarios that end the VM themselves are left out of `all` too.
     pub fn ends_vm(self) -> bool {
-        matches!(self, Scenario::Poweroff | Scenario::Reset)
+        matches!(
+            self,
+            Scenario::Poweroff | Scenario::Reset | Scenario::CtrlAltDel
+        )
     }
 
     /// Scenarios that need a device kiln adds only on request (`--balloon`), take long
