@@ -169,11 +169,16 @@ fn write(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
     if fs::read(path).map(|old| old == bytes).unwrap_or(false) {
         return Ok(());
     }
-    fs::write(path, bytes).map_err(|source| BuildError::Io {
-        op: "writing",
-        path: path.to_path_buf(),
-        source,
-    })
+    // Write a new file and rename it over the old one: a target directory seeded with hard
+    // links (`cp -al`) shares the old inode with other trees, which must not change under them.
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes)
+        .and_then(|()| fs::rename(&tmp, path))
+        .map_err(|source| BuildError::Io {
+            op: "writing",
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Builds the guest and writes `out_dir/kiln-testguest.elf` and `out_dir/kiln-testguest.bzImage`.
