@@ -154,23 +154,17 @@ fn run_firecracker(cli: Cli, args: Vec<OsString>, fc: bool) -> u8 {
         }
         spec
     };
-    let mut booted: Option<Vm> = None;
-    if let Some(c) = &config {
-        let spec = match api::build::spec(&args, c) {
-            Ok(s) => fix_spec(s),
+    // Validate the file's configuration before anything serves or runs.
+    let file_spec = match &config {
+        Some(c) => match api::build::spec(&args, c) {
+            Ok(s) => Some(fix_spec(s)),
             Err(r) => {
                 eprintln!("kiln: --config-file: {}", fault_of(&r));
                 return FC_EXIT_BAD_CONFIGURATION;
             }
-        };
-        match Vm::boot(spec) {
-            Ok(v) => booted = Some(v),
-            Err(e) => {
-                eprintln!("kiln: --config-file: {e}");
-                return FC_EXIT_BAD_CONFIGURATION;
-            }
-        }
-    }
+        },
+        None => None,
+    };
     let (controller, control) = match kiln::control::channel() {
         Ok(p) => p,
         Err(e) => {
@@ -210,7 +204,7 @@ fn run_firecracker(cli: Cli, args: Vec<OsString>, fc: bool) -> u8 {
         let state = api::ApiState::new(
             opts,
             config.clone().unwrap_or_else(VmConfig::default),
-            booted.is_some(),
+            file_spec.is_some(),
             controller,
             starter,
         );
@@ -226,6 +220,18 @@ fn run_firecracker(cli: Cli, args: Vec<OsString>, fc: bool) -> u8 {
             .process_startup_time_us
             .set(started_at.elapsed().as_micros() as u64);
     }
+    // Booting installs the VMM thread's seccomp filter: every fd and thread this thread
+    // makes comes first (above).
+    let booted = match file_spec {
+        Some(spec) => match Vm::boot(spec) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                eprintln!("kiln: --config-file: {e}");
+                return FC_EXIT_BAD_CONFIGURATION;
+            }
+        },
+        None => None,
+    };
     let mut vm = match booted {
         Some(v) => v,
         None => match wait_for_start(&signals, &start_rx, &fix_spec) {
