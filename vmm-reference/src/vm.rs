@@ -1314,8 +1314,14 @@ impl Vm {
         let mut out = serde_json::Map::new();
         out.insert("target_pages".into(), target.into());
         out.insert("actual_pages".into(), actual.into());
-        out.insert("target_mib".into(), (u64::from(target) * page >> 20).into());
-        out.insert("actual_mib".into(), (u64::from(actual) * page >> 20).into());
+        out.insert(
+            "target_mib".into(),
+            ((u64::from(target) * page) >> 20).into(),
+        );
+        out.insert(
+            "actual_mib".into(),
+            ((u64::from(actual) * page) >> 20).into(),
+        );
         for (name, v) in kiln_virtio::balloon::BalloonStats::NAMES
             .iter()
             .zip(stats.values)

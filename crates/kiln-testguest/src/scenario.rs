@@ -109,7 +109,10 @@ impl Scenario {
 
     /// Scenarios that wait for input are left out of `all`.
     pub fn needs_input(self) -> bool {
-        matches!(self, Scenario::Serial | Scenario::Irq | Scenario::CtrlAltDel)
+        matches!(
+            self,
+            Scenario::Serial | Scenario::Irq | Scenario::CtrlAltDel
+        )
     }
 
     /// Scenarios that end the VM themselves are left out of `all` too.

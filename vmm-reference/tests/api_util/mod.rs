@@ -73,7 +73,7 @@ fn pump(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
                 break;
             }
             b.lock()
-                .unwrap()
+                .expect("output lock")
                 .push_str(&String::from_utf8_lossy(&chunk[..n]));
         }
     });
@@ -171,21 +171,22 @@ impl Kiln {
     }
 
     pub fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
+        self.stdout.lock().expect("output lock").clone()
     }
 
     pub fn output(&self) -> String {
         format!(
             "stdout:\n{}\nstderr:\n{}",
-            self.stdout.lock().unwrap(),
-            self.stderr.lock().unwrap()
+            self.stdout.lock().expect("output lock"),
+            self.stderr.lock().expect("output lock")
         )
     }
 
     /// One request on a fresh connection.
     pub fn req(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
         let mut s = UnixStream::connect(&self.sock).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
         send(&mut s, method, path, body);
         read_response(&mut s).unwrap_or_else(|| panic!("no response to {method} {path}"))
     }
@@ -220,7 +221,7 @@ impl Kiln {
     pub fn wait_stdout(&self, needle: &str, limit: Duration) -> bool {
         let t0 = Instant::now();
         while t0.elapsed() < limit {
-            if self.stdout.lock().unwrap().contains(needle) {
+            if self.stdout.lock().expect("output lock").contains(needle) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(10));
