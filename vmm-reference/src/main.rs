@@ -200,6 +200,7 @@ fn run_firecracker(cli: Cli, args: Vec<OsString>, fc: bool) -> u8 {
             id: cli.id.clone(),
             max_payload: cli.http_api_max_payload_size,
             base_args: args.clone(),
+            mmds_limit: cli.mmds_size_limit.unwrap_or(cli.http_api_max_payload_size),
         };
         let state = api::ApiState::new(
             opts,

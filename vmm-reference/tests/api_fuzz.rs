@@ -491,7 +491,15 @@ fn error_paths_after_boot() {
 #[test]
 fn hostile_clients_never_wedge_the_server() {
     let dir = Scratch::new("hostile");
-    let mut k = confined_kiln(&dir, &["--http-api-max-payload-size", "1000"]);
+    let mut k = confined_kiln(
+        &dir,
+        &[
+            "--http-api-max-payload-size",
+            "1000",
+            "--mmds-size-limit",
+            "100000",
+        ],
+    );
     let connect = || {
         let s = UnixStream::connect(&k.sock).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();

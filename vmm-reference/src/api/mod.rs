@@ -97,6 +97,8 @@ pub struct ApiOptions {
     pub max_payload: usize,
     /// The native command line the API's configuration is applied over.
     pub base_args: Vec<std::ffi::OsString>,
+    /// Largest MMDS data store, in bytes of JSON (`--mmds-size-limit`).
+    pub mmds_limit: usize,
 }
 
 /// The API's state: the configuration before boot, the controller after.
@@ -385,6 +387,7 @@ impl ApiState {
                             "The MMDS data store must be a JSON object.",
                         ));
                     }
+                    self.check_mmds_size(&v)?;
                     self.mmds = Some(v);
                     Ok(Response::no_content())
                 },
@@ -394,7 +397,7 @@ impl ApiState {
                 &counters.patch_api_requests.mmds_fails,
                 || {
                     let patch: serde_json::Value = parse(req)?;
-                    let Some(store) = self.mmds.as_mut() else {
+                    let Some(store) = self.mmds.as_ref() else {
                         return Err(Response::fault("The MMDS data store is not initialized."));
                     };
                     if !patch.is_object() {
@@ -402,7 +405,10 @@ impl ApiState {
                             "The MMDS data store must be a JSON object.",
                         ));
                     }
-                    merge_patch(store, &patch);
+                    let mut merged = store.clone();
+                    merge_patch(&mut merged, &patch);
+                    self.check_mmds_size(&merged)?;
+                    self.mmds = Some(merged);
                     Ok(Response::no_content())
                 },
             ),
@@ -734,6 +740,18 @@ impl ApiState {
         }
     }
 
+    fn check_mmds_size(&self, v: &serde_json::Value) -> Result<(), Response> {
+        let size = v.to_string().len();
+        if size > self.opts.mmds_limit {
+            return Err(Response::fault(format!(
+                "The MMDS data store would be {size} bytes, more than the limit of {} bytes \
+                 (--mmds-size-limit).",
+                self.opts.mmds_limit
+            )));
+        }
+        Ok(())
+    }
+
     fn check_mmds_config(&self, c: &MmdsConfig) -> Result<(), Response> {
         if c.network_interfaces.is_empty() {
             return Err(Response::fault(
@@ -825,6 +843,7 @@ mod tests {
             id: "t".into(),
             max_payload: DEFAULT_MAX_PAYLOAD,
             base_args: vec!["kiln".into()],
+            mmds_limit: 64,
         };
         (
             ApiState::new(opts, VmConfig::default(), false, ctl, st),
@@ -932,6 +951,21 @@ mod tests {
         let r = s.handle(&req("GET", "/mmds", ""));
         let v: serde_json::Value = serde_json::from_str(r.body.as_deref().unwrap()).unwrap();
         assert_eq!(v, json!({"a": {"b": 1, "c": 2}}));
+        // The size limit holds for PUT and for what a PATCH would make; nothing changes.
+        let r = s.handle(&req(
+            "PATCH",
+            "/mmds",
+            &format!(r#"{{"d": "{}"}}"#, "x".repeat(60)),
+        ));
+        assert!(fault(&r).contains("limit of 64 bytes"));
+        let r = s.handle(&req(
+            "PUT",
+            "/mmds",
+            &format!(r#"{{"d": "{}"}}"#, "x".repeat(60)),
+        ));
+        assert!(fault(&r).contains("limit of 64 bytes"));
+        let r = s.handle(&req("GET", "/mmds", ""));
+        assert_eq!(r.body.as_deref(), Some(r#"{"a":{"b":1,"c":2}}"#));
     }
 
     #[test]
