@@ -179,7 +179,9 @@ fn run_firecracker(cli: Cli, args: Vec<OsString>, fc: bool) -> u8 {
             return FC_EXIT_GENERIC;
         }
     };
-    if !cli.no_api {
+    // As `firecracker` the API is on unless --no-api (at Firecracker's default path); as
+    // `kiln` only with --api-sock.
+    if !cli.no_api && (fc || cli.api_sock.is_some()) {
         let path = cli
             .api_sock
             .clone()

@@ -635,6 +635,46 @@ fn confined_kiln_writes_only_its_scratch_dir() {
     assert_eq!(v["put_api_requests"]["logger_fails"], 1, "{v}");
 }
 
+/// Metrics and the log go to named pipes too, without blocking kiln on a missing reader.
+#[test]
+fn metrics_and_log_to_named_pipes() {
+    let dir = Scratch::new("fifo");
+    let metrics = dir.path("metrics.fifo");
+    let log = dir.path("log.fifo");
+    for p in [&metrics, &log] {
+        let c = std::ffi::CString::new(p.display().to_string()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+    let k = confined_kiln(
+        &dir,
+        &[
+            "--metrics-path",
+            &metrics.display().to_string(),
+            "--log-path",
+            &log.display().to_string(),
+            "--level",
+            "Debug",
+        ],
+    );
+    // Nobody reads yet: requests still complete.
+    assert_eq!(k.get("/")["state"], "Not started");
+    k.ok("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
+    let read_line = |p: &Path| {
+        let f = std::fs::File::open(p).unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(f), &mut line).unwrap();
+        line
+    };
+    let m: Value = serde_json::from_str(&read_line(&metrics)).unwrap();
+    assert_eq!(m["get_api_requests"]["instance_info_count"], 1, "{m}");
+    let l = read_line(&log);
+    assert!(
+        l.contains("[anonymous-instance:fc_api_conn]") && l.contains("API GET /"),
+        "{l}"
+    );
+}
+
 // ---- Property tests generated from the spec ----
 
 /// One operation of the spec.

@@ -311,6 +311,22 @@ mod tests {
         assert_eq!(reqs.len(), 1);
     }
 
+    proptest::proptest! {
+        /// Whatever bytes a client sends, the server answers only well-formed 204s (for the
+        /// requests it could parse) and at most one 400, then stops; it never panics or hangs.
+        #[test]
+        fn arbitrary_bytes_never_panic(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+                                       prefix in proptest::prelude::any::<bool>()) {
+            let mut bytes = if prefix { b"PUT /x HTTP/1.1\r\nContent-Length: 5\r\n\r\n".to_vec() } else { Vec::new() };
+            bytes.extend_from_slice(&raw);
+            let (_, out) = roundtrip(&bytes, 100);
+            proptest::prop_assert!(out.matches("HTTP/1.1 400").count() <= 1);
+            for resp in out.split("HTTP/1.1 ").skip(1) {
+                proptest::prop_assert!(resp.starts_with("204") || resp.starts_with("400"), "{}", resp);
+            }
+        }
+    }
+
     #[test]
     fn a_truncated_body_is_dropped() {
         let (reqs, out) = roundtrip(b"PUT /b HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}", 100);
