@@ -32,6 +32,7 @@ fn lifecycle_through_the_api_only() {
             "vm_lifecycle".into(),
         ],
         confine_to: None,
+        stdin: false,
     };
     let mut fc = Kiln::start(launch, &sock);
 
@@ -291,6 +292,7 @@ fn sigterm_ends_firecracker_by_the_signal() {
             program: firecracker_link(&dir.0),
             args: vec!["--api-sock".into(), sock.display().to_string()],
             confine_to: None,
+            stdin: false,
         };
         let mut fc = Kiln::start(launch, &sock);
         if boot {
@@ -360,4 +362,67 @@ fn kiln_with_api_sock_keeps_native_flags() {
     let out = std::fs::read_to_string(&serial).unwrap();
     assert!(out.contains("KTEST boot PASS"), "{out}");
     assert!(out.contains("KTEST poweroff PASS"), "{out}");
+}
+
+/// The balloon through the API: configured before boot, its target changed and its
+/// statistics read after, while the guest holds its inflated balloon.
+#[test]
+fn balloon_through_the_api() {
+    if common::skip_kvm("balloon_through_the_api") {
+        return;
+    }
+    let dir = Scratch::new("balloon");
+    let guest = guest(&dir.0);
+    let sock = dir.path("api.sock");
+    let launch = Launch {
+        program: firecracker_link(&dir.0),
+        args: vec!["--api-sock".into(), sock.display().to_string()],
+        confine_to: None,
+        stdin: true,
+    };
+    let mut fc = Kiln::start(launch, &sock);
+    fc.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+    );
+    fc.ok(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 16, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#,
+    );
+    assert_eq!(fc.get("/balloon")["amount_mib"], 16);
+    fc.ok(
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path": "{}", "boot_args": "{} kiln.balloon.hold=1"}}"#,
+            guest.display(),
+            guest_args("balloon", 1, 128)
+        ),
+    );
+    fc.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    assert!(
+        fc.wait_stdout("KTEST-INFO balloon inflated", Duration::from_secs(60)),
+        "{}",
+        fc.output()
+    );
+    let stats = fc.get("/balloon/statistics");
+    assert_eq!(stats["target_pages"], 4096, "{stats}");
+    assert_eq!(stats["target_mib"], 16, "{stats}");
+    assert_eq!(stats["actual_pages"], 4096, "{stats}");
+    assert_eq!(stats["actual_mib"], 16, "{stats}");
+    // A new target reaches the device (and the guest, by config interrupt).
+    fc.ok("PATCH", "/balloon", r#"{"amount_mib": 8}"#);
+    assert_eq!(fc.get("/balloon")["amount_mib"], 8);
+    assert_eq!(fc.get("/balloon/statistics")["target_mib"], 8);
+    fc.ok("PATCH", "/balloon", r#"{"amount_mib": 16}"#);
+    std::io::Write::write_all(fc.stdin.as_mut().expect("stdin"), b"\n").unwrap();
+    let st = fc.wait_exit(Duration::from_secs(60)).expect("guest ends");
+    assert!(
+        fc.stdout().contains("KTEST balloon PASS"),
+        "{}",
+        fc.output()
+    );
+    assert_eq!(st.code(), Some(0), "{}", fc.output());
 }

@@ -26,6 +26,7 @@ fn confined_kiln(dir: &Scratch, extra: &[&str]) -> Kiln {
         program: PathBuf::from(env!("CARGO_BIN_EXE_kiln")),
         args,
         confine_to: Some(&dir.0),
+        stdin: false,
     };
     Kiln::start(launch, &sock)
 }

@@ -58,6 +58,8 @@ pub fn firecracker_link(dir: &Path) -> PathBuf {
 /// A running kiln with its API socket.
 pub struct Kiln {
     pub child: Child,
+    /// The guest console's input (with [`Launch::stdin`]).
+    pub stdin: Option<std::process::ChildStdin>,
     pub sock: PathBuf,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
@@ -87,6 +89,8 @@ pub struct Launch<'a> {
     pub args: Vec<String>,
     /// Run it in its own mount and network namespace, everything read-only but this dir.
     pub confine_to: Option<&'a Path>,
+    /// Pipe its stdin (the guest console with the default serial).
+    pub stdin: bool,
 }
 
 impl<'a> Launch<'a> {
@@ -95,6 +99,7 @@ impl<'a> Launch<'a> {
             program: PathBuf::from(env!("CARGO_BIN_EXE_kiln")),
             args: args.iter().map(|s| s.to_string()).collect(),
             confine_to: None,
+            stdin: false,
         }
     }
 
@@ -142,15 +147,21 @@ impl Kiln {
     pub fn start(launch: Launch<'_>, sock: &Path) -> Kiln {
         let mut child = launch
             .command()
-            .stdin(Stdio::null())
+            .stdin(if launch.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn kiln");
         let stdout = pump(child.stdout.take().expect("stdout"));
         let stderr = pump(child.stderr.take().expect("stderr"));
+        let stdin = child.stdin.take();
         let mut k = Kiln {
             child,
+            stdin,
             sock: sock.to_path_buf(),
             stdout,
             stderr,
