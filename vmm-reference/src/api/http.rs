@@ -234,7 +234,12 @@ pub fn serve(
 ) {
     let live = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
+        let Ok(mut stream) = stream else {
+            // Out of fds or memory: back off rather than spin; connections wait in the
+            // listen queue meanwhile.
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
         if live.load(Ordering::Acquire) >= MAX_CONNECTIONS {
             let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
             let _ = Response::fault("Too many connections").write_to(&mut stream, false);
