@@ -109,6 +109,11 @@ fn run_native(cli: Cli) -> ExitCode {
 fn run_firecracker(cli: Cli, args: Vec<OsString>, fc: bool) -> u8 {
     let started_at = std::time::Instant::now();
     kiln::logger::set_id(&cli.id);
+    if cli.boot_timer {
+        eprintln!(
+            "kiln: --boot-timer is accepted but not honoured (kiln has no boot-timer device)"
+        );
+    }
     if cli.log_path.is_some() || cli.level.is_some() || cli.show_level || cli.show_log_origin {
         let l = api::models::Logger {
             level: cli.level,
