@@ -333,6 +333,25 @@ mod tests {
     }
 
     #[test]
+    fn expect_continue_is_answered_before_the_body() {
+        let (reqs, out) = roundtrip(
+            b"PUT /b HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}",
+            100,
+        );
+        assert_eq!(reqs.len(), 1);
+        assert!(
+            out.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204"),
+            "{out}"
+        );
+        // Too large: refused without inviting the body.
+        let (_, out) = roundtrip(
+            b"PUT /b HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 200\r\n\r\n",
+            100,
+        );
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    }
+
+    #[test]
     fn a_truncated_body_is_dropped() {
         let (reqs, out) = roundtrip(b"PUT /b HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}", 100);
         assert!(reqs.is_empty());
