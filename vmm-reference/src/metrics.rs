@@ -418,6 +418,22 @@ mod tests {
     }
 
     #[test]
+    fn vcpu_exit_counters_come_from_kvm_statistics() {
+        if std::env::var_os("KILN_SKIP_KVM").is_some_and(|v| v == "1") {
+            return;
+        }
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm (KILN_SKIP_KVM=1 to skip)");
+        let vm = kvm.create_vm().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        register_vcpu(&vcpu);
+        let totals = vcpu_totals();
+        // Every host this project supports has binary statistics (Linux >= 5.14).
+        assert!(totals.contains_key("exits"), "{totals:?}");
+        assert!(totals.contains_key("io_exits"), "{totals:?}");
+        assert!(totals.contains_key("mmio_exits"), "{totals:?}");
+    }
+
+    #[test]
     fn snapshot_has_the_firecracker_groups() {
         let v = snapshot();
         for k in [
