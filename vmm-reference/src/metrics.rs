@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
@@ -240,6 +240,91 @@ struct Sink {
 
 static SINK: Mutex<Option<Sink>> = Mutex::new(None);
 
+/// Guest port and MMIO accesses one thread (a vCPU) handed to kiln's devices.
+#[derive(Debug, Default)]
+struct ThreadExits {
+    io_in: AtomicU64,
+    io_out: AtomicU64,
+    mmio_read: AtomicU64,
+    mmio_write: AtomicU64,
+}
+
+static THREAD_EXITS: Mutex<Vec<Arc<ThreadExits>>> = Mutex::new(Vec::new());
+
+thread_local! {
+    // Each vCPU thread counts into its own cache line; the registry's lock is taken once per
+    // thread, on its first exit.
+    static EXITS: Arc<ThreadExits> = {
+        let c = Arc::new(ThreadExits::default());
+        if let Ok(mut all) = THREAD_EXITS.lock() {
+            all.push(c.clone());
+        }
+        c
+    };
+}
+
+fn count(pick: impl Fn(&ThreadExits) -> &AtomicU64) {
+    // `try_with` fails only while the thread is being torn down.
+    let _ = EXITS.try_with(|c| pick(c).fetch_add(1, Ordering::Relaxed));
+}
+
+/// Exits handled by kiln's devices, summed over threads, since the previous flush.
+static EXITS_FLUSHED: Mutex<[u64; 4]> = Mutex::new([0; 4]);
+
+fn exit_deltas() -> [u64; 4] {
+    let mut now = [0u64; 4];
+    if let Ok(all) = THREAD_EXITS.lock() {
+        for c in all.iter() {
+            now[0] += c.io_in.load(Ordering::Relaxed);
+            now[1] += c.io_out.load(Ordering::Relaxed);
+            now[2] += c.mmio_read.load(Ordering::Relaxed);
+            now[3] += c.mmio_write.load(Ordering::Relaxed);
+        }
+    }
+    let Ok(mut before) = EXITS_FLUSHED.lock() else {
+        return [0; 4];
+    };
+    let d = std::array::from_fn(|i| now[i].wrapping_sub(before[i]));
+    *before = now;
+    d
+}
+
+/// A device whose accesses count as vCPU exits by kind (`exit_io_in`, ... in the metrics):
+/// one relaxed increment of a per-thread counter per access, nothing shared between vCPUs.
+pub struct Counted<D: ?Sized>(pub Arc<D>);
+
+impl<D: kiln_bus::PioDevice + ?Sized> kiln_bus::PioDevice for Counted<D> {
+    fn pio_read(&self, base: kiln_bus::PioAddress, offset: u16, data: &mut [u8]) {
+        count(|c| &c.io_in);
+        self.0.pio_read(base, offset, data)
+    }
+    fn pio_write(&self, base: kiln_bus::PioAddress, offset: u16, data: &[u8]) {
+        count(|c| &c.io_out);
+        self.0.pio_write(base, offset, data)
+    }
+}
+
+impl<D: kiln_bus::MmioDevice + ?Sized> kiln_bus::MmioDevice for Counted<D> {
+    fn mmio_read(&self, base: kiln_bus::MmioAddress, offset: u64, data: &mut [u8]) {
+        count(|c| &c.mmio_read);
+        self.0.mmio_read(base, offset, data)
+    }
+    fn mmio_write(&self, base: kiln_bus::MmioAddress, offset: u64, data: &[u8]) {
+        count(|c| &c.mmio_write);
+        self.0.mmio_write(base, offset, data)
+    }
+}
+
+/// `dev`, counted.
+pub fn counted_pio(dev: Arc<dyn kiln_bus::PioDevice>) -> Arc<dyn kiln_bus::PioDevice> {
+    Arc::new(Counted(dev))
+}
+
+/// `dev`, counted.
+pub fn counted_mmio(dev: Arc<dyn kiln_bus::MmioDevice>) -> Arc<dyn kiln_bus::MmioDevice> {
+    Arc::new(Counted(dev))
+}
+
 /// One vCPU's KVM statistics: the fd and where each wanted counter sits.
 struct VcpuStats {
     fd: OwnedFd,
@@ -381,7 +466,14 @@ pub fn snapshot() -> serde_json::Value {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         o.insert("utc_timestamp_ms".into(), ms.into());
-        o.insert("vcpu".into(), serde_json::Value::Object(vcpu_totals()));
+        let [io_in, io_out, mmio_read, mmio_write] = exit_deltas();
+        let mut vcpu = serde_json::Map::new();
+        vcpu.insert("exit_io_in".into(), io_in.into());
+        vcpu.insert("exit_io_out".into(), io_out.into());
+        vcpu.insert("exit_mmio_read".into(), mmio_read.into());
+        vcpu.insert("exit_mmio_write".into(), mmio_write.into());
+        vcpu.insert("kvm".into(), serde_json::Value::Object(vcpu_totals()));
+        o.insert("vcpu".into(), serde_json::Value::Object(vcpu));
     }
     v
 }
@@ -431,6 +523,42 @@ mod tests {
         assert!(totals.contains_key("exits"), "{totals:?}");
         assert!(totals.contains_key("io_exits"), "{totals:?}");
         assert!(totals.contains_key("mmio_exits"), "{totals:?}");
+    }
+
+    #[test]
+    fn counted_devices_count_exits_by_kind_per_thread() {
+        struct Nop;
+        impl kiln_bus::PioDevice for Nop {
+            fn pio_read(&self, _: kiln_bus::PioAddress, _: u16, _: &mut [u8]) {}
+            fn pio_write(&self, _: kiln_bus::PioAddress, _: u16, _: &[u8]) {}
+        }
+        impl kiln_bus::MmioDevice for Nop {
+            fn mmio_read(&self, _: kiln_bus::MmioAddress, _: u64, _: &mut [u8]) {}
+            fn mmio_write(&self, _: kiln_bus::MmioAddress, _: u64, _: &[u8]) {}
+        }
+        let nop = Arc::new(Nop);
+        let pio = counted_pio(nop.clone());
+        let mmio = counted_mmio(nop);
+        let _ = exit_deltas();
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let (pio, mmio) = (pio.clone(), mmio.clone());
+                std::thread::spawn(move || {
+                    let mut b = [0u8; 1];
+                    pio.pio_read(kiln_bus::PioAddress(0), 0, &mut b);
+                    pio.pio_write(kiln_bus::PioAddress(0), 0, &b);
+                    pio.pio_write(kiln_bus::PioAddress(0), 0, &b);
+                    mmio.mmio_read(kiln_bus::MmioAddress(0), 0, &mut b);
+                    mmio.mmio_write(kiln_bus::MmioAddress(0), 0, &b);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Other tests may count concurrently in this process: at least ours are there.
+        let d = exit_deltas();
+        assert!(d[0] >= 3 && d[1] >= 6 && d[2] >= 3 && d[3] >= 3, "{d:?}");
     }
 
     #[test]

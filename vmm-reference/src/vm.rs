@@ -745,6 +745,7 @@ fn build_devices(
     serial_out: Box<dyn io::Write + Send>,
     events: &Arc<VmEvents>,
 ) -> Result<Devices, VmmError> {
+    use crate::metrics::{counted_mmio, counted_pio};
     let mut pio = PioBus::new();
     let mut mmio = MmioBus::new();
     let com1_irq = Arc::new(chip.legacy_line(vm, legacy::COM1_IRQ)?);
@@ -752,39 +753,47 @@ fn build_devices(
     pio.insert(
         PioAddress(legacy::COM1_PORT),
         legacy::COM1_PORT_SIZE,
-        serial.clone(),
+        counted_pio(serial.clone()),
     )?;
     let power: Arc<dyn legacy::PowerEvents> = events.clone();
     let keyboard_irq = Arc::new(chip.legacy_line(vm, legacy::KEYBOARD_IRQ)?);
     let i8042 = Arc::new(legacy::I8042Device::new(power.clone()).with_keyboard_irq(keyboard_irq));
-    pio.insert(PioAddress(legacy::I8042_DATA_PORT), 1, i8042.clone())?;
-    pio.insert(PioAddress(legacy::I8042_COMMAND_PORT), 1, i8042.clone())?;
+    pio.insert(
+        PioAddress(legacy::I8042_DATA_PORT),
+        1,
+        counted_pio(i8042.clone()),
+    )?;
+    pio.insert(
+        PioAddress(legacy::I8042_COMMAND_PORT),
+        1,
+        counted_pio(i8042.clone()),
+    )?;
     pio.insert(
         PioAddress(legacy::POST_PORT),
         1,
-        Arc::new(legacy::PostDevice::default()),
+        counted_pio(Arc::new(legacy::PostDevice::default())),
     )?;
     pio.insert(
         PioAddress(legacy::POWER_PORT),
         legacy::POWER_PORT_SIZE,
-        Arc::new(legacy::PowerDevice::new(power)),
+        counted_pio(Arc::new(legacy::PowerDevice::new(power))),
     )?;
     // No PCI yet: answer the kernel's config-space probes as an empty bus would.
     pio.insert(
         PioAddress(legacy::PCI_CONFIG_PORT),
         legacy::PCI_CONFIG_PORT_SIZE,
-        Arc::new(legacy::NoPciHost::new()),
+        counted_pio(Arc::new(legacy::NoPciHost::new())),
     )?;
     let exit_test = Arc::new(legacy::ExitTestDevice::default());
     pio.insert(
         PioAddress(legacy::EXIT_TEST_PORT),
         legacy::EXIT_TEST_PORT_SIZE,
-        exit_test.clone(),
+        counted_pio(exit_test.clone()),
     )?;
     mmio.insert(
         MmioAddress(legacy::EXIT_TEST_MMIO_BASE),
         legacy::EXIT_TEST_MMIO_SIZE,
-        exit_test,
+        counted_mmio(exit_test),
     )?;
     let power_button = chip.legacy_line(vm, legacy::GED_GSI)?;
     Ok(Devices {

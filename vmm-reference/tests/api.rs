@@ -174,7 +174,13 @@ fn lifecycle_through_the_api_only() {
         last["latencies_us"]["pause_vm"].as_u64().unwrap() > 0,
         "{last}"
     );
-    assert!(last["vcpu"].is_object(), "{last}");
+    // The guest printed to COM1 and read the i8042 status: port exits were counted.
+    assert!(
+        last["vcpu"]["exit_io_out"].as_u64().unwrap() > 100,
+        "{last}"
+    );
+    assert!(last["vcpu"]["exit_io_in"].as_u64().unwrap() > 0, "{last}");
+    assert!(last["vcpu"]["kvm"].is_object(), "{last}");
 
     fc.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
     let st = fc
