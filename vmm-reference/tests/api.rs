@@ -432,3 +432,71 @@ fn balloon_through_the_api() {
     );
     assert_eq!(st.code(), Some(0), "{}", fc.output());
 }
+
+/// `--config-file` with `--api-sock`: the VM starts at once and the API serves it post-boot;
+/// the file's `serial` section sends the console to a file.
+#[test]
+fn config_file_with_api_serves_the_running_vm() {
+    if common::skip_kvm("config_file_with_api_serves_the_running_vm") {
+        return;
+    }
+    let dir = Scratch::new("config-api");
+    let guest = guest(&dir.0);
+    let console = dir.path("console.txt");
+    let cfg = dir.path("vm.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "{}"}},
+                 "drives": [],
+                 "serial": {{"serial_out_path": "{}"}}}}"#,
+            guest.display(),
+            guest_args("ctrl-alt-del", 1, 128),
+            console.display()
+        ),
+    )
+    .unwrap();
+    let sock = dir.path("api.sock");
+    let launch = Launch {
+        program: firecracker_link(&dir.0),
+        args: vec![
+            "--api-sock".into(),
+            sock.display().to_string(),
+            "--config-file".into(),
+            cfg.display().to_string(),
+        ],
+        confine_to: None,
+        stdin: false,
+    };
+    let mut fc = Kiln::start(launch, &sock);
+    assert_eq!(fc.get("/")["state"], "Running");
+    assert_eq!(
+        fc.get("/vm/config")["boot-source"]["kernel_image_path"],
+        guest.display().to_string()
+    );
+    assert_eq!(
+        fc.fault(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#)
+        ),
+        POST_BOOT
+    );
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("KTEST-KBD-READY")
+    {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{}", fc.output());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fc.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let st = fc.wait_exit(Duration::from_secs(60)).expect("exits");
+    assert_eq!(st.code(), Some(0), "{}", fc.output());
+    let out = std::fs::read_to_string(&console).unwrap();
+    assert!(out.contains("KTEST ctrl-alt-del PASS"), "{out}");
+    assert!(
+        !fc.stdout().contains("KTEST"),
+        "console went to the file only"
+    );
+}
