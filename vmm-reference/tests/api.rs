@@ -418,6 +418,9 @@ fn balloon_through_the_api() {
     assert_eq!(stats["target_mib"], 16, "{stats}");
     assert_eq!(stats["actual_pages"], 4096, "{stats}");
     assert_eq!(stats["actual_mib"], 16, "{stats}");
+    // The guest's first statistics buffer (free and total memory) has been read.
+    assert!(stats["total_memory"].as_u64().unwrap_or(0) > 0, "{stats}");
+    assert!(stats["free_memory"].as_u64().unwrap_or(0) > 0, "{stats}");
     // A new target reaches the device (and the guest, by config interrupt).
     fc.ok("PATCH", "/balloon", r#"{"amount_mib": 8}"#);
     assert_eq!(fc.get("/balloon")["amount_mib"], 8);
