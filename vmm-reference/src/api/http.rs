@@ -6,13 +6,13 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Most header bytes a request may have.
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Most headers a request may have.
 const MAX_HEADERS: usize = 64;
-/// How long a request may take to arrive once its first byte has.
+/// How long a whole request may take to arrive once its first byte has.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a keep-alive connection may sit idle between requests.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -105,6 +105,8 @@ enum Read1 {
 /// Reads one request from `stream`; `buf` carries bytes already read past the previous one.
 fn read_request(stream: &mut UnixStream, buf: &mut Vec<u8>, max_body: usize) -> Read1 {
     let mut chunk = [0u8; 4096];
+    // Bytes of a pipelined request already read start its clock.
+    let mut deadline = (!buf.is_empty()).then(|| Instant::now() + REQUEST_TIMEOUT);
     // Headers.
     let (head_len, method, path, content_length, keep_alive, expect_continue) = loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -162,16 +164,22 @@ fn read_request(stream: &mut UnixStream, buf: &mut Vec<u8>, max_body: usize) -> 
             }
             Err(e) => return Read1::Bad(Response::fault(format!("Invalid HTTP request: {e}"))),
         }
-        // Idle between requests, strict once a request has begun.
-        let timeout = if buf.is_empty() {
-            IDLE_TIMEOUT
-        } else {
-            REQUEST_TIMEOUT
+        // Idle between requests; once a request has begun, all of it must arrive by its
+        // deadline (a client trickling a byte at a time gains nothing).
+        let timeout = match deadline {
+            None => IDLE_TIMEOUT,
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => left,
+                _ => return Read1::Closed,
+            },
         };
         let _ = stream.set_read_timeout(Some(timeout));
         match stream.read(&mut chunk) {
             Ok(0) => return Read1::Closed,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(n) => {
+                deadline.get_or_insert_with(|| Instant::now() + REQUEST_TIMEOUT);
+                buf.extend_from_slice(&chunk[..n]);
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return Read1::Closed,
         }
@@ -186,8 +194,14 @@ fn read_request(stream: &mut UnixStream, buf: &mut Vec<u8>, max_body: usize) -> 
         let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
     }
     buf.drain(..head_len);
-    let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+    let deadline = deadline.unwrap_or_else(|| Instant::now() + REQUEST_TIMEOUT);
     while buf.len() < content_length {
+        match deadline.checked_duration_since(Instant::now()) {
+            Some(left) if !left.is_zero() => {
+                let _ = stream.set_read_timeout(Some(left));
+            }
+            _ => return Read1::Closed,
+        }
         match stream.read(&mut chunk) {
             Ok(0) => return Read1::Closed,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
@@ -349,6 +363,38 @@ mod tests {
             100,
         );
         assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    }
+
+    #[test]
+    fn a_trickling_request_is_cut_off_at_its_deadline() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            serve_connection(b, 100, &|_: &Request| Response::no_content());
+        });
+        let t0 = Instant::now();
+        let mut closed = false;
+        for byte in b"GET / HTTP/1.1\r\nX-Slow: "
+            .iter()
+            .chain([b'a'; 64].iter())
+        {
+            // One byte every 200 ms: each read succeeds well within any per-read timeout.
+            if a.write_all(&[*byte]).is_err() {
+                closed = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            if server.is_finished() {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed, "still open after {:?}", t0.elapsed());
+        let took = t0.elapsed();
+        assert!(
+            took >= REQUEST_TIMEOUT && took < REQUEST_TIMEOUT + Duration::from_secs(4),
+            "{took:?}"
+        );
+        server.join().unwrap();
     }
 
     #[test]
