@@ -209,6 +209,75 @@ pub struct Cli {
     /// `--serial`, seccomp, ...) from this command line. See docs/migration.md.
     #[arg(long, value_name = "tcp:HOST:PORT|unix:PATH")]
     pub migrate_listen: Option<crate::migration::MigrateAddr>,
+
+    // Firecracker's command line (docs/api.md). Invoked as `firecracker`, kiln always serves
+    // the API (at /run/firecracker.socket unless --api-sock or --no-api).
+    /// Serve the Firecracker-compatible REST API on this Unix socket; the VM is configured
+    /// and started through it (`PUT /actions` InstanceStart).
+    #[arg(long, value_name = "PATH", help_heading = "Firecracker API")]
+    pub api_sock: Option<PathBuf>,
+    /// The microVM's id (`GET /`, log lines).
+    #[arg(
+        long,
+        default_value = "anonymous-instance",
+        value_name = "ID",
+        help_heading = "Firecracker API"
+    )]
+    pub id: String,
+    /// Configure (and start) the VM from this JSON file: Firecracker's `FullVmConfiguration`
+    /// with `boot-source` and `drives` required.
+    #[arg(long, value_name = "FILE", help_heading = "Firecracker API")]
+    pub config_file: Option<PathBuf>,
+    /// Serve no API: run the VM of --config-file only.
+    #[arg(long, requires = "config_file", help_heading = "Firecracker API")]
+    pub no_api: bool,
+    /// Log the time from start to the guest's boot-complete write (Firecracker's boot timer
+    /// device; accepted, see docs/api.md).
+    #[arg(long, help_heading = "Firecracker API")]
+    pub boot_timer: bool,
+    /// Log level: Off, Error, Warning, Info, Debug, Trace.
+    #[arg(long, value_name = "LEVEL", value_parser = parse_log_level, help_heading = "Firecracker API")]
+    pub level: Option<crate::api::models::LogLevel>,
+    /// Write the log to this file or named pipe.
+    #[arg(long, value_name = "PATH", help_heading = "Firecracker API")]
+    pub log_path: Option<PathBuf>,
+    /// Prefix log lines with their level.
+    #[arg(long, help_heading = "Firecracker API")]
+    pub show_level: bool,
+    /// Prefix log lines with their origin.
+    #[arg(long, help_heading = "Firecracker API")]
+    pub show_log_origin: bool,
+    /// Write metrics to this file or named pipe (every 60 s and on FlushMetrics).
+    #[arg(long, value_name = "PATH", help_heading = "Firecracker API")]
+    pub metrics_path: Option<PathBuf>,
+    /// Largest API request body accepted, in bytes.
+    #[arg(
+        long,
+        default_value_t = crate::api::DEFAULT_MAX_PAYLOAD,
+        value_name = "BYTES",
+        help_heading = "Firecracker API"
+    )]
+    pub http_api_max_payload_size: usize,
+    /// Largest MMDS data store, in bytes (default: the payload limit).
+    #[arg(long, value_name = "BYTES", help_heading = "Firecracker API")]
+    pub mmds_size_limit: Option<usize>,
+    /// Jailer hand-over: process start time (µs, monotonic); accepted.
+    #[arg(long, hide = true, value_name = "US")]
+    pub start_time_us: Option<u64>,
+    /// Jailer hand-over: process start CPU time (µs); accepted.
+    #[arg(long, hide = true, value_name = "US")]
+    pub start_time_cpu_us: Option<u64>,
+    /// Jailer hand-over: parent CPU time (µs); accepted.
+    #[arg(long, hide = true, value_name = "US")]
+    pub parent_cpu_time_us: Option<u64>,
+    /// Write the bundled conformance guest (ELF) to this file and exit, so a Firecracker
+    /// client can name it as `kernel_image_path`.
+    #[arg(long, value_name = "PATH")]
+    pub write_bundled_guest: Option<PathBuf>,
+}
+
+fn parse_log_level(s: &str) -> Result<crate::api::models::LogLevel, String> {
+    s.parse()
 }
 
 /// Thread kinds for `--seccomp-selftest`.

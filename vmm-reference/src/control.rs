@@ -28,6 +28,11 @@ pub enum VmRequest {
     Snapshot(SnapshotParams),
     /// Move the running VM to another kiln process (live migration).
     Migrate(MigrateParams),
+    /// Set the balloon's target size, in bytes.
+    BalloonTarget(u64),
+    /// Read the balloon's size and latest statistics (answered with a JSON
+    /// [`VmResponse::Report`] in Firecracker's `BalloonStats` format).
+    BalloonStats,
 }
 
 /// Where and how to write a snapshot.

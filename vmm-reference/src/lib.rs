@@ -2,6 +2,7 @@
 //! another VMM would want lives in those crates, not here.
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod bench;
 pub mod config;
 pub mod control;
@@ -9,5 +10,7 @@ pub mod control_sock;
 pub mod guest;
 pub mod migration;
 pub mod snapshot;
+pub mod logger;
+pub mod metrics;
 pub mod virtio;
 pub mod vm;

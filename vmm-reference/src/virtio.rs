@@ -370,7 +370,11 @@ pub fn build(
         let queues = dev.queue_count();
         let handler: Arc<dyn kiln_virtio::QueueHandler> = dev.clone();
         let bus_dev: Arc<dyn kiln_bus::MmioDevice> = dev.clone();
-        mmio.insert(MmioAddress(slot.base), MMIO_SIZE, bus_dev)?;
+        mmio.insert(
+            MmioAddress(slot.base),
+            MMIO_SIZE,
+            crate::metrics::counted_mmio(bus_dev),
+        )?;
         let mut kicks = Vec::with_capacity(queues);
         for q in 0..queues as u32 {
             let evt = EventFd::new(EFD_NONBLOCK).map_err(os("creating a queue eventfd"))?;

@@ -234,6 +234,9 @@ pub struct VmSpec {
     pub balloon: Option<crate::config::BalloonArg>,
     /// `--vsock`.
     pub vsock: Option<crate::config::VsockArg>,
+    /// What vCPU threads are called, before their index (`None`: `kiln-vcpu`; `fc_vcpu ` when
+    /// kiln runs as `firecracker`).
+    pub vcpu_thread_prefix: Option<String>,
 }
 
 fn seccomp_filters(cli: &Cli) -> Result<Option<Arc<kiln_seccomp::Filters>>, VmmError> {
@@ -376,7 +379,26 @@ fn vcpu_thread_init(
     index: u32,
 ) -> Box<dyn FnOnce() -> Result<(), String> + Send + 'static> {
     let placement = spec.affinity_of(AffinityTarget::Vcpu(index));
-    thread_init_placed(spec, ThreadKind::Vcpu, placement, spec.vcpu_priority)
+    let init = thread_init_placed(spec, ThreadKind::Vcpu, placement, spec.vcpu_priority);
+    match &spec.vcpu_thread_prefix {
+        None => init,
+        Some(prefix) => {
+            let name = format!("{prefix}{index}");
+            Box::new(move || {
+                set_os_thread_name(&name);
+                init()
+            })
+        }
+    }
+}
+
+/// Renames the calling thread as the OS shows it (`/proc/self/task/*/comm`, at most 15 bytes).
+fn set_os_thread_name(name: &str) {
+    let mut bytes: Vec<u8> = name.bytes().filter(|&b| b != 0).take(15).collect();
+    bytes.push(0);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from `bytes`,
+    // which lives across the call.
+    unsafe { libc::prctl(libc::PR_SET_NAME, bytes.as_ptr() as libc::c_ulong, 0, 0, 0) };
 }
 
 fn thread_init_placed(
@@ -488,6 +510,7 @@ impl VmSpec {
             exit_bench: cli.exit_bench,
             balloon: cli.balloon,
             vsock: cli.vsock,
+            vcpu_thread_prefix: None,
         })
     }
 }
@@ -562,7 +585,7 @@ fn vm_setup<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T,
 
 /// Blocks SIGINT and SIGTERM in this thread (and all threads it spawns after) and returns a
 /// signalfd that reads them, so signals are handled in the main loop, not in a handler.
-pub(crate) fn signal_fd() -> Result<OwnedFd, VmmError> {
+pub fn signal_fd() -> Result<OwnedFd, VmmError> {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t owned by this frame.
@@ -754,6 +777,7 @@ fn build_devices(
     events: &Arc<VmEvents>,
     serial_state: Option<&crate::snapshot::SerialSnapshot>,
 ) -> Result<Devices, VmmError> {
+    use crate::metrics::{counted_mmio, counted_pio};
     let mut pio = PioBus::new();
     let mut mmio = MmioBus::new();
     let com1_irq = Arc::new(chip.legacy_line(vm, legacy::COM1_IRQ)?);
@@ -767,38 +791,47 @@ fn build_devices(
     pio.insert(
         PioAddress(legacy::COM1_PORT),
         legacy::COM1_PORT_SIZE,
-        serial.clone(),
+        counted_pio(serial.clone()),
     )?;
     let power: Arc<dyn legacy::PowerEvents> = events.clone();
-    let i8042 = Arc::new(legacy::I8042Device::new(power.clone()));
-    pio.insert(PioAddress(legacy::I8042_DATA_PORT), 1, i8042.clone())?;
-    pio.insert(PioAddress(legacy::I8042_COMMAND_PORT), 1, i8042.clone())?;
+    let keyboard_irq = Arc::new(chip.legacy_line(vm, legacy::KEYBOARD_IRQ)?);
+    let i8042 = Arc::new(legacy::I8042Device::new(power.clone()).with_keyboard_irq(keyboard_irq));
+    pio.insert(
+        PioAddress(legacy::I8042_DATA_PORT),
+        1,
+        counted_pio(i8042.clone()),
+    )?;
+    pio.insert(
+        PioAddress(legacy::I8042_COMMAND_PORT),
+        1,
+        counted_pio(i8042.clone()),
+    )?;
     pio.insert(
         PioAddress(legacy::POST_PORT),
         1,
-        Arc::new(legacy::PostDevice::default()),
+        counted_pio(Arc::new(legacy::PostDevice::default())),
     )?;
     pio.insert(
         PioAddress(legacy::POWER_PORT),
         legacy::POWER_PORT_SIZE,
-        Arc::new(legacy::PowerDevice::new(power)),
+        counted_pio(Arc::new(legacy::PowerDevice::new(power))),
     )?;
     // No PCI yet: answer the kernel's config-space probes as an empty bus would.
     pio.insert(
         PioAddress(legacy::PCI_CONFIG_PORT),
         legacy::PCI_CONFIG_PORT_SIZE,
-        Arc::new(legacy::NoPciHost::new()),
+        counted_pio(Arc::new(legacy::NoPciHost::new())),
     )?;
     let exit_test = Arc::new(legacy::ExitTestDevice::default());
     pio.insert(
         PioAddress(legacy::EXIT_TEST_PORT),
         legacy::EXIT_TEST_PORT_SIZE,
-        exit_test.clone(),
+        counted_pio(exit_test.clone()),
     )?;
     mmio.insert(
         MmioAddress(legacy::EXIT_TEST_MMIO_BASE),
         legacy::EXIT_TEST_MMIO_SIZE,
-        exit_test,
+        counted_mmio(exit_test),
     )?;
     let power_button = chip.legacy_line(vm, legacy::GED_GSI)?;
     Ok(Devices {
@@ -1258,6 +1291,7 @@ impl Vm {
                 }
                 _ => {}
             }
+            crate::metrics::register_vcpu(&fd);
             vcpus.push(Vcpu::new(fd, index, handler.clone()));
         }
         let start_paused = restore.as_ref().is_some_and(|(_, paused)| *paused);
@@ -1379,7 +1413,11 @@ impl Vm {
                 self.resume();
                 Ok(VmResponse::Done)
             }
-            VmRequest::CtrlAltDel => Err("SendCtrlAltDel is not supported yet".into()),
+            VmRequest::CtrlAltDel => self
+                .i8042
+                .trigger_ctrl_alt_del()
+                .map(|()| VmResponse::Done)
+                .map_err(|e| format!("SendCtrlAltDel: keyboard interrupt failed: {e}")),
             VmRequest::Snapshot(p) => self
                 .snapshot(&p)
                 .map(VmResponse::Report)
@@ -1390,7 +1428,60 @@ impl Vm {
                 eprintln!("kiln: migrated to {}: {report}", p.to);
                 Ok(VmResponse::Report(report.to_string()))
             }
+            VmRequest::BalloonTarget(bytes) => self.balloon_target(bytes),
+            VmRequest::BalloonStats => self.balloon_stats(),
         }
+    }
+
+    fn balloon_target(&mut self, bytes: u64) -> Result<VmResponse, String> {
+        let b = self
+            .virtio
+            .balloon
+            .as_ref()
+            .ok_or("the VM has no balloon device")?;
+        if bytes > self.spec.memory {
+            return Err(format!(
+                "balloon target of {bytes} bytes is more than the guest's memory ({} bytes)",
+                self.spec.memory
+            ));
+        }
+        let pages = u32::try_from(bytes / kiln_virtio::balloon::PAGE_SIZE).unwrap_or(u32::MAX);
+        b.with_device(|d| d.set_target(pages))
+            .map_err(|e| format!("balloon: {e}"))?;
+        Ok(VmResponse::Done)
+    }
+
+    fn balloon_stats(&mut self) -> Result<VmResponse, String> {
+        let b = self
+            .virtio
+            .balloon
+            .as_ref()
+            .ok_or("the VM has no balloon device")?;
+        let (target, actual, stats) =
+            b.with_device(|d| (d.target_pages(), d.actual_pages(), d.stats()));
+        let page = kiln_virtio::balloon::PAGE_SIZE;
+        let mut out = serde_json::Map::new();
+        out.insert("target_pages".into(), target.into());
+        out.insert("actual_pages".into(), actual.into());
+        out.insert(
+            "target_mib".into(),
+            ((u64::from(target) * page) >> 20).into(),
+        );
+        out.insert(
+            "actual_mib".into(),
+            ((u64::from(actual) * page) >> 20).into(),
+        );
+        for (name, v) in kiln_virtio::balloon::BalloonStats::NAMES
+            .iter()
+            .zip(stats.values)
+        {
+            if let Some(v) = v {
+                out.insert((*name).into(), v.into());
+            }
+        }
+        Ok(VmResponse::Report(
+            serde_json::Value::Object(out).to_string(),
+        ))
     }
 
     /// Whether the VM is paused.

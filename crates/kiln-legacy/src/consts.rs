@@ -7,6 +7,8 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_PORT_SIZE: u16 = 8;
 /// COM1's legacy IRQ line (IOAPIC pin / GSI).
 pub const COM1_IRQ: u32 = 4;
+/// The i8042 keyboard's interrupt (ISA IRQ 1, IOAPIC pin 1).
+pub const KEYBOARD_IRQ: u32 = 1;
 
 /// IOAPIC pin of the ACPI Generic Event Device: the VMM raises it for a power-button press
 /// (the DSDT's GED `_EVT` notifies `\_SB.PWRB`). Above the ISA range, so it is IOAPIC-only.

@@ -1,27 +1,101 @@
-//! A minimal i8042 keyboard controller: enough for the CPU-reset command.
+//! A minimal i8042 keyboard controller: the CPU-reset command, and a keyboard that can press
+//! Ctrl+Alt+Del (Firecracker's `SendCtrlAltDel`).
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Mutex};
 
 use kiln_bus::{PioAddress, PioDevice};
+use kiln_irq::InterruptLine;
 
-use crate::consts::{I8042_CMD_RESET_CPU, I8042_COMMAND_PORT, I8042_STATUS};
+use crate::consts::{I8042_CMD_RESET_CPU, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_STATUS};
 use crate::PowerEvents;
+
+/// Status bit: the output buffer holds a byte for the guest.
+pub const I8042_STATUS_OBF: u8 = 0x01;
+
+/// Ctrl+Alt+Del as make codes of scan code set 2: left Ctrl, left Alt, Delete (extended).
+pub const CTRL_ALT_DEL_SCANCODES: [u8; 4] = [0x14, 0x11, 0xe0, 0x71];
+
+/// Most bytes waiting for the guest; further key presses are dropped, as a full keyboard
+/// buffer would.
+const BUFFER_LEN: usize = 16;
 
 /// The i8042 at ports 0x60 (data) and 0x64 (status/command).
 ///
 /// Register it at both ports (two 1-byte ranges, or one range covering both; it works out the
 /// port from `base + offset`). Writing [`I8042_CMD_RESET_CPU`] to the command port requests a
 /// reset through [`PowerEvents::reset`]; other commands and data writes are ignored. The status
-/// port reads [`I8042_STATUS`] (nothing pending) and the data port reads 0: there is no
-/// keyboard behind it.
+/// port reads [`I8042_STATUS`], plus [`I8042_STATUS_OBF`] while key bytes wait; the data port
+/// hands them out one at a time (0 when none). With a keyboard interrupt line
+/// ([`with_keyboard_irq`](Self::with_keyboard_irq), IRQ 1), each byte made available raises it.
 pub struct I8042Device {
     power: Arc<dyn PowerEvents>,
+    keyboard_irq: Option<Arc<dyn InterruptLine>>,
+    buffer: Mutex<VecDeque<u8>>,
 }
 
 impl I8042Device {
     /// A controller reporting resets to `power`.
     pub fn new(power: Arc<dyn PowerEvents>) -> Self {
-        I8042Device { power }
+        I8042Device {
+            power,
+            keyboard_irq: None,
+            buffer: Mutex::new(VecDeque::with_capacity(BUFFER_LEN)),
+        }
+    }
+
+    /// Raises `irq` (the keyboard's IRQ 1) whenever a byte is ready for the guest.
+    pub fn with_keyboard_irq(mut self, irq: Arc<dyn InterruptLine>) -> Self {
+        self.keyboard_irq = Some(irq);
+        self
+    }
+
+    /// Presses Ctrl+Alt+Del: queues [`CTRL_ALT_DEL_SCANCODES`] and raises the keyboard
+    /// interrupt. The guest decides what to do (Linux reboots, i.e. resets through the i8042).
+    pub fn trigger_ctrl_alt_del(&self) -> io::Result<()> {
+        {
+            let mut b = self
+                .buffer
+                .lock()
+                .map_err(|_| io::Error::other("i8042 lock poisoned"))?;
+            if b.len() + CTRL_ALT_DEL_SCANCODES.len() > BUFFER_LEN {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "the keyboard buffer is full (the guest is not reading it)",
+                ));
+            }
+            b.extend(CTRL_ALT_DEL_SCANCODES);
+        }
+        self.raise()
+    }
+
+    fn raise(&self) -> io::Result<()> {
+        match &self.keyboard_irq {
+            Some(irq) => irq.trigger(),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes waiting for the guest.
+    pub fn pending(&self) -> usize {
+        self.buffer.lock().map_or(0, |b| b.len())
+    }
+
+    fn pop(&self) -> u8 {
+        let (byte, more) = match self.buffer.lock() {
+            Ok(mut b) => {
+                let byte = b.pop_front().unwrap_or(0);
+                (byte, !b.is_empty())
+            }
+            Err(_) => (0, false),
+        };
+        if more {
+            // Edge-triggered: one interrupt per byte. Nothing to report to a guest read if it
+            // fails; the status port still shows the byte.
+            let _ = self.raise();
+        }
+        byte
     }
 }
 
@@ -34,7 +108,14 @@ impl PioDevice for I8042Device {
     fn pio_read(&self, base: PioAddress, offset: u16, data: &mut [u8]) {
         for (lane, byte) in data.iter_mut().enumerate() {
             *byte = match port_of(base, offset, lane) {
-                Some(I8042_COMMAND_PORT) => I8042_STATUS,
+                Some(I8042_COMMAND_PORT) => {
+                    if self.pending() > 0 {
+                        I8042_STATUS | I8042_STATUS_OBF
+                    } else {
+                        I8042_STATUS
+                    }
+                }
+                Some(I8042_DATA_PORT) => self.pop(),
                 _ => 0,
             };
         }
@@ -54,7 +135,6 @@ impl PioDevice for I8042Device {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consts::I8042_DATA_PORT;
     use crate::test_util::CountingPower;
     use kiln_bus::PioBus;
 
@@ -114,5 +194,47 @@ mod tests {
         assert_eq!(d, [0; 8]);
         dev.pio_write(PioAddress(0x64), 0, &[]);
         assert_eq!(power.resets(), 1);
+    }
+
+    #[derive(Default)]
+    struct CountingIrq(std::sync::atomic::AtomicU32);
+    impl InterruptLine for CountingIrq {
+        fn trigger(&self) -> io::Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn ctrl_alt_del_queues_scancodes_and_raises_irq1_per_byte() {
+        let power = Arc::new(CountingPower::default());
+        let irq = Arc::new(CountingIrq::default());
+        let dev = Arc::new(I8042Device::new(power.clone()).with_keyboard_irq(irq.clone()));
+        let mut bus = PioBus::new();
+        bus.insert(PioAddress(I8042_DATA_PORT), 1, dev.clone())
+            .unwrap();
+        bus.insert(PioAddress(I8042_COMMAND_PORT), 1, dev.clone())
+            .unwrap();
+        let read = |port| {
+            let mut b = [0u8];
+            bus.read(PioAddress(port), &mut b).unwrap();
+            b[0]
+        };
+        assert_eq!(read(I8042_COMMAND_PORT) & I8042_STATUS_OBF, 0);
+        dev.trigger_ctrl_alt_del().unwrap();
+        let mut got = Vec::new();
+        while read(I8042_COMMAND_PORT) & I8042_STATUS_OBF != 0 {
+            got.push(read(I8042_DATA_PORT));
+        }
+        assert_eq!(got, CTRL_ALT_DEL_SCANCODES);
+        // One interrupt when queued, one more for each byte left after a read.
+        assert_eq!(irq.0.load(std::sync::atomic::Ordering::SeqCst), 4);
+        assert_eq!(read(I8042_DATA_PORT), 0);
+        // A guest that never reads fills the buffer; the press is refused, not grown.
+        for _ in 0..4 {
+            dev.trigger_ctrl_alt_del().unwrap();
+        }
+        assert!(dev.trigger_ctrl_alt_del().is_err());
+        assert_eq!(dev.pending(), BUFFER_LEN);
     }
 }

@@ -27,7 +27,7 @@ pub use bench::{
 };
 pub use consts::*;
 pub use exit_test::ExitTestDevice;
-pub use i8042::I8042Device;
+pub use i8042::{I8042Device, CTRL_ALT_DEL_SCANCODES, I8042_STATUS_OBF};
 pub use no_pci::NoPciHost;
 pub use post::PostDevice;
 pub use power::PowerDevice;

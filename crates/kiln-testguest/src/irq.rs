@@ -6,7 +6,7 @@
 //! Interrupts are taken only in long mode (kvm-pvm can't `iret` in 32-bit protected mode),
 //! at CPL 0 on the current stack (the guest is built without a red zone).
 
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 use kiln_testguest::apic::{
     idt_gate, ioredtbl_high, ioredtbl_index, ioredtbl_low, IOAPIC_BASE, IOAPIC_IOREGSEL,
@@ -19,6 +19,8 @@ use crate::io;
 pub const VEC_COM1: u8 = 0x34;
 /// Vector of the LAPIC timer.
 pub const VEC_TIMER: u8 = 0x40;
+/// Vector of the i8042 keyboard's interrupt (IOAPIC pin 1).
+pub const VEC_KBD: u8 = 0x35;
 /// Spurious-interrupt vector.
 pub const VEC_SPURIOUS: u8 = 0xff;
 
@@ -34,6 +36,14 @@ pub static RX: AtomicU32 = AtomicU32::new(0);
 pub static THRE: AtomicU32 = AtomicU32::new(0);
 /// LAPIC timer interrupts seen.
 pub static TIMER: AtomicU32 = AtomicU32::new(0);
+/// Keyboard interrupts seen.
+pub static KBD: AtomicU32 = AtomicU32::new(0);
+/// Keyboard bytes read (the first [`KBD_KEEP`] are kept in [`KBD_BYTES`]).
+pub static KBD_N: AtomicU32 = AtomicU32::new(0);
+/// How many keyboard bytes are kept.
+pub const KBD_KEEP: usize = 8;
+/// The keyboard bytes read, in order.
+pub static KBD_BYTES: [AtomicU8; KBD_KEEP] = [const { AtomicU8::new(0) }; KBD_KEEP];
 /// Interrupts on vectors nobody expected.
 pub static OTHER: AtomicU32 = AtomicU32::new(0);
 
@@ -187,6 +197,21 @@ extern "C" fn ktg_irq_dispatch(vector: u64, frame: *const u64) {
         VEC_TIMER => {
             TIMER.fetch_add(1, Ordering::SeqCst);
         }
+        VEC_KBD => {
+            KBD.fetch_add(1, Ordering::SeqCst);
+            // Like Linux's i8042 driver: read while the status says the buffer is full
+            // (bounded, in case a hostile VMM keeps it full).
+            for _ in 0..64 {
+                if io::inb(0x64) & 1 == 0 {
+                    break;
+                }
+                let b = io::inb(0x60);
+                let n = KBD_N.fetch_add(1, Ordering::SeqCst) as usize;
+                if let Some(slot) = KBD_BYTES.get(n) {
+                    slot.store(b, Ordering::SeqCst);
+                }
+            }
+        }
         v if (crate::virtio_hw::VEC_BASE..crate::virtio_hw::VEC_END).contains(&v) => {
             crate::virtio_hw::isr(usize::from(v - crate::virtio_hw::VEC_BASE));
         }
@@ -311,4 +336,28 @@ pub fn run(timeout_cycles: u64) -> (u32, u32, u32, u32) {
         TIMER.load(Ordering::SeqCst),
         OTHER.load(Ordering::SeqCst),
     )
+}
+
+/// Routes the keyboard's IRQ 1 to [`VEC_KBD`], prints `KTEST-KBD-READY` (the host then
+/// presses Ctrl+Alt+Del) and waits up to `timeout_cycles` of TSC until `want` bytes have been
+/// read. Leaves interrupts off and the pin masked. Returns (interrupts, bytes read).
+pub fn keyboard(want: u32, timeout_cycles: u64) -> (u32, u32) {
+    KBD.store(0, Ordering::SeqCst);
+    KBD_N.store(0, Ordering::SeqCst);
+    init();
+    ioapic_write(ioredtbl_index(1) + 1, ioredtbl_high(0));
+    ioapic_write(ioredtbl_index(1), ioredtbl_low(VEC_KBD, false));
+    io::serial_line(b"KTEST-KBD-READY");
+    enable();
+    // SAFETY: rdtsc has no side effects.
+    let t = unsafe { core::arch::x86_64::_rdtsc() };
+    while KBD_N.load(Ordering::SeqCst) < want
+        // SAFETY: as above.
+        && unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(t) < timeout_cycles
+    {
+        core::hint::spin_loop();
+    }
+    disable();
+    ioapic_write(ioredtbl_index(1), ioredtbl_low(VEC_KBD, true));
+    (KBD.load(Ordering::SeqCst), KBD_N.load(Ordering::SeqCst))
 }

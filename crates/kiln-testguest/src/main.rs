@@ -113,6 +113,7 @@ const TABLE: &[(Scenario, RunFn)] = &[
     (Scenario::Counter, |c, o| {
         virtio_hw::run(c, o, vio::counter::run_counter)
     }),
+    (Scenario::CtrlAltDel, run_ctrl_alt_del),
 ];
 
 fn report(name: &str, pass: bool, detail: &[u8]) {
@@ -388,6 +389,37 @@ fn run_irq(_ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
     out.push_str(" unexpected=");
     out.push_dec(u64::from(other));
     rx > 0 && thre > 0 && timer > 0 && other == 0
+}
+
+/// Ctrl+Alt+Del as set-2 make codes (what Firecracker's `SendCtrlAltDel` types).
+const CTRL_ALT_DEL: [u8; 4] = [0x14, 0x11, 0xe0, 0x71];
+
+/// Waits for the host's Ctrl+Alt+Del on the keyboard (IRQ 1 and the scan codes), then
+/// resets through the i8042 as Linux's `reboot=k` does; PASS first, as for `poweroff`.
+fn run_ctrl_alt_del(_ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
+    let want = CTRL_ALT_DEL.len() as u32;
+    let (irqs, n) = irq::keyboard(want, 60_000_000_000);
+    out.push_str("kbd_irqs=");
+    out.push_dec(u64::from(irqs));
+    out.push_str(" bytes=");
+    for i in 0..(n as usize).min(irq::KBD_KEEP) {
+        out.push_hex(u64::from(irq::KBD_BYTES[i].load(Ordering::SeqCst)));
+        out.push_str(",");
+    }
+    let got_all = n == want
+        && CTRL_ALT_DEL
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| irq::KBD_BYTES[i].load(Ordering::SeqCst) == b);
+    if irqs == 0 || !got_all {
+        return false;
+    }
+    report("ctrl-alt-del", true, out.as_bytes());
+    // The i8042's pulse-reset command.
+    io::outb(0x64, 0xfe);
+    spin_tsc(1_000_000_000);
+    out.push_str(" still running after the i8042 reset command");
+    false
 }
 
 /// Writes `value` to an 8-bit FADT register: system I/O, or system memory below 4 GiB

@@ -60,10 +60,14 @@ pub enum Scenario {
     NetEvil,
     /// virtio-net transmit throughput to a host UDP sink (needs `--net`).
     NetBench,
+    /// Waits for the host to press Ctrl+Alt+Del (Firecracker's `SendCtrlAltDel`): keyboard
+    /// IRQ 1 through the IOAPIC and the scan codes from the i8042, then resets through the
+    /// i8042 as Linux does (needs input; ends the VM).
+    CtrlAltDel,
 }
 
 /// Every scenario, in the order `all` would run them if they needed no input.
-pub const SCENARIOS: [Scenario; 25] = [
+pub const SCENARIOS: [Scenario; 26] = [
     Scenario::Boot,
     Scenario::Cpuid,
     Scenario::Serial,
@@ -89,6 +93,7 @@ pub const SCENARIOS: [Scenario; 25] = [
     Scenario::VirtioNet,
     Scenario::NetEvil,
     Scenario::NetBench,
+    Scenario::CtrlAltDel,
 ];
 
 impl Scenario {
@@ -120,6 +125,7 @@ impl Scenario {
             Scenario::VirtioNet => "virtio-net",
             Scenario::NetEvil => "net-evil",
             Scenario::NetBench => "net-bench",
+            Scenario::CtrlAltDel => "ctrl-alt-del",
         }
     }
 
@@ -133,12 +139,18 @@ impl Scenario {
 
     /// Scenarios that wait for input are left out of `all`.
     pub fn needs_input(self) -> bool {
-        matches!(self, Scenario::Serial | Scenario::Irq)
+        matches!(
+            self,
+            Scenario::Serial | Scenario::Irq | Scenario::CtrlAltDel
+        )
     }
 
     /// Scenarios that end the VM themselves are left out of `all` too.
     pub fn ends_vm(self) -> bool {
-        matches!(self, Scenario::Poweroff | Scenario::Reset)
+        matches!(
+            self,
+            Scenario::Poweroff | Scenario::Reset | Scenario::CtrlAltDel
+        )
     }
 
     /// Scenarios that need a device kiln adds only on request (`--balloon`), take long
