@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
-use kiln_bus::{MmioAddress, MmioBus, PioAddress, PioBus};
+use kiln_bus::{DispatchCache, MmioAddress, MmioBus, MmioDevice, PioAddress, PioBus, PioDevice};
 use kiln_legacy::ExitTestDevice;
-use kiln_vcpu::{handle_exit, BusExitHandler, ExitAction};
+use kiln_vcpu::{handle_exit_cached, BusExitHandler, ExitAction};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
@@ -57,6 +57,9 @@ pub struct ExitVm {
     pub handler: BusExitHandler,
     /// The exit-test device, to check that exits arrived.
     pub device: Arc<ExitTestDevice>,
+    /// The floor's own exit-test device: the floor does the same device work per exit, called
+    /// statically, so the difference is only kiln's dispatch.
+    pub floor_device: Arc<ExitTestDevice>,
 }
 
 // SAFETY: `mem` is a private anonymous mapping only the VM uses; moving the owner between
@@ -134,15 +137,26 @@ impl ExitVm {
             mem,
             handler,
             device,
+            floor_device: Arc::new(ExitTestDevice::default()),
         })
     }
 
-    /// The floor: `n` exits through the thinnest possible kvm-ioctls loop.
+    /// The floor: `n` exits through the thinnest possible kvm-ioctls loop, each doing the
+    /// exit-test device's work (a static call).
     pub fn run_raw(&mut self, n: u64) {
         let mut done = 0;
+        let dev = &*self.floor_device;
         while done < n {
             match self.vcpu.run() {
-                Ok(VcpuExit::IoOut(..)) | Ok(VcpuExit::MmioWrite(..)) => done += 1,
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    let base = kiln_legacy::EXIT_TEST_PORT;
+                    dev.pio_write(PioAddress(base), port.wrapping_sub(base), data);
+                    done += 1;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    dev.mmio_write(MmioAddress(BENCH_MMIO_ADDR), addr - BENCH_MMIO_ADDR, data);
+                    done += 1;
+                }
                 Ok(other) => panic!("unexpected exit {other:?}"),
                 Err(e) if e.errno() == libc::EINTR => {}
                 Err(e) => panic!("KVM_RUN: {e}"),
@@ -150,13 +164,14 @@ impl ExitVm {
         }
     }
 
-    /// The kiln path: `n` exits through kiln-vcpu's `handle_exit`, kiln-bus and the
-    /// exit-test device.
+    /// The kiln path: `n` exits through kiln-vcpu's `handle_exit_cached` (with a per-vCPU
+    /// dispatch cache, as kiln's run loop keeps one), kiln-bus and the exit-test device.
     pub fn run_kiln(&mut self, n: u64) {
+        let mut cache = DispatchCache::new();
         for _ in 0..n {
             match self.vcpu.run() {
                 Ok(exit) => {
-                    let action = handle_exit(exit, &self.handler);
+                    let action = handle_exit_cached(exit, &self.handler, &mut cache);
                     assert_eq!(action, ExitAction::Continue);
                 }
                 Err(e) if e.errno() == libc::EINTR => {}
