@@ -162,6 +162,11 @@ fn draw<DB: DrawingBackend>(
             .configure_mesh()
             .x_desc("ns")
             .y_desc("% of samples")
+            // Few, whole-number labels: a log axis over a decade otherwise prints one per
+            // sub-tick, overlapping.
+            .x_labels(4)
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format!("{v:.0}"))
             .label_style(("sans-serif", 11))
             .draw()
             .map_err(e)?;
