@@ -4,10 +4,11 @@
 #![warn(missing_docs)]
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use kiln_bus::{MmioAddress, MmioBus, PioAddress, PioBus};
+use kiln_bus::{DispatchCache, MmioAddress, MmioBus, MmioDevice, PioAddress, PioBus, PioDevice};
 use kiln_legacy::ExitTestDevice;
-use kiln_vcpu::{handle_exit, BusExitHandler, ExitAction};
+use kiln_vcpu::{handle_exit_cached, BusExitHandler, ExitAction};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
@@ -57,6 +58,9 @@ pub struct ExitVm {
     pub handler: BusExitHandler,
     /// The exit-test device, to check that exits arrived.
     pub device: Arc<ExitTestDevice>,
+    /// The floor's own exit-test device: the floor does the same device work per exit, called
+    /// statically, so the difference is only kiln's dispatch.
+    pub floor_device: Arc<ExitTestDevice>,
 }
 
 // SAFETY: `mem` is a private anonymous mapping only the VM uses; moving the owner between
@@ -134,35 +138,93 @@ impl ExitVm {
             mem,
             handler,
             device,
+            floor_device: Arc::new(ExitTestDevice::default()),
         })
     }
 
-    /// The floor: `n` exits through the thinnest possible kvm-ioctls loop.
+    /// The floor: `n` exits through the thinnest possible kvm-ioctls loop, each doing the
+    /// exit-test device's work (a static call).
     pub fn run_raw(&mut self, n: u64) {
+        self.raw::<false>(n);
+    }
+
+    /// [`run_raw`](Self::run_raw), timing each exit's user-space part (from `KVM_RUN`
+    /// returning to the next `KVM_RUN`, as kiln's vCPU threads do with `--exit-bench`);
+    /// returns their sum in ns.
+    pub fn run_raw_timed(&mut self, n: u64) -> u64 {
+        self.raw::<true>(n)
+    }
+
+    /// The kiln path: `n` exits through kiln-vcpu's `handle_exit_cached` (with a per-vCPU
+    /// dispatch cache, as kiln's run loop keeps one), kiln-bus and the exit-test device.
+    pub fn run_kiln(&mut self, n: u64) {
+        self.kiln::<false>(n);
+    }
+
+    /// [`run_kiln`](Self::run_kiln), timed like [`run_raw_timed`](Self::run_raw_timed).
+    pub fn run_kiln_timed(&mut self, n: u64) -> u64 {
+        self.kiln::<true>(n)
+    }
+
+    fn raw<const TIMED: bool>(&mut self, n: u64) -> u64 {
         let mut done = 0;
+        let mut user_ns = 0u64;
+        let mut exited_at: Option<Instant> = None;
+        let dev = &*self.floor_device;
         while done < n {
-            match self.vcpu.run() {
-                Ok(VcpuExit::IoOut(..)) | Ok(VcpuExit::MmioWrite(..)) => done += 1,
+            if let Some(t) = exited_at.take() {
+                user_ns += t.elapsed().as_nanos() as u64;
+            }
+            let r = self.vcpu.run();
+            if TIMED && r.is_ok() {
+                exited_at = Some(Instant::now());
+            }
+            match r {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    let base = kiln_legacy::EXIT_TEST_PORT;
+                    dev.pio_write(PioAddress(base), port.wrapping_sub(base), data);
+                    done += 1;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    dev.mmio_write(MmioAddress(BENCH_MMIO_ADDR), addr - BENCH_MMIO_ADDR, data);
+                    done += 1;
+                }
                 Ok(other) => panic!("unexpected exit {other:?}"),
                 Err(e) if e.errno() == libc::EINTR => {}
                 Err(e) => panic!("KVM_RUN: {e}"),
             }
         }
+        if let Some(t) = exited_at {
+            user_ns += t.elapsed().as_nanos() as u64;
+        }
+        user_ns
     }
 
-    /// The kiln path: `n` exits through kiln-vcpu's `handle_exit`, kiln-bus and the
-    /// exit-test device.
-    pub fn run_kiln(&mut self, n: u64) {
+    #[inline(never)]
+    fn kiln<const TIMED: bool>(&mut self, n: u64) -> u64 {
+        let mut cache = DispatchCache::new();
+        let mut user_ns = 0u64;
+        let mut exited_at: Option<Instant> = None;
         for _ in 0..n {
+            if let Some(t) = exited_at.take() {
+                user_ns += t.elapsed().as_nanos() as u64;
+            }
             match self.vcpu.run() {
                 Ok(exit) => {
-                    let action = handle_exit(exit, &self.handler);
+                    if TIMED {
+                        exited_at = Some(Instant::now());
+                    }
+                    let action = handle_exit_cached(exit, &self.handler, &mut cache);
                     assert_eq!(action, ExitAction::Continue);
                 }
                 Err(e) if e.errno() == libc::EINTR => {}
                 Err(e) => panic!("KVM_RUN: {e}"),
             }
         }
+        if let Some(t) = exited_at {
+            user_ns += t.elapsed().as_nanos() as u64;
+        }
+        user_ns
     }
 }
 

@@ -5,7 +5,8 @@
 //! same guest under other VMMs (`--compare qemu=PATH`, `--compare firecracker=PATH`).
 //!
 //! Output: a table (kind, VMM, p50/p90/p99/p99.9 in ns, user and system ns per exit, VMM
-//! share, ratio to the floor), `--json FILE` with host metadata, `--svg FILE` histograms.
+//! share, ratio to the floor), `--json FILE` with host metadata, `--histogram FILE.svg` or
+//! `FILE.png` histograms.
 #![warn(missing_docs)]
 
 mod floor;
@@ -64,7 +65,11 @@ struct ExitsArgs {
     /// Write all results with host metadata as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Draw the histograms into an SVG file.
+    /// Draw the histograms into an image file: SVG or PNG, chosen by the extension
+    /// (`.svg`, `.png`).
+    #[arg(long, value_name = "FILE")]
+    histogram: Option<PathBuf>,
+    /// Draw the histograms into an SVG file (the same as `--histogram FILE.svg`).
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
     /// Rounds: each round runs every VMM once, alternating, so host noise hits all alike;
@@ -183,6 +188,7 @@ fn run_json(r: &RunResult) -> Value {
             }
             if let Some(v) = k.vmm_per_exit_ns() {
                 o["vmm_ns_per_exit"] = json!(v);
+                o["vmm_ns_per_exit_rounds"] = json!(k.vmm_rounds);
             }
             (kind.clone(), o)
         })
@@ -209,6 +215,18 @@ fn exits(a: ExitsArgs) -> Result<(), String> {
     };
     if a.n == 0 {
         return Err("--n must be at least 1".into());
+    }
+    // Check the image names before the minute of measuring, not after.
+    let mut images = Vec::new();
+    if let Some(p) = &a.histogram {
+        images.push((
+            "--histogram",
+            p,
+            plot::Format::from_path(p).map_err(|e| format!("--histogram {e}"))?,
+        ));
+    }
+    if let Some(p) = &a.svg {
+        images.push(("--svg", p, plot::Format::Svg));
     }
     let others = a
         .compare
@@ -285,9 +303,10 @@ fn exits(a: ExitsArgs) -> Result<(), String> {
         std::fs::write(p, text).map_err(|e| format!("--json {}: {e}", p.display()))?;
         println!("JSON: {}", p.display());
     }
-    if let Some(p) = &a.svg {
-        plot::svg(p, &runs, &kinds).map_err(|e| format!("--svg {}: {e}", p.display()))?;
-        println!("SVG: {}", p.display());
+    for (flag, p, format) in images {
+        plot::histograms(p, format, &runs, &kinds)
+            .map_err(|e| format!("{flag} {}: {e}", p.display()))?;
+        println!("histograms ({format:?}): {}", p.display());
     }
     Ok(())
 }

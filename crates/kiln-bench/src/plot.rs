@@ -1,8 +1,11 @@
-//! Histogram plots (SVG) with plotters: one panel per exit kind, one line per VMM, latency on
-//! a log axis, share of samples per histogram bucket on the other.
+//! Histogram plots (SVG or PNG) with plotters: one panel per exit kind, one line per VMM,
+//! latency on a log axis, share of samples per histogram bucket on the other.
 
+use std::fs::File;
+use std::io::BufWriter;
 use std::path::Path;
 
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use kiln_testguest::hist::{bucket_high, bucket_low, BUCKETS};
@@ -26,7 +29,7 @@ fn register_font() -> Result<(), String> {
         }
     }
     Err(format!(
-        "--svg needs a TrueType font for labels; none of {} exists (apt install fonts-dejavu-core)",
+        "drawing histograms needs a TrueType font for labels; none of {} exists (apt install fonts-dejavu-core)",
         FONTS.join(", ")
     ))
 }
@@ -39,8 +42,45 @@ const COLOURS: [RGBColor; 5] = [
     RGBColor(0x94, 0x67, 0xbd),
 ];
 
-/// Draws every kind that at least one run has into `path`.
-pub fn svg(path: &Path, runs: &[(String, RunResult)], kinds: &[&str]) -> Result<(), String> {
+/// Image formats [`histograms`] can write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Scalable vector graphics (plotters' SVG backend).
+    Svg,
+    /// A PNG bitmap (plotters' bitmap backend, encoded with the `png` crate).
+    Png,
+}
+
+impl Format {
+    /// The format a file name asks for, by its extension (case-insensitive).
+    pub fn from_path(path: &Path) -> Result<Self, String> {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("svg") => Ok(Format::Svg),
+            Some("png") => Ok(Format::Png),
+            _ => Err(format!(
+                "{}: the file name must end in .svg or .png",
+                path.display()
+            )),
+        }
+    }
+}
+
+const COLS: usize = 3;
+const PANEL_W: u32 = 400;
+const PANEL_H: u32 = 300;
+
+/// Draws every kind that at least one run has into `path`, as `format`.
+pub fn histograms(
+    path: &Path,
+    format: Format,
+    runs: &[(String, RunResult)],
+    kinds: &[&str],
+) -> Result<(), String> {
     register_font()?;
     let kinds: Vec<&str> = kinds
         .iter()
@@ -50,13 +90,48 @@ pub fn svg(path: &Path, runs: &[(String, RunResult)], kinds: &[&str]) -> Result<
     if kinds.is_empty() {
         return Err("no results to plot".into());
     }
-    let cols = 3usize;
-    let rows = kinds.len().div_ceil(cols);
-    let root = SVGBackend::new(path, (1200, 300 * rows as u32)).into_drawing_area();
-    let e = |e: DrawingAreaErrorKind<std::io::Error>| e.to_string();
+    let rows = u32::try_from(kinds.len().div_ceil(COLS)).map_err(|e| e.to_string())?;
+    let size = (PANEL_W * COLS as u32, PANEL_H * rows);
+    match format {
+        Format::Svg => draw(
+            SVGBackend::new(path, size).into_drawing_area(),
+            runs,
+            &kinds,
+        ),
+        Format::Png => {
+            let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
+            draw(
+                BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area(),
+                runs,
+                &kinds,
+            )?;
+            write_png(path, size, &rgb)
+        }
+    }
+}
+
+/// Encodes an 8-bit RGB buffer as a PNG file.
+fn write_png(path: &Path, (w, h): (u32, u32), rgb: &[u8]) -> Result<(), String> {
+    let file = File::create(path).map_err(|e| e.to_string())?;
+    let mut enc = png::Encoder::new(BufWriter::new(file), w, h);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc.write_header().map_err(|e| e.to_string())?;
+    writer.write_image_data(rgb).map_err(|e| e.to_string())?;
+    writer.finish().map_err(|e| e.to_string())
+}
+
+/// Draws the panels of `kinds` (all of which some run has) onto `root`.
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    runs: &[(String, RunResult)],
+    kinds: &[&str],
+) -> Result<(), String> {
+    let rows = kinds.len().div_ceil(COLS);
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     root.fill(&WHITE).map_err(e)?;
-    let panels = root.split_evenly((rows, cols));
-    for (panel, kind) in panels.iter().zip(&kinds) {
+    let panels = root.split_evenly((rows, COLS));
+    for (panel, kind) in panels.iter().zip(kinds) {
         let series: Vec<(&str, Vec<(f64, f64)>)> = runs
             .iter()
             .filter_map(|(name, r)| {
@@ -87,6 +162,11 @@ pub fn svg(path: &Path, runs: &[(String, RunResult)], kinds: &[&str]) -> Result<
             .configure_mesh()
             .x_desc("ns")
             .y_desc("% of samples")
+            // Few, whole-number labels: a log axis over a decade otherwise prints one per
+            // sub-tick, overlapping.
+            .x_labels(4)
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format!("{v:.0}"))
             .label_style(("sans-serif", 11))
             .draw()
             .map_err(e)?;
@@ -115,12 +195,7 @@ mod tests {
     use crate::report::KindResult;
     use kiln_testguest::hist::Histogram;
 
-    #[test]
-    fn draws_an_svg_with_every_kind_and_vmm() {
-        if register_font().is_err() {
-            eprintln!("SKIPPED draws_an_svg_with_every_kind_and_vmm: no DejaVu font installed");
-            return;
-        }
+    fn runs() -> Vec<(String, RunResult)> {
         let run = |base: u64| {
             let mut r = RunResult::default();
             for kind in ["pio-out", "cpuid"] {
@@ -134,19 +209,87 @@ mod tests {
                         hist: h,
                         cpu_us: None,
                         vmm_ns: None,
+                        vmm_rounds: Vec::new(),
                     },
                 );
             }
             r
         };
-        let runs = vec![
+        vec![
             ("kiln".to_string(), run(8000)),
             ("floor".to_string(), run(7000)),
-        ];
-        let dir = std::env::temp_dir().join(format!("kiln-bench-plot-{}", std::process::id()));
+        ]
+    }
+
+    fn tmpdir(what: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("kiln-bench-{what}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn format_follows_the_extension() {
+        assert_eq!(Format::from_path(Path::new("a/h.svg")), Ok(Format::Svg));
+        assert_eq!(Format::from_path(Path::new("h.PNG")), Ok(Format::Png));
+        for bad in ["h.jpg", "h", "svg"] {
+            let err = Format::from_path(Path::new(bad)).unwrap_err();
+            assert!(err.contains(".svg or .png"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn draws_a_png_of_the_right_size() {
+        if register_font().is_err() {
+            eprintln!("SKIPPED draws_a_png_of_the_right_size: no DejaVu font installed");
+            return;
+        }
+        let dir = tmpdir("png");
+        let p = dir.join("h.png");
+        // 4 kinds with results: 2 rows of 3 panels.
+        let mut runs = runs();
+        let extra = runs[0].1.kinds["cpuid"].clone();
+        runs[0].1.kinds.insert("ipi".into(), extra.clone());
+        runs[0].1.kinds.insert("irqfd".into(), extra);
+        histograms(
+            &p,
+            Format::Png,
+            &runs,
+            &["pio-out", "cpuid", "ipi", "irqfd"],
+        )
+        .unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "PNG signature");
+        assert_eq!(&bytes[12..16], b"IHDR", "first chunk");
+        let be = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+        assert_eq!(
+            (be(16), be(20)),
+            (3 * PANEL_W, 2 * PANEL_H),
+            "IHDR width, height"
+        );
+        // A full decode checks every chunk's CRC and the image data's length.
+        let mut reader = png::Decoder::new(std::io::Cursor::new(&bytes))
+            .read_info()
+            .unwrap();
+        let mut img = vec![0u8; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut img).unwrap();
+        assert_eq!((info.width, info.height), (1200, 600));
+        assert_eq!(info.color_type, png::ColorType::Rgb);
+        // Something was drawn: not every pixel is the white background.
+        let px = &img[..info.buffer_size()];
+        assert!(px.chunks(3).any(|p| p != [255, 255, 255]), "blank image");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn draws_an_svg_with_every_kind_and_vmm() {
+        if register_font().is_err() {
+            eprintln!("SKIPPED draws_an_svg_with_every_kind_and_vmm: no DejaVu font installed");
+            return;
+        }
+        let runs = runs();
+        let dir = tmpdir("svg");
         let p = dir.join("h.svg");
-        svg(&p, &runs, &["pio-out", "cpuid", "ipi"]).unwrap();
+        histograms(&p, Format::Svg, &runs, &["pio-out", "cpuid", "ipi"]).unwrap();
         let s = std::fs::read_to_string(&p).unwrap();
         assert!(s.starts_with("<svg"));
         for needle in ["pio-out", "cpuid", "kiln", "floor"] {

@@ -55,12 +55,18 @@ pub struct KindResult {
     /// Nanoseconds the vCPU thread spent in user space handling these exits (between
     /// `KVM_RUN` returning and the next `KVM_RUN`), if the VMM measured it.
     pub vmm_ns: Option<u64>,
+    /// Per round: `vmm_ns` over the round's exit count.
+    pub vmm_rounds: Vec<f64>,
 }
 
 impl KindResult {
-    /// User-space ns per exit spent handling it in the VMM.
+    /// User-space ns per exit spent handling it in the VMM: the median over rounds of each
+    /// round's mean. A round is a few ms of user time in total, so one preemption of the
+    /// vCPU thread between two clock reads (a time slice is ms) can double that round's
+    /// mean; the median keeps such a round from moving the result.
     pub fn vmm_per_exit_ns(&self) -> Option<f64> {
-        Some(self.vmm_ns? as f64 / self.hist.count().max(1) as f64)
+        self.vmm_ns?;
+        median(&self.vmm_rounds)
     }
 
     /// (user ns, system ns) per exit.
@@ -68,6 +74,18 @@ impl KindResult {
         let (u, s) = self.cpu_us?;
         let n = self.hist.count().max(1) as f64;
         Some((u as f64 * 1e3 / n, s as f64 * 1e3 / n))
+    }
+}
+
+/// The median of `v` (the mean of the middle two for an even count); `None` if empty.
+pub fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => v.get(n / 2).copied(),
+        _ => Some((v.get(n / 2 - 1)? + v.get(n / 2)?) / 2.0),
     }
 }
 
@@ -135,12 +153,17 @@ pub fn parse(output: &str) -> Result<RunResult, String> {
             // 0: the VMM doesn't time its exits (kiln without --exit-bench); all-ones: no
             // bench device.
             let vmm_ns = num(rest, "host_vmm_ns").filter(|&v| v != 0 && v != u64::from(u32::MAX));
+            let vmm_rounds = vmm_ns
+                .map(|v| v as f64 / h.count().max(1) as f64)
+                .into_iter()
+                .collect();
             out.kinds.insert(
                 kind,
                 KindResult {
                     hist: h,
                     cpu_us,
                     vmm_ns,
+                    vmm_rounds,
                 },
             );
         }
@@ -166,6 +189,7 @@ impl RunResult {
                         (Some(a), Some(b)) => Some(a + b),
                         _ => None,
                     };
+                    mine.vmm_rounds.extend(k.vmm_rounds);
                 }
                 None => {
                     self.kinds.insert(kind, k);
@@ -250,7 +274,32 @@ mod tests {
         a.merge(b);
         assert_eq!(a.kinds["pio-out"].hist.count(), 4);
         assert_eq!(a.kinds["pio-out"].cpu_us, Some((2, 20)));
+        assert_eq!(a.kinds["pio-out"].vmm_per_exit_ns(), None, "no host_vmm_ns");
         assert_eq!(a.kinds["cpuid"].hist.count(), 1);
+    }
+
+    #[test]
+    fn vmm_time_is_the_median_of_round_means() {
+        let round = |vmm_ns: u64| {
+            parse(&emit(
+                "pio-out",
+                &[100, 200, 300, 400],
+                &format!(" host_user_us=1 host_sys_us=10 host_vmm_ns={vmm_ns}"),
+            ))
+            .unwrap()
+        };
+        let mut a = round(400);
+        assert_eq!(a.kinds["pio-out"].vmm_per_exit_ns(), Some(100.0));
+        // A round with a preemption inside the timed window (4 ms over 4 exits) and a
+        // normal one: the median of three ignores the outlier, the sum would not.
+        a.merge(round(4_000_000));
+        a.merge(round(480));
+        let k = &a.kinds["pio-out"];
+        assert_eq!(k.vmm_rounds, vec![100.0, 1_000_000.0, 120.0]);
+        assert_eq!(k.vmm_per_exit_ns(), Some(120.0));
+        assert_eq!(k.vmm_ns, Some(4_000_880));
+        assert_eq!(median(&[3.0, 1.0]), Some(2.0));
+        assert_eq!(median(&[]), None);
     }
 
     #[test]

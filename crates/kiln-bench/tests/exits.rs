@@ -1,4 +1,4 @@
-//! `kiln-bench exits` end to end on KVM: kiln, the floor and the JSON/SVG outputs.
+//! `kiln-bench exits` end to end on KVM: kiln, the floor and the JSON/PNG outputs.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -36,6 +36,7 @@ fn measures_kiln_and_the_floor_and_writes_json() {
     let dir = std::env::temp_dir().join(format!("kiln-bench-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("r.json");
+    let png = dir.join("h.png");
     let out = Command::new(env!("CARGO_BIN_EXE_kiln-bench"))
         .args([
             "exits",
@@ -52,6 +53,8 @@ fn measures_kiln_and_the_floor_and_writes_json() {
         .arg(kiln())
         .arg("--json")
         .arg(&json)
+        .arg("--histogram")
+        .arg(&png)
         .output()
         .expect("run kiln-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -94,6 +97,12 @@ fn measures_kiln_and_the_floor_and_writes_json() {
         floor["cpuid"].is_null(),
         "the floor runs only kinds that leave the kernel"
     );
+    // The histogram image, a PNG because of the file name (`.ci/run` installs the font
+    // plotters needs for its labels).
+    assert!(stdout.contains("histograms (Png)"), "{stdout}");
+    let img = std::fs::read(&png).unwrap();
+    assert_eq!(&img[..8], b"\x89PNG\r\n\x1a\n", "PNG signature");
+    assert_eq!(&img[12..16], b"IHDR");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -118,6 +127,11 @@ fn bad_arguments_are_named() {
     assert!(!ok && err.contains("unknown VMM"), "{err}");
     let (ok, err) = run(&["exits", "--n", "0"]);
     assert!(!ok && err.contains("--n"), "{err}");
+    let (ok, err) = run(&["exits", "--histogram", "h.gif"]);
+    assert!(
+        !ok && err.contains("--histogram h.gif: the file name must end in .svg or .png"),
+        "{err}"
+    );
     let o = Command::new(env!("CARGO_BIN_EXE_kiln-bench"))
         .args(["exits", "--list"])
         .output()

@@ -14,8 +14,10 @@
 #![warn(missing_docs)]
 #![doc = include_str!("../README.md")]
 
+mod cache;
 mod ratelimit;
 
+pub use cache::{AsRawMmio, AsRawPio, DispatchCache, RawMmio, RawPio};
 pub use ratelimit::RateLimitedWarn;
 
 use std::fmt;
@@ -157,7 +159,10 @@ impl fmt::Display for MmioAddress {
 /// range the access hit (one device may be registered at several ranges) and the bus
 /// guarantees `offset as usize + data.len() <= size` of that range and `data.len()` in
 /// {1, 2, 4}.
-pub trait PioDevice: Send + Sync {
+///
+/// (`AsRawPio`, the supertrait, is implemented for every device by a blanket impl; it lets
+/// a [`DispatchCache`] call the device without its vtable.)
+pub trait PioDevice: Send + Sync + AsRawPio {
     /// Guest reads `data.len()` bytes at `base + offset`; fill `data`.
     fn pio_read(&self, base: PioAddress, offset: u16, data: &mut [u8]);
     /// Guest writes `data` at `base + offset`.
@@ -167,7 +172,7 @@ pub trait PioDevice: Send + Sync {
 /// A device on the MMIO bus.
 ///
 /// Same contract as [`PioDevice`], with 64-bit offsets and access sizes in {1, 2, 4, 8}.
-pub trait MmioDevice: Send + Sync {
+pub trait MmioDevice: Send + Sync + AsRawMmio {
     /// Guest reads `data.len()` bytes at `base + offset`; fill `data`.
     fn mmio_read(&self, base: MmioAddress, offset: u64, data: &mut [u8]);
     /// Guest writes `data` at `base + offset`.
@@ -369,6 +374,35 @@ impl PioBus {
         e.dev.pio_write(PioAddress(e.base as u16), offset, data);
         Ok(())
     }
+
+    /// Like [`read`](Self::read), and remembers the range it hit in `cache`, so the next
+    /// access there can go through [`DispatchCache::pio_read`] without a lookup. An error
+    /// leaves the cache as it was.
+    pub fn read_caching<'a>(
+        &'a self,
+        cache: &mut DispatchCache<'a>,
+        addr: PioAddress,
+        data: &mut [u8],
+    ) -> Result<()> {
+        let (e, offset) = self.resolve(addr, data.len())?;
+        e.dev.pio_read(PioAddress(e.base as u16), offset, data);
+        cache.remember_pio(e.base, e.last, &*e.dev);
+        Ok(())
+    }
+
+    /// Like [`write`](Self::write), and remembers the range it hit in `cache` (see
+    /// [`read_caching`](Self::read_caching)).
+    pub fn write_caching<'a>(
+        &'a self,
+        cache: &mut DispatchCache<'a>,
+        addr: PioAddress,
+        data: &[u8],
+    ) -> Result<()> {
+        let (e, offset) = self.resolve(addr, data.len())?;
+        e.dev.pio_write(PioAddress(e.base as u16), offset, data);
+        cache.remember_pio(e.base, e.last, &*e.dev);
+        Ok(())
+    }
 }
 
 /// The MMIO address space of a VM (the regions that are not guest RAM).
@@ -456,6 +490,41 @@ impl MmioBus {
             .map
             .resolve(addr.0, len, matches!(len, 1 | 2 | 4 | 8))?;
         e.dev.mmio_write(MmioAddress(e.base), offset, data);
+        Ok(())
+    }
+
+    /// Like [`read`](Self::read), and remembers the range it hit in `cache`, so the next
+    /// access there can go through [`DispatchCache::mmio_read`] without a lookup. An error
+    /// leaves the cache as it was.
+    pub fn read_caching<'a>(
+        &'a self,
+        cache: &mut DispatchCache<'a>,
+        addr: MmioAddress,
+        data: &mut [u8],
+    ) -> Result<()> {
+        let len = data.len();
+        let (e, offset) = self
+            .map
+            .resolve(addr.0, len, matches!(len, 1 | 2 | 4 | 8))?;
+        e.dev.mmio_read(MmioAddress(e.base), offset, data);
+        cache.remember_mmio(e.base, e.last, &*e.dev);
+        Ok(())
+    }
+
+    /// Like [`write`](Self::write), and remembers the range it hit in `cache` (see
+    /// [`read_caching`](Self::read_caching)).
+    pub fn write_caching<'a>(
+        &'a self,
+        cache: &mut DispatchCache<'a>,
+        addr: MmioAddress,
+        data: &[u8],
+    ) -> Result<()> {
+        let len = data.len();
+        let (e, offset) = self
+            .map
+            .resolve(addr.0, len, matches!(len, 1 | 2 | 4 | 8))?;
+        e.dev.mmio_write(MmioAddress(e.base), offset, data);
+        cache.remember_mmio(e.base, e.last, &*e.dev);
         Ok(())
     }
 }

@@ -410,3 +410,113 @@ fn errors_name_space_address_and_size() {
         "{s}"
     );
 }
+
+#[test]
+fn cache_hits_only_inside_the_remembered_range() {
+    let (a, b) = (Probe::new(1), Probe::new(2));
+    let mut pio = PioBus::new();
+    pio.insert(PioAddress(0x10), 8, a.clone()).unwrap();
+    pio.insert(PioAddress(0x18), 8, b.clone()).unwrap();
+    let mut cache = DispatchCache::new();
+    // Empty: nothing hits, nothing is dispatched.
+    assert!(!cache.pio_write(PioAddress(0x10), &[0]));
+    assert_eq!(a.writes.load(Ordering::Relaxed), 0);
+
+    pio.write_caching(&mut cache, PioAddress(0x12), &[0; 2])
+        .unwrap();
+    assert_eq!(a.writes.load(Ordering::Relaxed), 1);
+    // Hits: first and last byte of 0x10..0x18, with the range's base and the offset.
+    assert!(cache.pio_write(PioAddress(0x10), &[0]));
+    assert_eq!(a.last(), (0x10, 0, 1));
+    let mut d = [0u8; 4];
+    assert!(cache.pio_read(PioAddress(0x14), &mut d));
+    assert_eq!((d, a.last()), ([1; 4], (0x10, 4, 4)));
+    assert!(cache.pio_write(PioAddress(0x17), &[0]));
+    assert_eq!(a.last(), (0x17 - 0x7, 7, 1));
+    assert_eq!(a.writes.load(Ordering::Relaxed), 3);
+    // Misses: the next device, below the range, straddling its end, bad sizes.
+    assert!(!cache.pio_write(PioAddress(0x18), &[0]));
+    assert!(!cache.pio_write(PioAddress(0x0f), &[0]));
+    assert!(!cache.pio_write(PioAddress(0x16), &[0; 4]));
+    assert!(!cache.pio_write(PioAddress(0x10), &[0; 3]));
+    assert!(!cache.pio_write(PioAddress(0x10), &[]));
+    assert!(!cache.pio_write(PioAddress(0x10), &[0; 8]));
+    let mut big = [0u8; 8];
+    assert!(!cache.pio_read(PioAddress(0x10), &mut big));
+    assert_eq!(big, [0; 8], "a miss leaves the buffer alone");
+    assert_eq!(a.writes.load(Ordering::Relaxed), 3);
+    assert_eq!(b.writes.load(Ordering::Relaxed), 0);
+
+    // A failed access leaves the cache as it was; a hit elsewhere replaces it.
+    assert!(matches!(
+        pio.write_caching(&mut cache, PioAddress(0x30), &[0]),
+        Err(Error::NoDevice { .. })
+    ));
+    assert!(cache.pio_write(PioAddress(0x10), &[0]));
+    pio.read_caching(&mut cache, PioAddress(0x1a), &mut d[..1])
+        .unwrap();
+    assert_eq!(d[0], 2);
+    assert!(cache.pio_write(PioAddress(0x1f), &[0]));
+    assert!(!cache.pio_write(PioAddress(0x10), &[0]));
+    assert_eq!(b.writes.load(Ordering::Relaxed), 1);
+    assert_eq!(b.last(), (0x18, 7, 1));
+    cache.clear();
+    assert!(!cache.pio_write(PioAddress(0x1f), &[0]));
+}
+
+#[test]
+fn mmio_cache_checks_sizes_and_the_top_of_the_space() {
+    let top = Probe::new(7);
+    let low = Probe::new(3);
+    let mut mmio = MmioBus::new();
+    mmio.insert(MmioAddress(u64::MAX - 0xf), 0x10, top.clone())
+        .unwrap();
+    mmio.insert(MmioAddress(0x1000), 0x1000, low.clone())
+        .unwrap();
+    let mut cache = DispatchCache::new();
+    let mut d = [0u8; 8];
+    mmio.read_caching(&mut cache, MmioAddress(u64::MAX - 7), &mut d)
+        .unwrap();
+    assert_eq!(d, [7; 8]);
+    assert!(cache.mmio_write(MmioAddress(u64::MAX), &[0]));
+    // (The probe keeps 32 bits of the base; offset and length tell the access apart.)
+    assert_eq!((top.last().1, top.last().2), (0xf, 1));
+    // Running past the end of the space is a miss, not an overflow.
+    assert!(!cache.mmio_write(MmioAddress(u64::MAX - 3), &[0; 8]));
+    assert!(!cache.mmio_write(MmioAddress(u64::MAX), &[0; 2]));
+    for len in [0, 3, 5, 16] {
+        assert!(!cache.mmio_write(MmioAddress(u64::MAX - 0xf), &vec![0; len]));
+    }
+    assert_eq!(top.writes.load(Ordering::Relaxed), 1);
+    // PIO and MMIO are remembered separately.
+    assert!(!cache.pio_write(PioAddress(0xffff), &[0]));
+    mmio.write_caching(&mut cache, MmioAddress(0x1ff8), &[0; 8])
+        .unwrap();
+    assert!(cache.mmio_write(MmioAddress(0x1000), &[0; 4]));
+    assert!(!cache.mmio_write(MmioAddress(u64::MAX), &[0]));
+    assert_eq!(low.writes.load(Ordering::Relaxed), 2);
+    assert!(format!("{cache:?}").contains("4096..=8191"), "{cache:?}");
+}
+
+#[test]
+fn caches_are_per_thread_and_see_one_device_state() {
+    let dev = Probe::new(1);
+    let mut pio = PioBus::new();
+    pio.insert(PioAddress(0x80), 1, dev.clone()).unwrap();
+    let pio = Arc::new(pio);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            let pio = &pio;
+            s.spawn(move || {
+                let mut cache = DispatchCache::new();
+                for _ in 0..250 {
+                    if !cache.pio_write(PioAddress(0x80), &[1]) {
+                        pio.write_caching(&mut cache, PioAddress(0x80), &[1])
+                            .unwrap();
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(dev.writes.load(Ordering::Relaxed), 1000);
+}

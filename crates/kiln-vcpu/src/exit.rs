@@ -1,6 +1,7 @@
 //! What a VM exit means: a free function from a KVM exit to an action, so every exit kind is
 //! tested with synthetic exits and no guest.
 
+use kiln_bus::DispatchCache;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::VcpuExit;
 
@@ -16,6 +17,32 @@ pub trait ExitHandler: Send + Sync {
     fn mmio_read(&self, addr: u64, data: &mut [u8]);
     /// A write to unbacked guest-physical memory at `addr`.
     fn mmio_write(&self, addr: u64, data: &[u8]);
+    /// [`pio_read`](Self::pio_read) with the calling vCPU's dispatch cache, which the run
+    /// loop keeps on the vCPU thread's stack for this handler (see [`DispatchCache`]).
+    /// Default: ignores the cache.
+    #[inline]
+    fn pio_read_cached<'a>(&'a self, cache: &mut DispatchCache<'a>, port: u16, data: &mut [u8]) {
+        let _ = cache;
+        self.pio_read(port, data);
+    }
+    /// [`pio_write`](Self::pio_write) with the calling vCPU's dispatch cache.
+    #[inline]
+    fn pio_write_cached<'a>(&'a self, cache: &mut DispatchCache<'a>, port: u16, data: &[u8]) {
+        let _ = cache;
+        self.pio_write(port, data);
+    }
+    /// [`mmio_read`](Self::mmio_read) with the calling vCPU's dispatch cache.
+    #[inline]
+    fn mmio_read_cached<'a>(&'a self, cache: &mut DispatchCache<'a>, addr: u64, data: &mut [u8]) {
+        let _ = cache;
+        self.mmio_read(addr, data);
+    }
+    /// [`mmio_write`](Self::mmio_write) with the calling vCPU's dispatch cache.
+    #[inline]
+    fn mmio_write_cached<'a>(&'a self, cache: &mut DispatchCache<'a>, addr: u64, data: &[u8]) {
+        let _ = cache;
+        self.mmio_write(addr, data);
+    }
     /// `rdmsr` of an MSR KVM forwarded to user space (see
     /// [`enable_user_msr_exits`](crate::enable_user_msr_exits)): `Some(value)`, or `None` to
     /// inject #GP as KVM would have. Default: #GP.
@@ -121,11 +148,22 @@ pub enum StopKind {
 /// world switch.
 #[inline]
 pub fn handle_exit<H: ExitHandler + ?Sized>(exit: VcpuExit<'_>, handler: &H) -> ExitAction {
+    handle_exit_cached(exit, handler, &mut DispatchCache::new())
+}
+
+/// [`handle_exit`] with the vCPU's dispatch cache (the run loop keeps one per vCPU, so a
+/// repeated access to one device skips the bus lookup; see [`DispatchCache`]).
+#[inline]
+pub fn handle_exit_cached<'a, H: ExitHandler + ?Sized>(
+    exit: VcpuExit<'_>,
+    handler: &'a H,
+    cache: &mut DispatchCache<'a>,
+) -> ExitAction {
     match exit {
-        VcpuExit::IoIn(port, data) => handler.pio_read(port, data),
-        VcpuExit::IoOut(port, data) => handler.pio_write(port, data),
-        VcpuExit::MmioRead(addr, data) => handler.mmio_read(addr, data),
-        VcpuExit::MmioWrite(addr, data) => handler.mmio_write(addr, data),
+        VcpuExit::IoIn(port, data) => handler.pio_read_cached(cache, port, data),
+        VcpuExit::IoOut(port, data) => handler.pio_write_cached(cache, port, data),
+        VcpuExit::MmioRead(addr, data) => handler.mmio_read_cached(cache, addr, data),
+        VcpuExit::MmioWrite(addr, data) => handler.mmio_write_cached(cache, addr, data),
         VcpuExit::X86Rdmsr(exit) => match handler.msr_read(exit.index) {
             Some(v) => *exit.data = v,
             None => *exit.error = 1,
@@ -153,6 +191,7 @@ pub fn handle_exit<H: ExitHandler + ?Sized>(exit: VcpuExit<'_>, handler: &H) -> 
     ExitAction::Continue
 }
 
+#[cold]
 fn exit_name(exit: &VcpuExit<'_>) -> &'static str {
     match exit {
         VcpuExit::Unknown => "KVM_EXIT_UNKNOWN",

@@ -9,7 +9,8 @@ pub mod runner;
 pub mod state;
 
 pub use bus_handler::{BusExitHandler, MsrReadFn, StopCallback};
-pub use exit::{handle_exit, ExitAction, ExitHandler, StopKind, StopReason};
+pub use exit::{handle_exit, handle_exit_cached, ExitAction, ExitHandler, StopKind, StopReason};
+pub use kiln_bus::DispatchCache;
 pub use regs::{BootMode, BootRegs, Segment};
 pub use runner::{
     set_exit_timing, stop_current_vcpu, vcpu_user_ns, ThreadInit, Vcpu, VcpuHandle, VcpuState,

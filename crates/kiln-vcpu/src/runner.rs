@@ -16,7 +16,7 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::exit::{handle_exit, ExitAction, ExitHandler, StopKind, StopReason};
+use crate::exit::{handle_exit_cached, ExitAction, ExitHandler, StopKind, StopReason};
 use crate::regs::dump_registers;
 use crate::{Error, Result};
 
@@ -295,6 +295,11 @@ impl<H: ExitHandler + ?Sized + 'static> Vcpu<H> {
         }
         let mut eagain_backoff = Duration::from_micros(50);
         let mut exited_at: Option<Instant> = None;
+        // Our own reference to the handler, so the per-vCPU dispatch cache can borrow from
+        // it while `self` is used mutably below; the cache lives in this frame, which the
+        // exit path touches anyway.
+        let handler = Arc::clone(&self.handler);
+        let mut cache = kiln_bus::DispatchCache::new();
         loop {
             if let Some(t) = exited_at.take() {
                 let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -306,7 +311,7 @@ impl<H: ExitHandler + ?Sized + 'static> Vcpu<H> {
                         exited_at = Some(Instant::now());
                     }
                     eagain_backoff = Duration::from_micros(50);
-                    handle_exit(exit, &*self.handler)
+                    handle_exit_cached(exit, &*handler, &mut cache)
                 }
                 Err(e) if e.errno() == libc::EINTR => {
                     self.fd.set_kvm_immediate_exit(0);

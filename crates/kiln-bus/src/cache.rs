@@ -1,0 +1,342 @@
+//! A per-vCPU memo of the last range each bus dispatched to.
+//!
+//! After a VM exit the vCPU thread comes back from a world switch with cold caches, so what a
+//! dispatch costs is mostly the number of dependent cache misses on its way to the device:
+//! the handler, the bus, the binary search, the device. A [`DispatchCache`] lives in the
+//! vCPU thread's own stack frame and holds the last range hit on each bus with a borrowed
+//! device, so a repeated access (a guest polls one device many times in a row) is checked
+//! and dispatched without touching the bus at all. It holds its devices as [`RawPio`] /
+//! [`RawMmio`] handles: the data pointer with the concrete type's functions, so a hit does
+//! not even read the device's vtable.
+
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use crate::{MmioAddress, MmioDevice, PioAddress, PioDevice};
+
+/// A borrowed PIO device without its vtable: the device's address and its two methods,
+/// monomorphised for its concrete type. Made only by [`AsRawPio::as_raw_pio`].
+#[derive(Clone, Copy)]
+pub struct RawPio<'a> {
+    data: NonNull<()>,
+    read: unsafe fn(NonNull<()>, PioAddress, u16, &mut [u8]),
+    write: unsafe fn(NonNull<()>, PioAddress, u16, &[u8]),
+    _dev: PhantomData<&'a ()>,
+}
+
+impl<'a> RawPio<'a> {
+    fn of<T: PioDevice>(dev: &'a T) -> Self {
+        /// # Safety
+        /// `p` must come from a `&T` that is still alive.
+        unsafe fn read<T: PioDevice>(p: NonNull<()>, base: PioAddress, off: u16, d: &mut [u8]) {
+            // SAFETY: per this function's contract, `p` is a live `&T`.
+            unsafe { p.cast::<T>().as_ref() }.pio_read(base, off, d);
+        }
+        /// # Safety
+        /// `p` must come from a `&T` that is still alive.
+        unsafe fn write<T: PioDevice>(p: NonNull<()>, base: PioAddress, off: u16, d: &[u8]) {
+            // SAFETY: per this function's contract, `p` is a live `&T`.
+            unsafe { p.cast::<T>().as_ref() }.pio_write(base, off, d);
+        }
+        RawPio {
+            data: NonNull::from(dev).cast(),
+            read: read::<T>,
+            write: write::<T>,
+            _dev: PhantomData,
+        }
+    }
+
+    #[inline(always)]
+    fn pio_read(&self, base: PioAddress, offset: u16, data: &mut [u8]) {
+        // SAFETY: `data` and `read` were made together by `of::<T>` from a `&'a T`, and
+        // `self` cannot outlive `'a`.
+        unsafe { (self.read)(self.data, base, offset, data) }
+    }
+
+    #[inline(always)]
+    fn pio_write(&self, base: PioAddress, offset: u16, data: &[u8]) {
+        // SAFETY: as in `pio_read`.
+        unsafe { (self.write)(self.data, base, offset, data) }
+    }
+}
+
+/// A borrowed MMIO device without its vtable (see [`RawPio`]).
+#[derive(Clone, Copy)]
+pub struct RawMmio<'a> {
+    data: NonNull<()>,
+    read: unsafe fn(NonNull<()>, MmioAddress, u64, &mut [u8]),
+    write: unsafe fn(NonNull<()>, MmioAddress, u64, &[u8]),
+    _dev: PhantomData<&'a ()>,
+}
+
+impl<'a> RawMmio<'a> {
+    fn of<T: MmioDevice>(dev: &'a T) -> Self {
+        /// # Safety
+        /// `p` must come from a `&T` that is still alive.
+        unsafe fn read<T: MmioDevice>(p: NonNull<()>, base: MmioAddress, off: u64, d: &mut [u8]) {
+            // SAFETY: per this function's contract, `p` is a live `&T`.
+            unsafe { p.cast::<T>().as_ref() }.mmio_read(base, off, d);
+        }
+        /// # Safety
+        /// `p` must come from a `&T` that is still alive.
+        unsafe fn write<T: MmioDevice>(p: NonNull<()>, base: MmioAddress, off: u64, d: &[u8]) {
+            // SAFETY: per this function's contract, `p` is a live `&T`.
+            unsafe { p.cast::<T>().as_ref() }.mmio_write(base, off, d);
+        }
+        RawMmio {
+            data: NonNull::from(dev).cast(),
+            read: read::<T>,
+            write: write::<T>,
+            _dev: PhantomData,
+        }
+    }
+
+    #[inline(always)]
+    fn mmio_read(&self, base: MmioAddress, offset: u64, data: &mut [u8]) {
+        // SAFETY: `data` and `read` were made together by `of::<T>` from a `&'a T`, and
+        // `self` cannot outlive `'a`.
+        unsafe { (self.read)(self.data, base, offset, data) }
+    }
+
+    #[inline(always)]
+    fn mmio_write(&self, base: MmioAddress, offset: u64, data: &[u8]) {
+        // SAFETY: as in `mmio_read`.
+        unsafe { (self.write)(self.data, base, offset, data) }
+    }
+}
+
+/// How the bus gets a [`RawPio`] out of an `Arc<dyn PioDevice>`: a supertrait of
+/// [`PioDevice`], implemented for every device type by the blanket impl below (so device
+/// authors never see it).
+#[doc(hidden)]
+pub trait AsRawPio {
+    /// This device as a vtable-free handle.
+    fn as_raw_pio(&self) -> RawPio<'_>;
+}
+
+impl<T: PioDevice> AsRawPio for T {
+    fn as_raw_pio(&self) -> RawPio<'_> {
+        RawPio::of(self)
+    }
+}
+
+/// The MMIO counterpart of [`AsRawPio`].
+#[doc(hidden)]
+pub trait AsRawMmio {
+    /// This device as a vtable-free handle.
+    fn as_raw_mmio(&self) -> RawMmio<'_>;
+}
+
+impl<T: MmioDevice> AsRawMmio for T {
+    fn as_raw_mmio(&self) -> RawMmio<'_> {
+        RawMmio::of(self)
+    }
+}
+
+/// One remembered range: `[base, last]` and its device.
+struct Slot<D> {
+    base: u64,
+    last: u64,
+    dev: Option<D>,
+}
+
+impl<D: Copy> Slot<D> {
+    const EMPTY: Self = Slot {
+        base: 0,
+        last: 0,
+        dev: None,
+    };
+
+    /// The device and the access's offset in its range, if the whole access of `len`
+    /// bytes at `addr` lies in the remembered range. Same checks as the bus's own lookup.
+    #[inline(always)]
+    fn hit(&self, addr: u64, len: usize) -> Option<(D, u64)> {
+        let dev = self.dev?;
+        if addr < self.base || addr > self.last {
+            return None;
+        }
+        // `len` is 1..=8 here (the callers check sizes first); compare last byte offsets so
+        // a range ending at the top of the space cannot overflow.
+        if (len as u64).wrapping_sub(1) > self.last - addr {
+            return None;
+        }
+        Some((dev, addr - self.base))
+    }
+
+    #[inline]
+    fn set(&mut self, base: u64, last: u64, dev: D) {
+        *self = Slot {
+            base,
+            last,
+            dev: Some(dev),
+        };
+    }
+}
+
+/// The last PIO and MMIO range one vCPU's accesses went to, for [`PioBus`](crate::PioBus)
+/// and [`MmioBus`](crate::MmioBus) dispatch without a lookup.
+///
+/// Keep one per vCPU thread, on its stack, for one pair of buses. The `*_caching` methods of
+/// the buses ([`PioBus::read_caching`](crate::PioBus::read_caching) and friends) dispatch
+/// and remember the range they hit; the methods here dispatch only when the access lies
+/// entirely inside the remembered range and has a valid size, and otherwise return
+/// `false` without side effects, so the caller falls back to the bus. The borrow (`'a`) keeps
+/// the devices alive; buses are immutable once shared, so a remembered range never goes
+/// stale. A cache filled from one bus must not be used with another (it would dispatch to
+/// the first bus's devices).
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU32, Ordering};
+/// use kiln_bus::{DispatchCache, PioAddress, PioBus, PioDevice};
+///
+/// #[derive(Default)]
+/// struct Counter(AtomicU32);
+/// impl PioDevice for Counter {
+///     fn pio_read(&self, _: PioAddress, _: u16, data: &mut [u8]) {
+///         data.fill(self.0.load(Ordering::Relaxed) as u8);
+///     }
+///     fn pio_write(&self, _: PioAddress, _: u16, _: &[u8]) {
+///         self.0.fetch_add(1, Ordering::Relaxed);
+///     }
+/// }
+///
+/// let mut bus = PioBus::new();
+/// bus.insert(PioAddress(0x700), 4, Arc::new(Counter::default())).unwrap();
+/// let bus = Arc::new(bus);
+///
+/// // On a vCPU thread: try the cache, fall back to the bus (which fills the cache).
+/// let mut cache = DispatchCache::new();
+/// for _ in 0..3 {
+///     if !cache.pio_write(PioAddress(0x701), &[1]) {
+///         bus.write_caching(&mut cache, PioAddress(0x701), &[1]).unwrap();
+///     }
+/// }
+/// let mut n = [0u8; 1];
+/// assert!(cache.pio_read(PioAddress(0x700), &mut n));
+/// assert_eq!(n, [3]);
+/// ```
+///
+/// The cache borrows the bus, so it cannot outlive it:
+///
+/// ```compile_fail
+/// use kiln_bus::{DispatchCache, PioBus, PioAddress};
+/// let mut cache = DispatchCache::new();
+/// {
+///     let bus = PioBus::new();
+///     let _ = bus.write_caching(&mut cache, PioAddress(0x80), &[0]);
+/// } // `bus` dropped while `cache` still borrows it
+/// cache.pio_write(PioAddress(0x80), &[0]);
+/// ```
+pub struct DispatchCache<'a> {
+    pio: Slot<RawPio<'a>>,
+    mmio: Slot<RawMmio<'a>>,
+}
+
+impl Default for DispatchCache<'_> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for DispatchCache<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let range = |base: u64, last: u64, set: bool| set.then_some(base..=last);
+        f.debug_struct("DispatchCache")
+            .field(
+                "pio",
+                &range(self.pio.base, self.pio.last, self.pio.dev.is_some()),
+            )
+            .field(
+                "mmio",
+                &range(self.mmio.base, self.mmio.last, self.mmio.dev.is_some()),
+            )
+            .finish()
+    }
+}
+
+impl<'a> DispatchCache<'a> {
+    /// An empty cache: every access goes to the bus once.
+    pub const fn new() -> Self {
+        DispatchCache {
+            pio: Slot::EMPTY,
+            mmio: Slot::EMPTY,
+        }
+    }
+
+    /// Forgets both remembered ranges.
+    pub fn clear(&mut self) {
+        *self = Self::new();
+    }
+
+    /// Dispatches a PIO read if it hits the remembered range; `false`: not dispatched.
+    #[inline]
+    pub fn pio_read(&self, addr: PioAddress, data: &mut [u8]) -> bool {
+        if !matches!(data.len(), 1 | 2 | 4) {
+            return false;
+        }
+        match self.pio.hit(u64::from(addr.0), data.len()) {
+            Some((dev, offset)) => {
+                // Both fit in u16: the range was checked against 0xffff when inserted.
+                dev.pio_read(PioAddress(self.pio.base as u16), offset as u16, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Dispatches a PIO write if it hits the remembered range; `false`: not dispatched.
+    #[inline]
+    pub fn pio_write(&self, addr: PioAddress, data: &[u8]) -> bool {
+        if !matches!(data.len(), 1 | 2 | 4) {
+            return false;
+        }
+        match self.pio.hit(u64::from(addr.0), data.len()) {
+            Some((dev, offset)) => {
+                dev.pio_write(PioAddress(self.pio.base as u16), offset as u16, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Dispatches an MMIO read if it hits the remembered range; `false`: not dispatched.
+    #[inline]
+    pub fn mmio_read(&self, addr: MmioAddress, data: &mut [u8]) -> bool {
+        if !matches!(data.len(), 1 | 2 | 4 | 8) {
+            return false;
+        }
+        match self.mmio.hit(addr.0, data.len()) {
+            Some((dev, offset)) => {
+                dev.mmio_read(MmioAddress(self.mmio.base), offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Dispatches an MMIO write if it hits the remembered range; `false`: not dispatched.
+    #[inline]
+    pub fn mmio_write(&self, addr: MmioAddress, data: &[u8]) -> bool {
+        if !matches!(data.len(), 1 | 2 | 4 | 8) {
+            return false;
+        }
+        match self.mmio.hit(addr.0, data.len()) {
+            Some((dev, offset)) => {
+                dev.mmio_write(MmioAddress(self.mmio.base), offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn remember_pio(&mut self, base: u64, last: u64, dev: &'a dyn PioDevice) {
+        self.pio.set(base, last, dev.as_raw_pio());
+    }
+
+    #[inline]
+    pub(crate) fn remember_mmio(&mut self, base: u64, last: u64, dev: &'a dyn MmioDevice) {
+        self.mmio.set(base, last, dev.as_raw_mmio());
+    }
+}
