@@ -694,8 +694,12 @@ fn spec_file() -> PathBuf {
 
 fn load_spec() -> (Vec<Op>, Value) {
     let path = spec_file();
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (the Firecracker spec in tests/data/)", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (the Firecracker spec in tests/data/)",
+            path.display()
+        )
+    });
     let spec: Value = serde_yaml::from_str(&text).expect("spec parses");
     let mut ops = Vec::new();
     for (path, item) in spec["paths"].as_object().expect("paths") {
