@@ -105,7 +105,44 @@ const SECTIONS: &[Section] = &[
         title: udp_rx_title,
         run: udp_rx,
     },
+    Section {
+        title: vsock_title,
+        run: vsock,
+    },
 ];
+
+/// MiB each way per vsock run.
+const VSOCK_MIB: u64 = 64;
+
+fn vsock_title(c: &Ctx) -> String {
+    format!(
+        "vsock-bench in the conformance guest: 1 vCPU, {VSOCK_MIB} MiB each way on one connection to a host Unix socket, median of {} runs (QEMU's vsock is vhost-vsock only: /dev/vhost-vsock and an AF_VSOCK peer, not compared)",
+        c.opts.runs
+    )
+}
+
+/// Guest-to-host and host-to-guest vsock throughput (crate::bench_vsock).
+fn vsock(c: &Ctx) -> Result<Vec<Row>, String> {
+    let rates = crate::bench_vsock::measure(
+        &c.kiln,
+        &workspace_root().join("target/bench-vsock"),
+        c.opts.runs,
+        VSOCK_MIB,
+    )?;
+    let med = |f: fn(&crate::bench_vsock::VsockRate) -> f64| median(rates.iter().map(f).collect());
+    Ok(vec![
+        Row {
+            name: "g2h MiB/s",
+            kiln: med(|r| r.g2h),
+            qemu: None,
+        },
+        Row {
+            name: "h2g MiB/s",
+            kiln: med(|r| r.h2g),
+            qemu: None,
+        },
+    ])
+}
 
 /// A network namespace with the tap at `HOST_IP/30`, deleted on drop.
 struct Netns {
