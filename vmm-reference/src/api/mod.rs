@@ -34,8 +34,25 @@ const VM_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const PRE_BOOT: &str = "The requested operation is not supported before starting the microVM.";
 const POST_BOOT: &str = "The requested operation is not supported after starting the microVM.";
 
-/// What the main thread is asked to boot, and where the answer goes.
-pub type StartMsg = (crate::vm::VmSpec, mpsc::SyncSender<Result<(), String>>);
+/// What the main thread is asked to build before it serves a VM.
+#[derive(Debug)]
+pub enum StartRequest {
+    /// `InstanceStart`: boot this VM.
+    Boot(crate::vm::VmSpec),
+    /// `PUT /snapshot/load`: restore the snapshot `arg` over the command line `cli`, as
+    /// `--restore` does, `paused` or running.
+    Restore {
+        /// The native command line (serial, seccomp, ...) the snapshot's machine goes over.
+        cli: Box<crate::config::Cli>,
+        /// The state and memory files.
+        arg: crate::snapshot::RestoreArg,
+        /// Stay paused after restoring (`resume_vm` false).
+        paused: bool,
+    },
+}
+
+/// A start request, and where the answer goes.
+pub type StartMsg = (StartRequest, mpsc::SyncSender<Result<(), String>>);
 
 /// The API's end of the boot hand-over.
 #[derive(Debug)]
@@ -341,11 +358,7 @@ impl ApiState {
             ),
             ("PATCH", ["vm"]) => self.patch_vm(req),
             ("PUT", ["snapshot", "create"]) => self.snapshot_create(req),
-            ("PUT", ["snapshot", "load"]) => {
-                let _: SnapshotLoad = parse(req)?;
-                self.pre_boot()?;
-                Err(not_in_kiln("PUT /snapshot/load"))
-            }
+            ("PUT", ["snapshot", "load"]) => self.snapshot_load(req),
             ("GET", ["balloon"]) => match &self.config.balloon {
                 Some(b) => Ok(json(b)),
                 None => Err(Response::fault("The balloon device is not configured.")),
@@ -632,25 +645,103 @@ impl ApiState {
 
     fn start(&mut self) -> Result<(), Response> {
         let spec = build::spec(&self.opts.base_args, &self.config)?;
+        let t0 = Instant::now();
+        self.hand_off(StartRequest::Boot(spec))
+            .map_err(|e| Response::fault(format!("Start microvm error: {e}")))?;
+        METRICS
+            .latencies_us
+            .instance_start
+            .set(t0.elapsed().as_micros() as u64);
+        self.phase = Phase::Running;
+        Ok(())
+    }
+
+    /// Hands `request` to the main thread and waits until it built the VM (or failed to).
+    fn hand_off(&self, request: StartRequest) -> Result<(), String> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.starter
             .tx
-            .send((spec, tx))
-            .map_err(|_| Response::fault("The VMM is not accepting a start request."))?;
+            .send((request, tx))
+            .map_err(|_| "the VMM is not accepting a start request".to_string())?;
         let _ = self.starter.wake.write(1);
-        let t0 = Instant::now();
         match rx.recv() {
-            Ok(Ok(())) => {
-                METRICS
-                    .latencies_us
-                    .instance_start
-                    .set(t0.elapsed().as_micros() as u64);
-                self.phase = Phase::Running;
-                Ok(())
-            }
-            Ok(Err(e)) => Err(Response::fault(format!("Start microvm error: {e}"))),
-            Err(_) => Err(Response::fault("The VMM did not answer the start request.")),
+            Ok(r) => r,
+            Err(_) => Err("the VMM did not answer the start request".into()),
         }
+    }
+
+    /// `PUT /snapshot/load`: only before anything boot-specific is configured (Firecracker's
+    /// rule); the main thread restores the VM as `--restore` does.
+    fn snapshot_load(&mut self, req: &Request) -> R {
+        let l: SnapshotLoad = parse(req)?;
+        self.pre_boot()?;
+        let mem_path = match (&l.mem_backend, &l.mem_file_path) {
+            (Some(_), Some(_)) => {
+                return Err(Response::fault(
+                    "Load snapshot error: give either mem_backend or the deprecated \
+                     mem_file_path, not both.",
+                ))
+            }
+            (None, None) => {
+                return Err(Response::fault(
+                    "Load snapshot error: mem_backend (or the deprecated mem_file_path) is \
+                     required.",
+                ))
+            }
+            (None, Some(p)) => p.clone(),
+            (Some(b), None) => match b.backend_type {
+                MemoryBackendType::File => b.backend_path.clone(),
+                MemoryBackendType::Uffd => {
+                    return Err(not_in_kiln("mem_backend.backend_type Uffd"))
+                }
+            },
+        };
+        if l.network_overrides.as_ref().is_some_and(|o| !o.is_empty()) {
+            return Err(not_in_kiln("network_overrides"));
+        }
+        if l.vsock_override.is_some() {
+            return Err(not_in_kiln("vsock_override"));
+        }
+        if l.clock_realtime == Some(true) {
+            return Err(not_in_kiln("clock_realtime"));
+        }
+        // Logging, metrics and MMDS settings belong to the process, not to the machine.
+        let boot_specific = VmConfig {
+            logger: None,
+            metrics: None,
+            mmds_config: None,
+            ..self.config.clone()
+        };
+        if boot_specific != VmConfig::default() {
+            return Err(Response::fault(
+                "Loading a microVM snapshot not allowed after configuring boot-specific \
+                 resources.",
+            ));
+        }
+        let cli = clap::Parser::try_parse_from(&self.opts.base_args)
+            .map_err(|e| Response::fault(format!("the command line: {}", e.kind())))?;
+        let resume = l.resume_vm.unwrap_or(false);
+        let t0 = Instant::now();
+        self.hand_off(StartRequest::Restore {
+            cli: Box::new(cli),
+            arg: crate::snapshot::RestoreArg {
+                state: l.snapshot_path.into(),
+                mem: mem_path.into(),
+                diff_mem: None,
+            },
+            paused: !resume,
+        })
+        .map_err(|e| Response::fault(format!("Load snapshot error: {e}")))?;
+        METRICS
+            .latencies_us
+            .load_snapshot
+            .set(t0.elapsed().as_micros() as u64);
+        self.phase = if resume {
+            Phase::Running
+        } else {
+            Phase::Paused
+        };
+        Ok(Response::no_content())
     }
 
     fn patch_vm(&mut self, req: &Request) -> R {
@@ -991,9 +1082,12 @@ mod tests {
             };
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut pfd, 1, 5000) };
-            let (spec, reply) = srx.try_recv().unwrap();
+            let (request, reply) = srx.try_recv().unwrap();
             reply.send(Ok(())).unwrap();
-            spec
+            match request {
+                StartRequest::Boot(spec) => spec,
+                StartRequest::Restore { .. } => panic!("InstanceStart asked for a restore"),
+            }
         });
         let r = s.handle(&req(
             "PUT",
