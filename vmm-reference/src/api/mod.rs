@@ -584,7 +584,35 @@ impl ApiState {
         check_id(id)?;
         let n: NetworkInterface = parse(req)?;
         path_matches_body(id, &n.iface_id)?;
-        Err(not_in_kiln("virtio-net (PUT /network-interfaces)"))
+        build::net_arg(&n)?;
+        let others = || {
+            self.config
+                .network_interfaces
+                .iter()
+                .filter(|o| o.iface_id != n.iface_id)
+        };
+        if others().any(|o| o.host_dev_name == n.host_dev_name) {
+            return Err(Response::fault(format!(
+                "The host device name {} is already in use by another interface.",
+                n.host_dev_name
+            )));
+        }
+        if n.guest_mac.is_some() && others().any(|o| o.guest_mac == n.guest_mac) {
+            return Err(Response::fault(format!(
+                "The guest MAC address {} is already in use by another interface.",
+                n.guest_mac.as_deref().unwrap_or_default()
+            )));
+        }
+        match self
+            .config
+            .network_interfaces
+            .iter_mut()
+            .find(|o| o.iface_id == n.iface_id)
+        {
+            Some(o) => *o = n,
+            None => self.config.network_interfaces.push(n),
+        }
+        Ok(Response::no_content())
     }
 
     fn patch_net(&mut self, id: &str, req: &Request) -> R {
@@ -592,7 +620,22 @@ impl ApiState {
         let n: PartialNetworkInterface = parse(req)?;
         path_matches_body(id, &n.iface_id)?;
         self.post_boot()?;
-        Err(not_in_kiln("virtio-net (PATCH /network-interfaces)"))
+        if !self
+            .config
+            .network_interfaces
+            .iter()
+            .any(|o| o.iface_id == n.iface_id)
+        {
+            return Err(Response::fault(format!(
+                "Invalid network interface ID: {}",
+                n.iface_id
+            )));
+        }
+        build::rate_limit("rx_rate_limiter", n.rx_rate_limiter.as_ref())?;
+        build::rate_limit("tx_rate_limiter", n.tx_rate_limiter.as_ref())?;
+        Err(not_in_kiln(
+            "Updating a network interface's rate limiters after boot",
+        ))
     }
 
     fn put_vsock(&mut self, req: &Request) -> R {
@@ -604,7 +647,9 @@ impl ApiState {
                 v.guest_cid
             )));
         }
-        Err(not_in_kiln("virtio-vsock (PUT /vsock)"))
+        build::vsock_arg(&v)?;
+        self.config.vsock = Some(v);
+        Ok(Response::no_content())
     }
 
     fn put_logger(&mut self, req: &Request) -> R {
@@ -1021,13 +1066,19 @@ mod tests {
             r#"{"drive_id": "a-b", "is_root_device": false, "path_on_host": "/x"}"#,
         ));
         assert!(fault(&r).contains("Invalid ID"));
+        let uds = std::env::temp_dir().join(format!("kiln-unit-vsock-{}", std::process::id()));
+        let uds = uds.display();
         let r = s.handle(&req(
             "PUT",
             "/vsock",
-            r#"{"vsock_id": "v", "guest_cid": 3, "uds_path": "/tmp/v"}"#,
+            &format!(r#"{{"vsock_id": "v", "guest_cid": 3, "uds_path": "{uds}"}}"#),
         ));
-        // Parsed (the deprecated field is accepted); refused because vsock isn't built in.
-        assert!(fault(&r).contains("not supported by kiln"));
+        // The deprecated field is accepted.
+        assert_eq!(r.status, 204, "{r:?}");
+        assert_eq!(
+            s.full_config()["vsock"],
+            json!({"vsock_id": "v", "guest_cid": 3, "uds_path": uds.to_string()})
+        );
         let r = s.handle(&req("PATCH", "/mmds", r#"{"a": 1}"#));
         assert!(fault(&r).contains("not initialized"));
         assert_eq!(
