@@ -904,11 +904,21 @@ impl ApiState {
                 )));
             }
         }
-        // Every id must name a configured interface; kiln has none yet.
-        Err(Response::fault(
-            "The list of network interface IDs provided contains at least one ID that does not \
-             correspond to any existing network interface.",
-        ))
+        // Every id must name a configured interface.
+        if c.network_interfaces.iter().any(|id| {
+            !self
+                .config
+                .network_interfaces
+                .iter()
+                .any(|n| &n.iface_id == id)
+        }) {
+            return Err(Response::fault(
+                "The list of network interface IDs provided contains at least one ID that does \
+                 not correspond to any existing network interface.",
+            ));
+        }
+        // Refused rather than stored: the guest would never reach the data store.
+        Err(not_in_kiln("MMDS over the network (PUT /mmds/config)"))
     }
 }
 
@@ -1079,6 +1089,19 @@ mod tests {
             s.full_config()["vsock"],
             json!({"vsock_id": "v", "guest_cid": 3, "uds_path": uds.to_string()})
         );
+        let mmds_cfg = r#"{"network_interfaces": ["eth0"]}"#;
+        let r = s.handle(&req("PUT", "/mmds/config", mmds_cfg));
+        assert!(fault(&r).contains("does not correspond"), "{r:?}");
+        let r = s.handle(&req(
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#,
+        ));
+        assert_eq!(r.status, 204, "{r:?}");
+        // The interface exists now; MMDS itself isn't served to the guest.
+        let r = s.handle(&req("PUT", "/mmds/config", mmds_cfg));
+        assert!(fault(&r).contains("not supported by kiln"), "{r:?}");
+        assert!(s.config.mmds_config.is_none());
         let r = s.handle(&req("PATCH", "/mmds", r#"{"a": 1}"#));
         assert!(fault(&r).contains("not initialized"));
         assert_eq!(
