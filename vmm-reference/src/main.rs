@@ -336,7 +336,7 @@ fn wait_for_start(
         if fds[1].revents & libc::POLLIN != 0 {
             while let Some((request, reply)) = start.try_recv() {
                 let built = match request {
-                    api::StartRequest::Boot(spec) => Vm::boot(fix_spec(spec)),
+                    api::StartRequest::Boot(spec) => Vm::boot(fix_spec(*spec)),
                     api::StartRequest::Restore { cli, arg, paused } => {
                         // The same checks and spec as `--restore`.
                         kiln::snapshot::prepare_restore(*cli, &arg).and_then(|p| {

@@ -38,7 +38,7 @@ const POST_BOOT: &str = "The requested operation is not supported after starting
 #[derive(Debug)]
 pub enum StartRequest {
     /// `InstanceStart`: boot this VM.
-    Boot(crate::vm::VmSpec),
+    Boot(Box<crate::vm::VmSpec>),
     /// `PUT /snapshot/load`: restore the snapshot `arg` over the command line `cli`, as
     /// `--restore` does, `paused` or running.
     Restore {
@@ -691,7 +691,7 @@ impl ApiState {
     fn start(&mut self) -> Result<(), Response> {
         let spec = build::spec(&self.opts.base_args, &self.config)?;
         let t0 = Instant::now();
-        self.hand_off(StartRequest::Boot(spec))
+        self.hand_off(StartRequest::Boot(Box::new(spec)))
             .map_err(|e| Response::fault(format!("Start microvm error: {e}")))?;
         METRICS
             .latencies_us
@@ -1159,7 +1159,7 @@ mod tests {
             let (request, reply) = srx.try_recv().unwrap();
             reply.send(Ok(())).unwrap();
             match request {
-                StartRequest::Boot(spec) => spec,
+                StartRequest::Boot(spec) => *spec,
                 StartRequest::Restore { .. } => panic!("InstanceStart asked for a restore"),
             }
         });
