@@ -461,7 +461,14 @@ mod tests {
     #[test]
     fn nets_after_disks_before_rng() {
         let n: NetArg = "tap=kt0".parse().unwrap();
-        let s = slots(&[disk("/a")], &[n.clone(), n], &RngArg::default(), None, None).unwrap();
+        let s = slots(
+            &[disk("/a")],
+            &[n.clone(), n],
+            &RngArg::default(),
+            None,
+            None,
+        )
+        .unwrap();
         let kinds: Vec<_> = s.iter().map(|s| s.kind).collect();
         assert_eq!(
             kinds,

@@ -19,8 +19,8 @@
 
 mod bench_blk;
 mod bench_migrate;
-mod bench_snapshot;
 mod bench_net;
+mod bench_snapshot;
 mod bench_startup;
 mod bench_vsock;
 mod linux_guest;
