@@ -501,7 +501,7 @@ pub struct NetArg {
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`; a multicast address can't be a NIC's.
-fn parse_mac(v: &str) -> Result<[u8; 6], String> {
+pub fn parse_mac(v: &str) -> Result<[u8; 6], String> {
     let mut mac = [0u8; 6];
     let parts: Vec<&str> = v.split(':').collect();
     if parts.len() != 6 {
@@ -527,6 +527,20 @@ fn parse_mac(v: &str) -> Result<[u8; 6], String> {
         return Err(format!("mac={v}: the all-zero address"));
     }
     Ok(mac)
+}
+
+/// Checks a host tap interface name (`tap=`, the API's `host_dev_name`).
+pub fn check_tap_name(v: &str) -> Result<(), String> {
+    if v.is_empty() || v.len() > kiln_virtio::net::tap::MAX_NAME_LEN {
+        return Err(format!(
+            "tap={v}: an interface name of 1 to {} bytes",
+            kiln_virtio::net::tap::MAX_NAME_LEN
+        ));
+    }
+    if v.contains(['/', ' ', ':']) {
+        return Err(format!("tap={v}: not a valid interface name"));
+    }
+    Ok(())
 }
 
 impl std::str::FromStr for NetArg {
@@ -566,15 +580,7 @@ impl std::str::FromStr for NetArg {
         for (k, v) in rest {
             match k {
                 "tap" => {
-                    if v.is_empty() || v.len() > kiln_virtio::net::tap::MAX_NAME_LEN {
-                        return Err(err(format!(
-                            "tap={v}: an interface name of 1 to {} bytes",
-                            kiln_virtio::net::tap::MAX_NAME_LEN
-                        )));
-                    }
-                    if v.contains(['/', ' ', ':']) {
-                        return Err(err(format!("tap={v}: not a valid interface name")));
-                    }
+                    check_tap_name(v).map_err(err)?;
                     tap = Some(v.to_string());
                 }
                 "mac" => mac = Some(parse_mac(v).map_err(err)?),
@@ -733,36 +739,44 @@ impl std::str::FromStr for VsockArg {
         }
         unknown_options(FLAG, s, &rest, "cid, uds, id")?;
         let cid = cid.ok_or_else(|| err("cid= is required".into()))?;
+        let uds = uds.ok_or_else(|| err("uds= is required".into()))?;
+        VsockArg::new(cid, uds, id).map_err(err)
+    }
+}
+
+impl VsockArg {
+    /// A checked vsock device (`--vsock`, the API's `PUT /vsock`): a CID a guest may have, and
+    /// a listener path that fits a Unix socket address in an existing directory and is free.
+    pub fn new(cid: u64, uds: PathBuf, id: Option<String>) -> Result<VsockArg, String> {
         if !kiln_virtio::vsock::valid_guest_cid(cid) {
-            return Err(err(format!(
+            return Err(format!(
                 "cid={cid}: 0, 1 and 2 are reserved (hypervisor, local, host) and the CID must \
                  be below 4294967295"
-            )));
+            ));
         }
-        let uds = uds.ok_or_else(|| err("uds= is required".into()))?;
         let dir = match uds.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
         if !dir.is_dir() {
-            return Err(err(format!(
+            return Err(format!(
                 "uds={}: the directory {} does not exist",
                 uds.display(),
                 dir.display()
-            )));
+            ));
         }
         // sun_path holds 107 bytes and a NUL; `_PORT` adds up to 11.
         if uds.as_os_str().len() + 11 > 107 {
-            return Err(err(format!(
+            return Err(format!(
                 "uds={}: too long for a Unix socket path with a _PORT suffix (at most 96 bytes)",
                 uds.display()
-            )));
+            ));
         }
         if std::fs::symlink_metadata(&uds).is_ok() {
-            return Err(err(format!(
+            return Err(format!(
                 "uds={}: already exists (another VM's socket, or a stale one to remove)",
                 uds.display()
-            )));
+            ));
         }
         Ok(VsockArg { cid, uds, id })
     }

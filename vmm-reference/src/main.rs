@@ -292,8 +292,8 @@ fn fault_of(r: &api::http::Response) -> String {
     r.body.clone().unwrap_or_default()
 }
 
-/// Before `InstanceStart`: waits for the API's start request (booting each one, answering
-/// whether it worked) or a signal (returned).
+/// Before `InstanceStart` or `PUT /snapshot/load`: waits for the API's start request
+/// (building each one's VM, answering whether it worked) or a signal (returned).
 fn wait_for_start(
     signals: &OwnedFd,
     start: &api::StartReceiver,
@@ -334,8 +334,17 @@ fn wait_for_start(
             }
         }
         if fds[1].revents & libc::POLLIN != 0 {
-            while let Some((spec, reply)) = start.try_recv() {
-                match Vm::boot(fix_spec(spec)) {
+            while let Some((request, reply)) = start.try_recv() {
+                let built = match request {
+                    api::StartRequest::Boot(spec) => Vm::boot(fix_spec(*spec)),
+                    api::StartRequest::Restore { cli, arg, paused } => {
+                        // The same checks and spec as `--restore`.
+                        kiln::snapshot::prepare_restore(*cli, &arg).and_then(|p| {
+                            Vm::restore_from(fix_spec(p.spec), p.state, p.mem, paused)
+                        })
+                    }
+                };
+                match built {
                     Ok(vm) => {
                         let _ = reply.send(Ok(()));
                         return Ok(vm);

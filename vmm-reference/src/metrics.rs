@@ -207,6 +207,8 @@ group!(
         resume_vm: Gauge,
         /// `PUT /snapshot/create`.
         full_create_snapshot: Gauge,
+        /// `PUT /snapshot/load`.
+        load_snapshot: Gauge,
     }
 );
 

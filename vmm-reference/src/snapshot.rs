@@ -844,13 +844,26 @@ pub fn load_memory(arg: &RestoreArg, header: &Header) -> Result<GuestMemoryMmap,
     Ok(mem)
 }
 
-/// `kiln --restore`: reads and checks the snapshot, rebuilds the VM in this process, runs it
-/// (paused if `--restore-paused`) until it ends, and says how it ended.
-pub fn run_restore(cli: Cli, control: Option<ControlReceiver>) -> Result<Outcome, VmmError> {
+/// A snapshot read, checked and mapped: everything [`Vm::restore_from`] needs.
+#[derive(Debug)]
+pub struct PreparedRestore {
+    /// The VM to rebuild: the snapshot's machine over the restoring command line.
+    pub spec: VmSpec,
+    /// The saved vCPU, VM and device state.
+    pub state: VmState,
+    /// Guest memory, mapped from the snapshot's memory file(s).
+    pub mem: GuestMemoryMmap,
+    /// Time spent reading and checking the state file.
+    pub read: Duration,
+    /// Time spent mapping memory (after `read`).
+    pub mapped: Duration,
+}
+
+/// Reads and checks the snapshot `arg` (state file, memory layout, memory files) and
+/// derives its [`VmSpec`] over the restoring process's command line `cli`. Shared by
+/// `--restore` and the API's `PUT /snapshot/load`.
+pub fn prepare_restore(cli: Cli, arg: &RestoreArg) -> Result<PreparedRestore, VmmError> {
     let started = Instant::now();
-    let text = cli.restore.clone().unwrap_or_default();
-    let arg: RestoreArg = text.parse()?;
-    let paused = cli.restore_paused;
     let (header, state): (Header, VmState) =
         kiln_snapshot::read_state(&arg.state).map_err(SnapshotError::from)?;
     // The header's layout must be the one kiln gives this much RAM (a crafted file could
@@ -878,18 +891,36 @@ pub fn run_restore(cli: Cli, control: Option<ControlReceiver>) -> Result<Outcome
     }
     let spec = restore_spec(cli, &state)?;
     let read = started.elapsed();
-    let mem = load_memory(&arg, &header)?;
-    let mapped = started.elapsed();
+    let mem = load_memory(arg, &header)?;
+    let mapped = started.elapsed() - read;
+    Ok(PreparedRestore {
+        spec,
+        state,
+        mem,
+        read,
+        mapped,
+    })
+}
+
+/// `kiln --restore`: reads and checks the snapshot, rebuilds the VM in this process, runs it
+/// (paused if `--restore-paused`) until it ends, and says how it ended.
+pub fn run_restore(cli: Cli, control: Option<ControlReceiver>) -> Result<Outcome, VmmError> {
+    let started = Instant::now();
+    let text = cli.restore.clone().unwrap_or_default();
+    let arg: RestoreArg = text.parse()?;
+    let paused = cli.restore_paused;
+    let p = prepare_restore(cli, &arg)?;
+    let (read, mapped) = (p.read, p.mapped);
     // Before any thread exists, so every thread inherits the blocked signals.
     let signals = crate::vm::signal_fd()?;
-    let mut vm = Vm::restore_from(spec, state, mem, paused)?;
+    let mut vm = Vm::restore_from(p.spec, p.state, p.mem, paused)?;
     eprintln!(
         "kiln: restored {} in {:.1} ms (state {:.1} ms, memory {:.1} ms, VM {:.1} ms){}",
         arg.state.display(),
         started.elapsed().as_secs_f64() * 1e3,
         read.as_secs_f64() * 1e3,
-        (mapped - read).as_secs_f64() * 1e3,
-        (started.elapsed() - mapped).as_secs_f64() * 1e3,
+        mapped.as_secs_f64() * 1e3,
+        (started.elapsed() - read - mapped).as_secs_f64() * 1e3,
         if paused { "; paused" } else { "" }
     );
     let outcome = vm.wait(&signals, control.as_ref());

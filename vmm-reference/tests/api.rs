@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use api_util::*;
 
-/// Configure, start, pause, (snapshot), resume and Ctrl+Alt+Del the conformance guest
+/// Configure, start, pause, snapshot, resume and Ctrl+Alt+Del the conformance guest
 /// through the API of a `firecracker`-named kiln; the process then exits 0.
 #[test]
 fn lifecycle_through_the_api_only() {
@@ -139,16 +139,17 @@ fn lifecycle_through_the_api_only() {
 
     fc.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     assert_eq!(fc.get("/")["state"], "Paused");
-    let snap = fc.fault(
+    // A paused VM snapshots (restoring it is snapshot_create_and_load_through_the_api).
+    fc.ok(
         "PUT",
         "/snapshot/create",
-        Some(&format!(
+        &format!(
             r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
             dir.path("vm.snap").display(),
             dir.path("vm.mem").display()
-        )),
+        ),
     );
-    assert!(snap.contains("snapshot"), "{snap}");
+    assert!(dir.path("vm.snap").exists() && dir.path("vm.mem").exists());
     fc.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
     assert_eq!(fc.get("/")["state"], "Running");
     // MMDS stays readable and writable after boot.
@@ -195,6 +196,162 @@ fn lifecycle_through_the_api_only() {
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(log_text.contains("[vm_lifecycle:"), "{log_text}");
     assert!(log_text.contains("Debug API PUT /actions"), "{log_text}");
+}
+
+/// `counter seq=N ...` lines → N.
+fn counter_seqs(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| {
+            l.strip_prefix("counter seq=")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Snapshot a paused VM through `PUT /snapshot/create`, kill the process, and
+/// `PUT /snapshot/load` it (with `resume_vm`) in a fresh one: the `counter` guest carries on
+/// from the line after the last one it printed, with no memory, disk or clock errors.
+#[test]
+fn snapshot_create_and_load_through_the_api() {
+    if common::skip_kvm("snapshot_create_and_load_through_the_api") {
+        return;
+    }
+    let dir = Scratch::new("snapshot");
+    let guest = guest(&dir.0);
+    let disk = dir.path("disk.img");
+    // The counter stamps a ring of at least 32768 sectors.
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(16 << 20))
+        .unwrap();
+    let (state, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    let snap_body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        mem.display()
+    );
+    let sock = dir.path("api1.sock");
+    let launch = |sock: &std::path::Path| Launch {
+        program: firecracker_link(&dir.0),
+        args: vec!["--api-sock".into(), sock.display().to_string()],
+        confine_to: None,
+        stdin: false,
+    };
+    let mut fc = Kiln::start(launch(&sock), &sock);
+    fc.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+    );
+    fc.ok(
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 kiln.test=counter kiln.counter.mib=8 kiln.counter.rate=20 kiln.counter.period_ms=50 kiln.counter.secs=4"}}"#,
+            guest.display()
+        ),
+    );
+    fc.ok(
+        "PUT",
+        "/drives/data",
+        &format!(
+            r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false}}"#,
+            disk.display()
+        ),
+    );
+    // Loading needs a fresh process: not after boot-specific configuration.
+    let m = fc.fault(
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            mem.display()
+        )),
+    );
+    assert!(m.contains("boot-specific"), "{m}");
+    fc.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    assert!(
+        fc.wait_stdout("counter seq=8", Duration::from_secs(60)),
+        "{}",
+        fc.output()
+    );
+    // Firecracker snapshots paused VMs only.
+    let m = fc.fault("PUT", "/snapshot/create", Some(&snap_body));
+    assert!(m.contains("must be paused"), "{m}");
+    assert!(!state.exists());
+    fc.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    fc.ok("PUT", "/snapshot/create", &snap_body);
+    assert!(state.exists() && mem.exists());
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = fc.child.kill();
+    let _ = fc.child.wait();
+    let before = fc.stdout();
+    let last = *counter_seqs(&before).last().expect("counter lines");
+    assert!(!before.contains("errors=1"), "{before}");
+    drop(fc);
+
+    // A fresh process: bad load bodies are refused, then the snapshot loads and runs on.
+    let sock2 = dir.path("api2.sock");
+    let mut fc2 = Kiln::start(launch(&sock2), &sock2);
+    let m = fc2.fault(
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "Uffd", "backend_path": "/x"}}}}"#,
+            state.display()
+        )),
+    );
+    assert!(m.contains("Uffd") && m.contains("not supported"), "{m}");
+    let m = fc2.fault(
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(r#"{{"snapshot_path": "{}"}}"#, state.display())),
+    );
+    assert!(m.contains("mem_backend"), "{m}");
+    let m = fc2.fault(
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}}}"#,
+            dir.path("nope").display(),
+            mem.display()
+        )),
+    );
+    assert!(
+        m.starts_with("Load snapshot error") && m.contains("nope"),
+        "{m}"
+    );
+    assert_eq!(fc2.get("/")["state"], "Not started");
+    fc2.ok(
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}},
+                 "enable_diff_snapshots": false, "resume_vm": true}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    assert_eq!(fc2.get("/")["state"], "Running");
+    let st = fc2
+        .wait_exit(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("the restored guest never finished\n{}", fc2.output()));
+    let after = fc2.stdout();
+    assert_eq!(st.code(), Some(0), "{}", fc2.output());
+    assert!(after.contains("KTEST counter PASS"), "{}", fc2.output());
+    assert!(after.contains("errors=0 (mem=0 blk=0 clock=0)"), "{after}");
+    let seqs = counter_seqs(&after);
+    assert_eq!(
+        seqs.first().copied(),
+        Some(last + 1),
+        "the sequence goes on where it stopped\nbefore:\n{before}\nafter:\n{after}"
+    );
+    for w in seqs.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "a gap in the sequence\n{after}");
+    }
 }
 
 /// `--config-file` with `--no-api` boots the conformance guest without any socket.

@@ -192,8 +192,42 @@ fn error_paths_before_boot() {
         (
             "PUT",
             "/network-interfaces/eth0",
-            Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#),
-            "virtio-net",
+            Some(
+                r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "01:02:03:04:05:06"}"#,
+            ),
+            "network-interfaces[eth0].guest_mac: mac=01:02:03:04:05:06: a multicast address",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "52:54:00:12:34"}"#),
+            "network-interfaces[eth0].guest_mac: mac=52:54:00:12:34: expected six hex bytes",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            Some(r#"{"iface_id": "eth0"}"#),
+            "missing field `host_dev_name`",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            Some(r#"{"iface_id": "eth0", "host_dev_name": ""}"#),
+            "network-interfaces[eth0].host_dev_name: tap=: an interface name of 1 to",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "mtu": 1}"#),
+            "network-interfaces[eth0].mtu: 1 is not between",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            Some(
+                r#"{"iface_id": "eth0", "host_dev_name": "tap0", "rx_rate_limiter": {"ops": {"size": 1}}}"#,
+            ),
+            "missing field `refill_time`",
         ),
         (
             "PUT",
@@ -216,8 +250,8 @@ fn error_paths_before_boot() {
         (
             "PUT",
             "/vsock",
-            Some(r#"{"vsock_id": "old", "guest_cid": 3, "uds_path": "/v"}"#),
-            "virtio-vsock",
+            Some(r#"{"vsock_id": "old", "guest_cid": 3, "uds_path": "/no-such-dir/v"}"#),
+            "the directory /no-such-dir does not exist",
         ),
         (
             "PUT",
@@ -290,7 +324,37 @@ fn error_paths_before_boot() {
             "PUT",
             "/snapshot/load",
             Some(r#"{"snapshot_path": "s"}"#),
-            "snapshot/load",
+            "mem_backend (or the deprecated mem_file_path) is required",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            Some(
+                r#"{"snapshot_path": "s", "mem_file_path": "m", "mem_backend": {"backend_type": "File", "backend_path": "m"}}"#,
+            ),
+            "not both",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            Some(
+                r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}}"#,
+            ),
+            "mem_backend.backend_type Uffd is not supported by kiln",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            Some(
+                r#"{"snapshot_path": "s", "mem_file_path": "m", "network_overrides": [{"iface_id": "e", "host_dev_name": "t"}]}"#,
+            ),
+            "network_overrides is not supported by kiln",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            Some(r#"{"snapshot_path": "/no-such-snapshot", "mem_file_path": "m"}"#),
+            "Load snapshot error: ",
         ),
         ("GET", "/balloon", None, "balloon device is not configured"),
         ("PATCH", "/balloon", Some(r#"{"amount_mib": 1}"#), PRE_BOOT),
@@ -410,12 +474,61 @@ fn error_paths_after_boot() {
         "/balloon",
         r#"{"amount_mib": 0, "deflate_on_oom": true}"#,
     );
+    // A tap (created in the confined network namespace) and a vsock listener.
+    k.ok(
+        "PUT",
+        "/network-interfaces/eth0",
+        r#"{"iface_id": "eth0", "host_dev_name": "kilntap0", "guest_mac": "52:54:00:12:34:56",
+            "tx_rate_limiter": {"bandwidth": {"size": 1000000, "refill_time": 100}}}"#,
+    );
+    let m = k.fault(
+        "PUT",
+        "/network-interfaces/eth1",
+        Some(r#"{"iface_id": "eth1", "host_dev_name": "kilntap0"}"#),
+    );
+    assert!(m.contains("already in use"), "{m}");
+    let uds = dir.path("v.sock");
+    k.ok(
+        "PUT",
+        "/vsock",
+        &format!(
+            r#"{{"vsock_id": "old", "guest_cid": 7, "uds_path": "{}"}}"#,
+            uds.display()
+        ),
+    );
     k.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
     assert!(
         k.wait_stdout("KTEST-KBD-READY", Duration::from_secs(60)),
         "{}",
         k.output()
     );
+    // The VM has them: the tap is open and the vsock listener exists.
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", k.child.id()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(fds.iter().any(|p| p == "/dev/net/tun"), "{fds:?}");
+    assert!(uds.exists(), "no vsock listener at {}", uds.display());
+    let cfg = k.get("/vm/config");
+    assert_eq!(cfg["network-interfaces"][0]["host_dev_name"], "kilntap0");
+    assert_eq!(
+        cfg["network-interfaces"][0]["guest_mac"],
+        "52:54:00:12:34:56"
+    );
+    assert_eq!(cfg["vsock"]["guest_cid"], 7);
+    let m = k.fault(
+        "PATCH",
+        "/network-interfaces/eth9",
+        Some(r#"{"iface_id": "eth9"}"#),
+    );
+    assert!(m.contains("Invalid network interface ID"), "{m}");
+    let m = k.fault(
+        "PATCH",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id": "eth0", "rx_rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}"#),
+    );
+    assert!(m.contains("not supported by kiln"), "{m}");
     let drive = r#"{"drive_id": "a", "is_root_device": false, "path_on_host": "/x"}"#;
     for (method, path, body) in [
         (

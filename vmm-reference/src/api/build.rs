@@ -9,7 +9,7 @@ use clap::Parser;
 
 use super::http::Response;
 use super::models::*;
-use crate::config::{BalloonArg, Cli, DiskArg, RateLimitArg, RngArg, SerialArg};
+use crate::config::{BalloonArg, Cli, DiskArg, NetArg, RateLimitArg, RngArg, SerialArg, VsockArg};
 use crate::vm::VmSpec;
 
 /// Firecracker's kernel command line when `boot_args` is absent.
@@ -103,6 +103,55 @@ pub fn rate_limit(what: &str, r: Option<&RateLimiter>) -> Result<RateLimitArg, R
     })
 }
 
+/// A `NetworkInterface` as kiln's `--net` ([`NetArg`]); errors name the API field.
+pub fn net_arg(n: &NetworkInterface) -> Result<NetArg, Response> {
+    let field = |f: &str| format!("network-interfaces[{}].{f}", n.iface_id);
+    crate::config::check_tap_name(&n.host_dev_name)
+        .map_err(|e| fault(format!("{}: {e}", field("host_dev_name"))))?;
+    let mac = n
+        .guest_mac
+        .as_deref()
+        .map(crate::config::parse_mac)
+        .transpose()
+        .map_err(|e| fault(format!("{}: {e}", field("guest_mac"))))?;
+    let mtu = match n.mtu {
+        None => kiln_virtio::net::DEFAULT_MTU,
+        Some(m) => {
+            let (lo, hi) = (kiln_virtio::net::MIN_MTU, kiln_virtio::net::MAX_MTU);
+            if !(lo..=hi).contains(&m) {
+                return Err(fault(format!(
+                    "{}: {m} is not between {lo} and {hi}",
+                    field("mtu")
+                )));
+            }
+            m
+        }
+    };
+    Ok(NetArg {
+        tap: n.host_dev_name.clone(),
+        mac,
+        mtu,
+        id: Some(n.iface_id.clone()),
+        rx_rate_limit: rate_limit(&field("rx_rate_limiter"), n.rx_rate_limiter.as_ref())?,
+        tx_rate_limit: rate_limit(&field("tx_rate_limiter"), n.tx_rate_limiter.as_ref())?,
+    })
+}
+
+/// A `Vsock` as kiln's `--vsock` ([`VsockArg`]); the deprecated `vsock_id` names the device.
+pub fn vsock_arg(v: &Vsock) -> Result<VsockArg, Response> {
+    VsockArg::new(
+        u64::from(v.guest_cid),
+        PathBuf::from(&v.uds_path),
+        v.vsock_id.clone(),
+    )
+    .map_err(|e| {
+        fault(format!(
+            "vsock (guest_cid {}, uds_path {:?}): {e}",
+            v.guest_cid, v.uds_path
+        ))
+    })
+}
+
 /// The [`VmSpec`] for `config` over the native command line `base_args`.
 pub fn spec(base_args: &[OsString], config: &VmConfig) -> Result<VmSpec, Response> {
     let mut cli = Cli::try_parse_from(base_args)
@@ -121,14 +170,12 @@ pub fn spec(base_args: &[OsString], config: &VmConfig) -> Result<VmSpec, Respons
     if !config.pmem.is_empty() {
         return Err(fault("pmem is not supported by kiln."));
     }
-    if !config.network_interfaces.is_empty() {
-        return Err(fault(
-            "network-interfaces: virtio-net is not supported by kiln yet.",
-        ));
-    }
-    if config.vsock.is_some() {
-        return Err(fault("vsock: virtio-vsock is not supported by kiln yet."));
-    }
+    cli.net = config
+        .network_interfaces
+        .iter()
+        .map(net_arg)
+        .collect::<Result<_, _>>()?;
+    cli.vsock = config.vsock.as_ref().map(vsock_arg).transpose()?;
     let m = config.machine_config.clone().unwrap_or_default();
     check_machine(&m)?;
     cli.kernel = Some(PathBuf::from(&boot.kernel_image_path));
@@ -279,5 +326,34 @@ mod tests {
         assert_eq!(s.disks[1].rate_limit.ops.unwrap().size, 10);
         assert!(s.rng.enabled);
         assert!(s.seccomp.is_none(), "the native flags stay");
+    }
+
+    #[test]
+    fn spec_maps_network_interfaces_and_vsock() {
+        let uds = std::env::temp_dir().join(format!("kiln-build-vsock-{}", std::process::id()));
+        let c = parse_config(&format!(
+            r#"{{"boot-source": {{"kernel_image_path": "/k"}}, "drives": [],
+                "network-interfaces": [
+                  {{"iface_id": "eth0", "host_dev_name": "tap7", "guest_mac": "52:54:00:00:00:07",
+                    "rx_rate_limiter": {{"bandwidth": {{"size": 1000, "refill_time": 10}}}}}},
+                  {{"iface_id": "eth1", "host_dev_name": "tap8", "mtu": 9000}}],
+                "vsock": {{"guest_cid": 9, "uds_path": "{}", "vsock_id": "v"}}}}"#,
+            uds.display()
+        ))
+        .unwrap();
+        let s = spec(&["kiln".into()], &c).unwrap();
+        assert_eq!(s.nets.len(), 2);
+        assert_eq!(s.nets[0].tap, "tap7");
+        assert_eq!(s.nets[0].mac, Some([0x52, 0x54, 0, 0, 0, 7]));
+        assert_eq!(s.nets[0].id.as_deref(), Some("eth0"));
+        assert_eq!(s.nets[0].rx_rate_limit.bandwidth.unwrap().size, 1000);
+        assert!(s.nets[0].tx_rate_limit.bandwidth.is_none());
+        assert_eq!((s.nets[1].mac, s.nets[1].mtu), (None, 9000));
+        let v = s.vsock.unwrap();
+        assert_eq!((v.cid, v.uds, v.id.as_deref()), (9, uds, Some("v")));
+        let mut bad = c.clone();
+        bad.network_interfaces[1].guest_mac = Some("zz:54:00:00:00:07".into());
+        let e = super::super::fault_text(&spec(&["kiln".into()], &bad).unwrap_err());
+        assert!(e.starts_with("network-interfaces[eth1].guest_mac: "), "{e}");
     }
 }

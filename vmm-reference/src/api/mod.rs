@@ -34,8 +34,25 @@ const VM_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const PRE_BOOT: &str = "The requested operation is not supported before starting the microVM.";
 const POST_BOOT: &str = "The requested operation is not supported after starting the microVM.";
 
-/// What the main thread is asked to boot, and where the answer goes.
-pub type StartMsg = (crate::vm::VmSpec, mpsc::SyncSender<Result<(), String>>);
+/// What the main thread is asked to build before it serves a VM.
+#[derive(Debug)]
+pub enum StartRequest {
+    /// `InstanceStart`: boot this VM.
+    Boot(Box<crate::vm::VmSpec>),
+    /// `PUT /snapshot/load`: restore the snapshot `arg` over the command line `cli`, as
+    /// `--restore` does, `paused` or running.
+    Restore {
+        /// The native command line (serial, seccomp, ...) the snapshot's machine goes over.
+        cli: Box<crate::config::Cli>,
+        /// The state and memory files.
+        arg: crate::snapshot::RestoreArg,
+        /// Stay paused after restoring (`resume_vm` false).
+        paused: bool,
+    },
+}
+
+/// A start request, and where the answer goes.
+pub type StartMsg = (StartRequest, mpsc::SyncSender<Result<(), String>>);
 
 /// The API's end of the boot hand-over.
 #[derive(Debug)]
@@ -341,11 +358,7 @@ impl ApiState {
             ),
             ("PATCH", ["vm"]) => self.patch_vm(req),
             ("PUT", ["snapshot", "create"]) => self.snapshot_create(req),
-            ("PUT", ["snapshot", "load"]) => {
-                let _: SnapshotLoad = parse(req)?;
-                self.pre_boot()?;
-                Err(not_in_kiln("PUT /snapshot/load"))
-            }
+            ("PUT", ["snapshot", "load"]) => self.snapshot_load(req),
             ("GET", ["balloon"]) => match &self.config.balloon {
                 Some(b) => Ok(json(b)),
                 None => Err(Response::fault("The balloon device is not configured.")),
@@ -571,7 +584,35 @@ impl ApiState {
         check_id(id)?;
         let n: NetworkInterface = parse(req)?;
         path_matches_body(id, &n.iface_id)?;
-        Err(not_in_kiln("virtio-net (PUT /network-interfaces)"))
+        build::net_arg(&n)?;
+        let others = || {
+            self.config
+                .network_interfaces
+                .iter()
+                .filter(|o| o.iface_id != n.iface_id)
+        };
+        if others().any(|o| o.host_dev_name == n.host_dev_name) {
+            return Err(Response::fault(format!(
+                "The host device name {} is already in use by another interface.",
+                n.host_dev_name
+            )));
+        }
+        if n.guest_mac.is_some() && others().any(|o| o.guest_mac == n.guest_mac) {
+            return Err(Response::fault(format!(
+                "The guest MAC address {} is already in use by another interface.",
+                n.guest_mac.as_deref().unwrap_or_default()
+            )));
+        }
+        match self
+            .config
+            .network_interfaces
+            .iter_mut()
+            .find(|o| o.iface_id == n.iface_id)
+        {
+            Some(o) => *o = n,
+            None => self.config.network_interfaces.push(n),
+        }
+        Ok(Response::no_content())
     }
 
     fn patch_net(&mut self, id: &str, req: &Request) -> R {
@@ -579,7 +620,22 @@ impl ApiState {
         let n: PartialNetworkInterface = parse(req)?;
         path_matches_body(id, &n.iface_id)?;
         self.post_boot()?;
-        Err(not_in_kiln("virtio-net (PATCH /network-interfaces)"))
+        if !self
+            .config
+            .network_interfaces
+            .iter()
+            .any(|o| o.iface_id == n.iface_id)
+        {
+            return Err(Response::fault(format!(
+                "Invalid network interface ID: {}",
+                n.iface_id
+            )));
+        }
+        build::rate_limit("rx_rate_limiter", n.rx_rate_limiter.as_ref())?;
+        build::rate_limit("tx_rate_limiter", n.tx_rate_limiter.as_ref())?;
+        Err(not_in_kiln(
+            "Updating a network interface's rate limiters after boot",
+        ))
     }
 
     fn put_vsock(&mut self, req: &Request) -> R {
@@ -591,7 +647,9 @@ impl ApiState {
                 v.guest_cid
             )));
         }
-        Err(not_in_kiln("virtio-vsock (PUT /vsock)"))
+        build::vsock_arg(&v)?;
+        self.config.vsock = Some(v);
+        Ok(Response::no_content())
     }
 
     fn put_logger(&mut self, req: &Request) -> R {
@@ -632,25 +690,103 @@ impl ApiState {
 
     fn start(&mut self) -> Result<(), Response> {
         let spec = build::spec(&self.opts.base_args, &self.config)?;
+        let t0 = Instant::now();
+        self.hand_off(StartRequest::Boot(Box::new(spec)))
+            .map_err(|e| Response::fault(format!("Start microvm error: {e}")))?;
+        METRICS
+            .latencies_us
+            .instance_start
+            .set(t0.elapsed().as_micros() as u64);
+        self.phase = Phase::Running;
+        Ok(())
+    }
+
+    /// Hands `request` to the main thread and waits until it built the VM (or failed to).
+    fn hand_off(&self, request: StartRequest) -> Result<(), String> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.starter
             .tx
-            .send((spec, tx))
-            .map_err(|_| Response::fault("The VMM is not accepting a start request."))?;
+            .send((request, tx))
+            .map_err(|_| "the VMM is not accepting a start request".to_string())?;
         let _ = self.starter.wake.write(1);
-        let t0 = Instant::now();
         match rx.recv() {
-            Ok(Ok(())) => {
-                METRICS
-                    .latencies_us
-                    .instance_start
-                    .set(t0.elapsed().as_micros() as u64);
-                self.phase = Phase::Running;
-                Ok(())
-            }
-            Ok(Err(e)) => Err(Response::fault(format!("Start microvm error: {e}"))),
-            Err(_) => Err(Response::fault("The VMM did not answer the start request.")),
+            Ok(r) => r,
+            Err(_) => Err("the VMM did not answer the start request".into()),
         }
+    }
+
+    /// `PUT /snapshot/load`: only before anything boot-specific is configured (Firecracker's
+    /// rule); the main thread restores the VM as `--restore` does.
+    fn snapshot_load(&mut self, req: &Request) -> R {
+        let l: SnapshotLoad = parse(req)?;
+        self.pre_boot()?;
+        let mem_path = match (&l.mem_backend, &l.mem_file_path) {
+            (Some(_), Some(_)) => {
+                return Err(Response::fault(
+                    "Load snapshot error: give either mem_backend or the deprecated \
+                     mem_file_path, not both.",
+                ))
+            }
+            (None, None) => {
+                return Err(Response::fault(
+                    "Load snapshot error: mem_backend (or the deprecated mem_file_path) is \
+                     required.",
+                ))
+            }
+            (None, Some(p)) => p.clone(),
+            (Some(b), None) => match b.backend_type {
+                MemoryBackendType::File => b.backend_path.clone(),
+                MemoryBackendType::Uffd => {
+                    return Err(not_in_kiln("mem_backend.backend_type Uffd"))
+                }
+            },
+        };
+        if l.network_overrides.as_ref().is_some_and(|o| !o.is_empty()) {
+            return Err(not_in_kiln("network_overrides"));
+        }
+        if l.vsock_override.is_some() {
+            return Err(not_in_kiln("vsock_override"));
+        }
+        if l.clock_realtime == Some(true) {
+            return Err(not_in_kiln("clock_realtime"));
+        }
+        // Logging, metrics and MMDS settings belong to the process, not to the machine.
+        let boot_specific = VmConfig {
+            logger: None,
+            metrics: None,
+            mmds_config: None,
+            ..self.config.clone()
+        };
+        if boot_specific != VmConfig::default() {
+            return Err(Response::fault(
+                "Loading a microVM snapshot not allowed after configuring boot-specific \
+                 resources.",
+            ));
+        }
+        let cli = clap::Parser::try_parse_from(&self.opts.base_args)
+            .map_err(|e| Response::fault(format!("the command line: {}", e.kind())))?;
+        let resume = l.resume_vm.unwrap_or(false);
+        let t0 = Instant::now();
+        self.hand_off(StartRequest::Restore {
+            cli: Box::new(cli),
+            arg: crate::snapshot::RestoreArg {
+                state: l.snapshot_path.into(),
+                mem: mem_path.into(),
+                diff_mem: None,
+            },
+            paused: !resume,
+        })
+        .map_err(|e| Response::fault(format!("Load snapshot error: {e}")))?;
+        METRICS
+            .latencies_us
+            .load_snapshot
+            .set(t0.elapsed().as_micros() as u64);
+        self.phase = if resume {
+            Phase::Running
+        } else {
+            Phase::Paused
+        };
+        Ok(Response::no_content())
     }
 
     fn patch_vm(&mut self, req: &Request) -> R {
@@ -768,11 +904,21 @@ impl ApiState {
                 )));
             }
         }
-        // Every id must name a configured interface; kiln has none yet.
-        Err(Response::fault(
-            "The list of network interface IDs provided contains at least one ID that does not \
-             correspond to any existing network interface.",
-        ))
+        // Every id must name a configured interface.
+        if c.network_interfaces.iter().any(|id| {
+            !self
+                .config
+                .network_interfaces
+                .iter()
+                .any(|n| &n.iface_id == id)
+        }) {
+            return Err(Response::fault(
+                "The list of network interface IDs provided contains at least one ID that does \
+                 not correspond to any existing network interface.",
+            ));
+        }
+        // Refused rather than stored: the guest would never reach the data store.
+        Err(not_in_kiln("MMDS over the network (PUT /mmds/config)"))
     }
 }
 
@@ -930,13 +1076,32 @@ mod tests {
             r#"{"drive_id": "a-b", "is_root_device": false, "path_on_host": "/x"}"#,
         ));
         assert!(fault(&r).contains("Invalid ID"));
+        let uds = std::env::temp_dir().join(format!("kiln-unit-vsock-{}", std::process::id()));
+        let uds = uds.display();
         let r = s.handle(&req(
             "PUT",
             "/vsock",
-            r#"{"vsock_id": "v", "guest_cid": 3, "uds_path": "/tmp/v"}"#,
+            &format!(r#"{{"vsock_id": "v", "guest_cid": 3, "uds_path": "{uds}"}}"#),
         ));
-        // Parsed (the deprecated field is accepted); refused because vsock isn't built in.
-        assert!(fault(&r).contains("not supported by kiln"));
+        // The deprecated field is accepted.
+        assert_eq!(r.status, 204, "{r:?}");
+        assert_eq!(
+            s.full_config()["vsock"],
+            json!({"vsock_id": "v", "guest_cid": 3, "uds_path": uds.to_string()})
+        );
+        let mmds_cfg = r#"{"network_interfaces": ["eth0"]}"#;
+        let r = s.handle(&req("PUT", "/mmds/config", mmds_cfg));
+        assert!(fault(&r).contains("does not correspond"), "{r:?}");
+        let r = s.handle(&req(
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#,
+        ));
+        assert_eq!(r.status, 204, "{r:?}");
+        // The interface exists now; MMDS itself isn't served to the guest.
+        let r = s.handle(&req("PUT", "/mmds/config", mmds_cfg));
+        assert!(fault(&r).contains("not supported by kiln"), "{r:?}");
+        assert!(s.config.mmds_config.is_none());
         let r = s.handle(&req("PATCH", "/mmds", r#"{"a": 1}"#));
         assert!(fault(&r).contains("not initialized"));
         assert_eq!(
@@ -991,9 +1156,12 @@ mod tests {
             };
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut pfd, 1, 5000) };
-            let (spec, reply) = srx.try_recv().unwrap();
+            let (request, reply) = srx.try_recv().unwrap();
             reply.send(Ok(())).unwrap();
-            spec
+            match request {
+                StartRequest::Boot(spec) => *spec,
+                StartRequest::Restore { .. } => panic!("InstanceStart asked for a restore"),
+            }
         });
         let r = s.handle(&req(
             "PUT",
