@@ -318,19 +318,8 @@ fn wait_for_start(
             continue;
         }
         if fds[0].revents & libc::POLLIN != 0 {
-            // SAFETY: signalfd_siginfo is plain data.
-            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-            let len = std::mem::size_of::<libc::signalfd_siginfo>();
-            // SAFETY: reading at most `len` bytes into `info`, which is `len` bytes long.
-            let n = unsafe {
-                libc::read(
-                    signals.as_raw_fd(),
-                    (&mut info as *mut libc::signalfd_siginfo).cast(),
-                    len,
-                )
-            };
-            if n == len as isize {
-                return Err(info.ssi_signo as i32);
+            if let Some(sig) = vm::read_signal(signals) {
+                return Err(sig);
             }
         }
         if fds[1].revents & libc::POLLIN != 0 {

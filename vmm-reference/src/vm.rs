@@ -614,6 +614,23 @@ pub fn signal_fd() -> Result<OwnedFd, VmmError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Reads one pending signal from the signalfd [`signal_fd`] made; `None` if none was
+/// there (or the read came up short).
+pub fn read_signal(signals: &OwnedFd) -> Option<i32> {
+    // SAFETY: signalfd_siginfo is plain data.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let len = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reading at most `len` bytes into `info`, which is `len` bytes long.
+    let n = unsafe {
+        libc::read(
+            signals.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            len,
+        )
+    };
+    (n == len as isize).then_some(info.ssi_signo as i32)
+}
+
 /// What woke the main thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wake {
@@ -668,19 +685,8 @@ fn wait_for_event(
         break;
     }
     if fds[1].revents & libc::POLLIN != 0 {
-        // SAFETY: signalfd_siginfo is plain data.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let len = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: reading at most `len` bytes into `info`, which is `len` bytes long.
-        let n = unsafe {
-            libc::read(
-                signals.as_raw_fd(),
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                len,
-            )
-        };
-        if n == len as isize {
-            return Ok(Wake::Signal(info.ssi_signo as i32));
+        if let Some(sig) = read_signal(signals) {
+            return Ok(Wake::Signal(sig));
         }
     }
     if fds[0].revents & libc::POLLIN != 0 {

@@ -186,14 +186,14 @@ pub fn measure(idx: usize, ticks: u64) -> Option<(u64, u64, PitMethod)> {
             let gate = io::inb(0x61) & !0x03;
             io::outb(0x61, gate); // gate low, speaker off
             io::outb(0x43, 0b1011_0000); // channel 2, lo/hi byte, mode 0, binary
-            // Read the clock *before* the count is written and the gate raised: a vCPU
-            // descheduled around those writes then only lengthens the window (as a late end
-            // does), so the shortest window is the best estimate. Which write starts the count
-            // is up to the PIT model (KVM's starts mode 0 at the count write and ignores the
-            // gate), so the clock is read before both: reading it between them let a vCPU
-            // delayed there shorten a window (seen 3% short on a busy host), and the minimum
-            // picked exactly that outlier. The three writes' exits (~10 µs each here) bias the
-            // rate by ~600 ppm, well inside 1%.
+                                         // Read the clock *before* the count is written and the gate raised: a vCPU
+                                         // descheduled around those writes then only lengthens the window (as a late end
+                                         // does), so the shortest window is the best estimate. Which write starts the count
+                                         // is up to the PIT model (KVM's starts mode 0 at the count write and ignores the
+                                         // gate), so the clock is read before both: reading it between them let a vCPU
+                                         // delayed there shorten a window (seen 3% short on a busy host), and the minimum
+                                         // picked exactly that outlier. The three writes' exits (~10 µs each here) bias the
+                                         // rate by ~600 ppm, well inside 1%.
             let start = now(idx);
             io::outb(0x42, PERIOD as u8);
             io::outb(0x42, (PERIOD >> 8) as u8);
