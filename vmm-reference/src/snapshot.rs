@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use kiln_irq::state::IrqChipState;
-use kiln_memory::GuestMemoryMmap;
+use kiln_memory::{DirtyTracker, GuestMemoryMmap};
 use kiln_snapshot::memory::Pages;
 use kiln_snapshot::{CpuFeatures, Header, MemoryDesc};
 use kiln_vcpu::VcpuSnapshot;
@@ -321,8 +321,8 @@ pub struct RestoreInput {
 /// every page, and a diff adds each page whose fingerprint changed.
 #[derive(Debug, Default)]
 pub struct DirtyTracking {
-    /// KVM dirty logging is on for every slot (since the first full snapshot).
-    logging: bool,
+    /// KVM's dirty log, on for every slot since the first full snapshot (`None` before).
+    log: Option<DirtyTracker>,
     /// Pages dirtied since the last full snapshot, per region (KVM bitmap layout).
     since_full: Vec<Vec<u64>>,
     /// Each page's fingerprint at the last full snapshot, per region.
@@ -333,42 +333,19 @@ pub struct DirtyTracking {
     base_id: u64,
 }
 
-/// A keyed 64-bit fingerprint of one page.
-fn fingerprint(key: u64, page: &[u8]) -> u64 {
-    // SAFETY: every bit pattern is a valid u64; align_to only reinterprets the aligned
-    // middle (all of a guest page, which is page-aligned).
-    let (head, words, tail) = unsafe { page.align_to::<u64>() };
-    let mut h = key;
-    let mut mix = |w: u64| {
-        h = (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        h ^= h >> 32;
-    };
-    for &b in head.iter().chain(tail) {
-        mix(u64::from(b));
-    }
-    for &w in words {
-        mix(w);
-    }
-    h
-}
-
-fn fresh_key() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let here = &t as *const u64 as u64;
-    fingerprint(0x6b69_6c6e, &[t.to_le_bytes(), here.to_le_bytes()].concat())
-}
-
 impl DirtyTracking {
     /// Starts a new base: every page's fingerprint now, nothing dirty.
     fn new_base(&mut self, ram: &[(u64, &[u8])]) {
         let page = kiln_memory::PAGE_SIZE as usize;
-        self.key = fresh_key();
+        self.key = kiln_migration::random_key();
         let key = self.key;
         self.prints = ram
             .iter()
-            .map(|(_, d)| d.chunks(page).map(|p| fingerprint(key, p)).collect())
+            .map(|(_, d)| {
+                d.chunks(page)
+                    .map(|p| kiln_migration::fingerprint(key, p))
+                    .collect()
+            })
             .collect();
         self.since_full = ram
             .iter()
@@ -390,7 +367,7 @@ impl DirtyTracking {
             }
             for (i, (p, before)) in data.chunks(page).zip(prints).enumerate() {
                 let bit = 1u64 << (i % 64);
-                if acc[i / 64] & bit == 0 && fingerprint(self.key, p) != *before {
+                if acc[i / 64] & bit == 0 && kiln_migration::fingerprint(self.key, p) != *before {
                     acc[i / 64] |= bit;
                 }
             }
@@ -401,13 +378,13 @@ impl DirtyTracking {
 impl DirtyTracking {
     /// Whether diff snapshots rely on KVM's dirty log (then nobody else may turn it off).
     pub(crate) fn logging(&self) -> bool {
-        self.logging
+        self.log.is_some()
     }
 
     /// Adds pages someone else read (and so cleared) from KVM's dirty log, e.g. a live
     /// migration's rounds, so the next diff snapshot still has them.
     pub(crate) fn note(&mut self, log: &[Vec<u64>]) {
-        if !self.logging {
+        if self.log.is_none() {
             return;
         }
         for (acc, new) in self.since_full.iter_mut().zip(log) {
@@ -452,42 +429,20 @@ unsafe fn ram_slices_mut(mem: &GuestMemoryMmap) -> Vec<(u64, &mut [u8])> {
         .collect()
 }
 
-/// Turns `KVM_MEM_LOG_DIRTY_PAGES` on for every slot of `mem` (slot `i` = region `i`, as
-/// `kiln_memory::register_memory` lays them out).
-fn enable_dirty_log(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<(), SnapshotError> {
-    for (slot, r) in mem.iter().enumerate() {
-        let desc = kvm_bindings::kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
-            guest_phys_addr: r.start_addr().0,
-            memory_size: r.len(),
-            userspace_addr: r.as_ptr() as u64,
-        };
-        // SAFETY: the same slot, address range and mapping as registered at boot; only the
-        // flags change. The mapping lives as long as the VM (see register_memory).
-        unsafe { vm.set_user_memory_region(desc) }.map_err(|e| SnapshotError::Os {
-            what: "KVM_SET_USER_MEMORY_REGION (turning dirty logging on)",
-            source: io::Error::from_raw_os_error(e.errno()),
-        })?;
-    }
-    Ok(())
+/// Reads (and so clears) KVM's dirty log of every slot, as one bitmap per region.
+fn take_dirty_log(
+    log: &DirtyTracker,
+    vm: &kvm_ioctls::VmFd,
+) -> Result<Vec<Vec<u64>>, SnapshotError> {
+    let maps = log.get_and_clear(vm).map_err(dirty_log_error)?;
+    Ok(maps.into_iter().map(|m| m.bits).collect())
 }
 
-/// Reads (and so clears) KVM's dirty log of every slot.
-fn take_dirty_log(
-    vm: &kvm_ioctls::VmFd,
-    mem: &GuestMemoryMmap,
-) -> Result<Vec<Vec<u64>>, SnapshotError> {
-    mem.iter()
-        .enumerate()
-        .map(|(slot, r)| {
-            vm.get_dirty_log(slot as u32, r.len() as usize)
-                .map_err(|e| SnapshotError::Os {
-                    what: "KVM_GET_DIRTY_LOG",
-                    source: io::Error::from_raw_os_error(e.errno()),
-                })
-        })
-        .collect()
+fn dirty_log_error(e: kiln_memory::Error) -> SnapshotError {
+    SnapshotError::Os {
+        what: "KVM dirty log",
+        source: io::Error::other(e.to_string()),
+    }
 }
 
 impl Vm {
@@ -537,14 +492,14 @@ impl Vm {
         let state = self.capture_state()?;
         let captured = started.elapsed();
         if params.diff {
-            if !self.dirty.logging {
+            let Some(log) = &self.dirty.log else {
                 return Err(SnapshotError::Diff(
                     "no full snapshot of this VM was taken by this process yet; take one \
                      first (diffs hold the pages dirtied since the last full snapshot)"
                         .into(),
                 ));
-            }
-            let log = take_dirty_log(self.vm_fd(), self.memory())?;
+            };
+            let log = take_dirty_log(log, self.vm_fd())?;
             // A clone shares the mappings; it only frees `self` for the update below.
             let mem = self.memory().clone();
             // SAFETY: paused (checked by capture_state): nothing writes guest memory.
@@ -575,11 +530,15 @@ impl Vm {
         let track_started = Instant::now();
         if !params.diff {
             // Dirty pages count from here on.
-            if self.dirty.logging {
-                take_dirty_log(self.vm_fd(), self.memory())?;
-            } else {
-                enable_dirty_log(self.vm_fd(), self.memory())?;
-                self.dirty.logging = true;
+            match &self.dirty.log {
+                Some(log) => {
+                    take_dirty_log(log, self.vm_fd())?;
+                }
+                None => {
+                    let mut log = DirtyTracker::new(self.memory());
+                    log.enable(self.vm_fd()).map_err(dirty_log_error)?;
+                    self.dirty.log = Some(log);
+                }
             }
             let mem = self.memory().clone();
             // SAFETY: still paused: nothing writes guest memory.

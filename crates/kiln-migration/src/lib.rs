@@ -295,7 +295,9 @@ pub fn fingerprint(key: u64, page: &[u8]) -> u64 {
         .fold(key, |a, &x| (a ^ x).wrapping_mul(M).rotate_left(31))
 }
 
-fn random_key() -> u64 {
+/// A fresh fingerprint key (per migration, per full snapshot), so a guest can't aim for a
+/// collision.
+pub fn random_key() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(Instant::now().elapsed().as_nanos() as u64);
