@@ -353,17 +353,10 @@ impl SourceVm for VmSource<'_> {
     }
     fn take_back(&mut self) -> Result<(), String> {
         for (f, d) in self.vm.disk_locks.iter().zip(&self.vm.spec().disks) {
-            let op = if d.read_only {
-                libc::LOCK_SH
-            } else {
-                libc::LOCK_EX
-            } | libc::LOCK_NB;
-            // SAFETY: as above.
-            if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
+            if let Err(e) = crate::virtio::lock_disk(f, d.read_only) {
                 return Err(format!(
-                    "--disk path={}: can't lock the image again ({})",
-                    d.path.display(),
-                    io::Error::last_os_error()
+                    "--disk path={}: can't lock the image again ({e})",
+                    d.path.display()
                 ));
             }
         }

@@ -121,21 +121,28 @@ pub fn open_disk(d: &DiskArg) -> Result<File, VmmError> {
     if !ft.is_file() && !ft.is_block_device() {
         return Err(disk_err(d, "not a regular file or block device"));
     }
-    let op = if d.read_only {
-        libc::LOCK_SH
-    } else {
-        libc::LOCK_EX
-    } | libc::LOCK_NB;
-    // SAFETY: flock takes no pointers; the fd is valid while `f` lives. The lock goes away
-    // when the process exits.
-    if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
-        let e = io::Error::last_os_error();
+    if let Err(e) = lock_disk(&f, d.read_only) {
         return Err(disk_err(
             d,
             format!("can't lock the image ({e}); is another VM using it?"),
         ));
     }
     Ok(f)
+}
+
+/// Takes the image lock without waiting: shared for a read-only disk, exclusive otherwise,
+/// so two VMs never write one image. The lock goes away with the fd (or the process).
+pub(crate) fn lock_disk(f: &File, read_only: bool) -> io::Result<()> {
+    let op = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    } | libc::LOCK_NB;
+    // SAFETY: flock takes no pointers; the fd is valid while `f` lives.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Opens (or creates) the tap of each `--net`, on the main thread before any seccomp filter.
