@@ -176,3 +176,42 @@ pub fn guest_files(dir: &std::path::Path) -> (PathBuf, PathBuf) {
 }
 
 pub const MARKER: &str = "Kiln-cmdline_0123456789~!@#%^&*()";
+
+/// Sends one line to a `--control-sock` (retrying the connect for up to 20 s while kiln
+/// starts) and returns its answer line.
+pub fn ctl(sock: &std::path::Path, cmd: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let start = Instant::now();
+    let s = loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(_) if start.elapsed() < Duration::from_secs(20) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("connect {}: {e}", sock.display()),
+        }
+    };
+    let mut w = s.try_clone().expect("clone");
+    writeln!(w, "{cmd}").expect("write command");
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("answer");
+    line.trim().to_string()
+}
+
+/// The `counter` scenario's command line: 8 MiB dirtied at 20 MiB/s, a line every
+/// `period_ms`, for `secs` seconds.
+pub fn counter_cmdline(period_ms: u64, secs: u32) -> String {
+    format!(
+        "console=ttyS0 kiln.test=counter kiln.counter.mib=8 kiln.counter.rate=20 \
+         kiln.counter.period_ms={period_ms} kiln.counter.secs={secs}"
+    )
+}
+
+/// A zeroed 16 MiB disk image in `dir` the counter can stamp (it wants at least 32768
+/// sectors).
+pub fn counter_disk(dir: &std::path::Path) -> PathBuf {
+    let p = dir.join("disk.img");
+    let f = std::fs::File::create(&p).expect("create disk");
+    f.set_len(16 << 20).expect("size disk");
+    p
+}

@@ -11,7 +11,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -140,25 +139,6 @@ impl Drop for Kiln {
     }
 }
 
-/// Sends one control-socket command, returns the answer line.
-fn ctl(sock: &Path, cmd: &str) -> String {
-    let start = Instant::now();
-    let s = loop {
-        match UnixStream::connect(sock) {
-            Ok(s) => break s,
-            Err(_) if start.elapsed() < Duration::from_secs(20) => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => panic!("connect {}: {e}", sock.display()),
-        }
-    };
-    let mut w = s.try_clone().expect("clone");
-    writeln!(w, "{cmd}").expect("write command");
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).expect("answer");
-    line.trim().to_string()
-}
-
 /// `counter seq=N t_ns=T ...` → (N, T).
 fn tick(line: &str) -> Option<(u64, u64)> {
     let mut w = line.strip_prefix("counter seq=")?.split_whitespace();
@@ -181,21 +161,6 @@ fn field(report: &str, key: &str) -> Option<f64> {
 
 const PERIOD_MS: u64 = 50;
 
-fn counter_cmdline(secs: u32) -> String {
-    format!(
-        "console=ttyS0 kiln.test=counter kiln.counter.mib=8 kiln.counter.rate=20 \
-         kiln.counter.period_ms={PERIOD_MS} kiln.counter.secs={secs}"
-    )
-}
-
-/// A zeroed disk image the counter can stamp (it wants at least 32768 sectors).
-fn disk(dir: &Path) -> PathBuf {
-    let p = dir.join("disk.img");
-    let f = std::fs::File::create(&p).expect("create disk");
-    f.set_len(16 << 20).expect("size disk");
-    p
-}
-
 fn free_tcp_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     format!("tcp:{}", l.local_addr().expect("addr"))
@@ -208,11 +173,14 @@ fn migrate_and_check(name: &str, addr: &str, with_disk: bool, cpus: &str) {
     let _ = std::fs::remove_file(&sock);
     // With two vCPUs the AP dirties and checks its own area too.
     let cmdline = if cpus == "1" {
-        counter_cmdline(6)
+        common::counter_cmdline(PERIOD_MS, 6)
     } else {
-        format!("{} kiln.counter.aps=1", counter_cmdline(6))
+        format!(
+            "{} kiln.counter.aps=1",
+            common::counter_cmdline(PERIOD_MS, 6)
+        )
     };
-    let img = disk(&dir);
+    let img = common::counter_disk(&dir);
     let disk_arg = format!("path={}", img.display());
     let mut src_args = vec![
         "--cmdline",
@@ -232,7 +200,7 @@ fn migrate_and_check(name: &str, addr: &str, with_disk: bool, cpus: &str) {
     src.wait_for("counter seq=10", Duration::from_secs(60), |l| {
         tick(l).filter(|&(n, _)| n >= 10)
     });
-    let answer = ctl(&sock, &format!("migrate {addr}"));
+    let answer = common::ctl(&sock, &format!("migrate {addr}"));
     assert!(
         answer.starts_with("ok "),
         "{answer}\nsource:\n{}\ndestination:\n{}",
@@ -332,7 +300,7 @@ fn migrates_two_vcpus_over_a_unix_socket_and_the_guest_goes_on() {
 fn source(dir: &Path, secs: u32) -> (Kiln, PathBuf) {
     let sock = dir.join("ctl");
     let _ = std::fs::remove_file(&sock);
-    let cmdline = counter_cmdline(secs);
+    let cmdline = common::counter_cmdline(PERIOD_MS, secs);
     let mut src = Kiln::spawn(&[
         "--cmdline",
         &cmdline,
@@ -383,7 +351,7 @@ fn a_destination_that_dies_half_way_leaves_the_vm_running_on_the_source() {
     let fake = fake_destination(l, 4);
     let (src, sock) = source(&dir, 5);
     let seq_now = ticks(&src.output()).last().map_or(0, |t| t.0);
-    let answer = ctl(&sock, &format!("migrate {addr}"));
+    let answer = common::ctl(&sock, &format!("migrate {addr}"));
     fake.join().expect("fake destination");
     check_kept(src, &answer, seq_now);
     let _ = std::fs::remove_dir_all(&dir);
@@ -424,9 +392,9 @@ fn a_paused_vm_whose_migration_fails_after_commit_stays_paused_with_its_disk() {
     let dir = scratch("mig-after-commit");
     let sock = dir.join("ctl");
     let _ = std::fs::remove_file(&sock);
-    let img = disk(&dir);
+    let img = common::counter_disk(&dir);
     let disk_arg = format!("path={}", img.display());
-    let cmdline = counter_cmdline(4);
+    let cmdline = common::counter_cmdline(PERIOD_MS, 4);
     let mut src = Kiln::spawn(&[
         "--cmdline",
         &cmdline,
@@ -438,12 +406,12 @@ fn a_paused_vm_whose_migration_fails_after_commit_stays_paused_with_its_disk() {
     src.wait_for("counter seq=5", Duration::from_secs(60), |l| {
         tick(l).filter(|&(n, _)| n >= 5)
     });
-    assert_eq!(ctl(&sock, "pause"), "ok");
+    assert_eq!(common::ctl(&sock, "pause"), "ok");
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = format!("tcp:{}", l.local_addr().expect("addr"));
     // Everything is sent, the disk lock handed over, then the destination vanishes.
     let fake = fake_destination(l, 8);
-    let answer = ctl(&sock, &format!("migrate {addr}"));
+    let answer = common::ctl(&sock, &format!("migrate {addr}"));
     fake.join().expect("fake destination");
     assert!(answer.starts_with("error "), "{answer}");
     // Still paused: no new line.
@@ -462,7 +430,7 @@ fn a_paused_vm_whose_migration_fails_after_commit_stays_paused_with_its_disk() {
         "{}",
         other.output()
     );
-    assert_eq!(ctl(&sock, "resume"), "ok");
+    assert_eq!(common::ctl(&sock, "resume"), "ok");
     assert_eq!(
         src.wait_exit(Duration::from_secs(60)),
         Some(0),
@@ -496,7 +464,7 @@ fn a_destination_that_refuses_leaves_the_vm_running_on_the_source() {
     });
     let (src, sock) = source(&dir, 5);
     let seq_now = ticks(&src.output()).last().map_or(0, |t| t.0);
-    let answer = ctl(&sock, &format!("migrate {addr}"));
+    let answer = common::ctl(&sock, &format!("migrate {addr}"));
     assert!(answer.contains("refused"), "{answer}");
     assert_eq!(
         dst.wait_exit(Duration::from_secs(20)),
@@ -525,7 +493,7 @@ fn bad_migrate_commands_and_addresses_are_refused() {
         ),
         ("migrate tcp:127.0.0.1:1", "connecting to tcp:127.0.0.1:1"),
     ] {
-        let a = ctl(&sock, cmd);
+        let a = common::ctl(&sock, cmd);
         assert!(a.starts_with("error") && a.contains(why), "{cmd}: {a}");
     }
     assert_eq!(

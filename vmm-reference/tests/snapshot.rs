@@ -9,9 +9,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -92,22 +91,7 @@ impl Vm {
 
     /// Sends one control command, returns the answer line.
     fn ctl(&self, cmd: &str) -> String {
-        let start = Instant::now();
-        let s = loop {
-            match UnixStream::connect(&self.sock) {
-                Ok(s) => break s,
-                Err(e) if start.elapsed() < Duration::from_secs(20) => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("connect {}: {e}", self.sock.display()),
-            }
-        };
-        let mut w = s.try_clone().expect("clone");
-        writeln!(w, "{cmd}").expect("write");
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).expect("read");
-        line.trim().to_string()
+        common::ctl(&self.sock, cmd)
     }
 
     fn kill(mut self) -> String {
@@ -168,21 +152,6 @@ fn jumps(out: &str) -> Vec<u64> {
         .collect()
 }
 
-fn counter_cmdline(secs: u32) -> String {
-    format!(
-        "console=ttyS0 kiln.test=counter kiln.counter.mib=8 kiln.counter.rate=20 \
-         kiln.counter.period_ms=50 kiln.counter.secs={secs}"
-    )
-}
-
-/// A zeroed disk image the counter can stamp (it wants at least 32768 sectors).
-fn disk(dir: &Path) -> PathBuf {
-    let p = dir.join("disk.img");
-    let f = std::fs::File::create(&p).expect("create disk");
-    f.set_len(16 << 20).expect("size disk");
-    p
-}
-
 fn restore_run(args: &[&str]) -> common::Run {
     let mut cmd = kiln();
     cmd.args(args);
@@ -196,11 +165,11 @@ fn snapshot_restore_in_a_new_process_continues_the_guest() {
     }
     let _l = vm_lock();
     let dir = scratch("snap-full");
-    let img = disk(&dir);
+    let img = common::counter_disk(&dir);
     let snap = dir.join("snap");
     std::fs::create_dir_all(&snap).unwrap();
     let disk_arg = format!("path={}", img.display());
-    let cmdline = counter_cmdline(4);
+    let cmdline = common::counter_cmdline(50, 4);
     let mut vm = Vm::spawn(
         &["--disk", &disk_arg, "--cmdline", &cmdline],
         &dir.join("ctl1"),
@@ -355,10 +324,10 @@ fn diff_snapshot_restores_over_the_full_one() {
     std::fs::create_dir_all(&diff).unwrap();
     // Longer: the in-process pause around the first snapshot counts as guest time (kvmclock
     // runs on while a VM is paused in place).
-    let cmdline = counter_cmdline(8);
+    let cmdline = common::counter_cmdline(50, 8);
     // With a disk: the guest reads sectors back into its memory, writes KVM's dirty log
     // doesn't see (the diff finds them by fingerprint).
-    let img = disk(&dir);
+    let img = common::counter_disk(&dir);
     let disk_arg = format!("path={}", img.display());
     let mut vm = Vm::spawn(
         &["--disk", &disk_arg, "--cmdline", &cmdline],
@@ -471,7 +440,8 @@ fn restore_paused_waits_for_resume() {
     std::fs::create_dir_all(&snap).unwrap();
     // Two vCPUs (the AP started by `smp`, idle) and an active balloon with its statistics
     // buffer held by the device.
-    let cmdline = counter_cmdline(0).replace("kiln.test=counter", "kiln.test=smp,balloon,counter");
+    let cmdline = common::counter_cmdline(50, 0)
+        .replace("kiln.test=counter", "kiln.test=smp,balloon,counter");
     let mut vm = Vm::spawn(
         &["--cpus", "2", "--balloon", "size=4M", "--cmdline", &cmdline],
         &dir.join("ctl1"),
