@@ -317,14 +317,29 @@ impl<D: kiln_bus::MmioDevice + ?Sized> kiln_bus::MmioDevice for Counted<D> {
     }
 }
 
-/// `dev`, counted.
-pub fn counted_pio(dev: Arc<dyn kiln_bus::PioDevice>) -> Arc<dyn kiln_bus::PioDevice> {
-    Arc::new(Counted(dev))
+/// Whether a metrics destination is set. It can only be set before boot (`--metrics-path`,
+/// or `PUT /metrics`, a pre-boot call), so devices built without one are never counted.
+fn sink_set() -> bool {
+    SINK.lock().is_ok_and(|s| s.is_some())
 }
 
-/// `dev`, counted.
+/// `dev`, counted when metrics go somewhere; as it is otherwise, so the exit path of a VM
+/// without metrics keeps no extra call and no counter (the exit benchmark measures that path).
+pub fn counted_pio(dev: Arc<dyn kiln_bus::PioDevice>) -> Arc<dyn kiln_bus::PioDevice> {
+    if sink_set() {
+        Arc::new(Counted(dev))
+    } else {
+        dev
+    }
+}
+
+/// `dev`, counted when metrics go somewhere (see [`counted_pio`]).
 pub fn counted_mmio(dev: Arc<dyn kiln_bus::MmioDevice>) -> Arc<dyn kiln_bus::MmioDevice> {
-    Arc::new(Counted(dev))
+    if sink_set() {
+        Arc::new(Counted(dev))
+    } else {
+        dev
+    }
 }
 
 /// One vCPU's KVM statistics: the fd and where each wanted counter sits.
