@@ -296,12 +296,20 @@ pub fn fingerprint(key: u64, page: &[u8]) -> u64 {
 }
 
 /// A fresh fingerprint key (per migration, per full snapshot), so a guest can't aim for a
-/// collision.
+/// collision: the wall clock, a stack address and the pid, mixed. No `getrandom`: the VMM's
+/// main thread, which calls this, runs under a seccomp filter that doesn't allow it (std's
+/// `RandomState` may need it on a thread's first use).
 pub fn random_key() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
-    h.finish()
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let here = &t as *const u64 as u64;
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&t.to_le_bytes());
+    seed[8..16].copy_from_slice(&here.to_le_bytes());
+    seed[16..24].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
+    seed[24..].copy_from_slice(&Instant::now().elapsed().as_nanos().to_le_bytes()[..8]);
+    fingerprint(0x6b69_6c6e, &seed)
 }
 
 fn is_zero(b: &[u8]) -> bool {
