@@ -554,8 +554,8 @@ mod tests {
             fn mmio_write(&self, _: kiln_bus::MmioAddress, _: u64, _: &[u8]) {}
         }
         let nop = Arc::new(Nop);
-        let pio = counted_pio(nop.clone());
-        let mmio = counted_mmio(nop);
+        let pio: Arc<dyn kiln_bus::PioDevice> = Arc::new(Counted(nop.clone()));
+        let mmio: Arc<dyn kiln_bus::MmioDevice> = Arc::new(Counted(nop));
         let _ = exit_deltas();
         let threads: Vec<_> = (0..3)
             .map(|_| {
