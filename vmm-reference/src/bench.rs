@@ -207,7 +207,18 @@ pub fn attach(
     kiln_vcpu::set_exit_timing(injector);
     let device = Arc::new(legacy::BenchDevice::new(
         inj.clone().map(|i| i as Arc<dyn legacy::IrqInjector>),
-        Some(kiln_vcpu::vcpu_user_ns),
+        Some(legacy::ExitTimeHooks {
+            restart: || {
+                kiln_vcpu::with_vcpu_exit_times(kiln_vcpu::ExitTimes::clear);
+            },
+            read: || {
+                kiln_vcpu::with_vcpu_exit_times(|t| {
+                    let s = t.summary();
+                    (s.total_ns, s.typical_ns)
+                })
+                .unwrap_or((0, None))
+            },
+        }),
     ));
     pio.insert(
         PioAddress(legacy::BENCH_PORT),

@@ -11,6 +11,8 @@
 use std::fs::File;
 use std::time::{Duration, Instant};
 
+use kiln_vcpu::{exit_clock_ns, ExitTimes};
+
 use kvm_ioctls::{Kvm, VcpuExit};
 
 use kiln_bus::{MmioAddress, MmioDevice, PioAddress, PioDevice};
@@ -89,11 +91,11 @@ pub fn run(cmdline: &str, pin: Option<usize>, timeout: Duration) -> Result<Strin
 #[derive(Default)]
 struct Floor {
     serial: Vec<u8>,
-    /// (user µs, system µs, user-space ns) at the last begin mark.
-    begin: (u64, u64, u64),
-    /// The last ended run's (user µs, system µs, user-space ns), as the bench device's
-    /// registers 0, 4 and 12 report them.
-    last: (u32, u32, u32),
+    /// (user µs, system µs) at the last begin mark.
+    begin: (u64, u64),
+    /// The last ended run's (user µs, system µs, user-space ns, typical user-space ns per
+    /// exit × 100), as the bench device's registers 0, 4, 12 and 16 report them.
+    last: (u32, u32, u32, u32),
     msr_reads: u64,
 }
 
@@ -101,19 +103,24 @@ impl Floor {
     /// A write to the bench device's mark register (kiln_legacy::BenchDevice).
     #[cold]
     #[inline(never)]
-    fn mark(&mut self, data: &[u8], user_ns: u64) {
+    fn mark(&mut self, data: &[u8], times: &ExitTimes) {
         // Bit 31 of the mark: end of a measured run.
         let end = data.get(3).is_some_and(|b| b & 0x80 != 0);
         let now = legacy::thread_cpu_us();
         if end {
             let b = self.begin;
+            let t = times.summary();
             self.last = (
                 now.0.saturating_sub(b.0) as u32,
                 now.1.saturating_sub(b.1) as u32,
-                u32::try_from(user_ns.saturating_sub(b.2)).unwrap_or(u32::MAX),
+                u32::try_from(t.total_ns).unwrap_or(u32::MAX),
+                t.typical_ns.map_or(0, |ns| {
+                    (ns * 100.0).round().clamp(1.0, f64::from(u32::MAX)) as u32
+                }),
             );
         } else {
-            self.begin = (now.0, now.1, user_ns);
+            self.begin = now;
+            times.clear();
         }
     }
 
@@ -127,6 +134,7 @@ impl Floor {
             legacy::BENCH_PORT => self.last.0,
             0x70c => self.last.1,
             0x714 => self.last.2,
+            0x718 => self.last.3,
             _ => 0,
         };
         set_le(data, v);
@@ -144,15 +152,16 @@ fn exit_loop(vcpu: &mut kvm_ioctls::VcpuFd, timeout: Duration) -> Result<String,
     // On the heap, as kiln's is.
     let device = std::sync::Arc::new(legacy::ExitTestDevice::new());
     let mut f = Floor::default();
-    // User-space time between KVM_RUN returning and the next KVM_RUN, as kiln's vCPU
-    // threads measure it with --exit-bench (kiln_vcpu::vcpu_user_ns).
-    let mut user_ns = 0u64;
-    let mut exited_at: Option<Instant> = None;
+    // User-space time between KVM_RUN returning and the next KVM_RUN, recorded as kiln's
+    // vCPU threads record it with --exit-bench (same clock, same ExitTimes).
+    let times = ExitTimes::new();
+    let mut exited_at: u64 = 0;
     let deadline = Instant::now() + timeout;
     let mut exits = 0u64;
     loop {
-        if let Some(t) = exited_at.take() {
-            user_ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        if exited_at != 0 {
+            times.record(exit_clock_ns().wrapping_sub(exited_at));
+            exited_at = 0;
         }
         exits += 1;
         if exits % 4096 == 0 && Instant::now() > deadline {
@@ -163,7 +172,7 @@ fn exit_loop(vcpu: &mut kvm_ioctls::VcpuFd, timeout: Duration) -> Result<String,
         }
         let r = vcpu.run();
         if r.is_ok() {
-            exited_at = Some(Instant::now());
+            exited_at = exit_clock_ns();
         }
         match r {
             Ok(VcpuExit::IoOut(port, data)) if TEST_PORTS.contains(&port) => device.pio_write(
@@ -189,7 +198,7 @@ fn exit_loop(vcpu: &mut kvm_ioctls::VcpuFd, timeout: Duration) -> Result<String,
             Ok(VcpuExit::IoOut(port, data)) => match port {
                 legacy::COM1_PORT => f.serial.extend_from_slice(data),
                 legacy::POWER_PORT | legacy::QEMU_DEBUG_EXIT_PORT => break,
-                legacy::BENCH_PORT => f.mark(data, user_ns),
+                legacy::BENCH_PORT => f.mark(data, &times),
                 _ => {}
             },
             Ok(VcpuExit::IoIn(port, data)) => f.port_in(port, data),

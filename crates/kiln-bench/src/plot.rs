@@ -210,6 +210,7 @@ mod tests {
                         cpu_us: None,
                         vmm_ns: None,
                         vmm_rounds: Vec::new(),
+                        vmm_typical_rounds: Vec::new(),
                     },
                 );
             }

@@ -57,6 +57,9 @@ pub struct KindResult {
     pub vmm_ns: Option<u64>,
     /// Per round: `vmm_ns` over the round's exit count.
     pub vmm_rounds: Vec<f64>,
+    /// Per round: the typical user-space ns per exit (interquartile mean of the per-exit
+    /// times), if the VMM measured it.
+    pub vmm_typical_rounds: Vec<f64>,
 }
 
 impl KindResult {
@@ -67,6 +70,13 @@ impl KindResult {
     pub fn vmm_per_exit_ns(&self) -> Option<f64> {
         self.vmm_ns?;
         median(&self.vmm_rounds)
+    }
+
+    /// The typical user-space ns per exit: the median over rounds of each round's
+    /// interquartile mean of per-exit times (`kiln_vcpu::ExitTimes`). Unlike the mean, a
+    /// preemption between two clock reads moves neither.
+    pub fn vmm_typical_ns(&self) -> Option<f64> {
+        median(&self.vmm_typical_rounds)
     }
 
     /// (user ns, system ns) per exit.
@@ -157,6 +167,11 @@ pub fn parse(output: &str) -> Result<RunResult, String> {
                 .map(|v| v as f64 / h.count().max(1) as f64)
                 .into_iter()
                 .collect();
+            let vmm_typical_rounds = num(rest, "host_vmm_typ_cns")
+                .filter(|&v| v != 0 && v != u64::from(u32::MAX))
+                .map(|v| v as f64 / 100.0)
+                .into_iter()
+                .collect();
             out.kinds.insert(
                 kind,
                 KindResult {
@@ -164,6 +179,7 @@ pub fn parse(output: &str) -> Result<RunResult, String> {
                     cpu_us,
                     vmm_ns,
                     vmm_rounds,
+                    vmm_typical_rounds,
                 },
             );
         }
@@ -190,6 +206,7 @@ impl RunResult {
                         _ => None,
                     };
                     mine.vmm_rounds.extend(k.vmm_rounds);
+                    mine.vmm_typical_rounds.extend(k.vmm_typical_rounds);
                 }
                 None => {
                     self.kinds.insert(kind, k);

@@ -116,17 +116,18 @@ pub fn run_until_done(mut cmd: Command, who: &str, timeout: Duration) -> Result<
     Ok(text)
 }
 
-/// Runs the guest under kiln with the benchmark devices on.
+/// Runs the guest under kiln with the benchmark devices on, with `cpus` vCPUs.
 pub fn run_kiln(
     kiln: &Path,
     cmdline: &str,
+    cpus: u32,
     pin: Option<usize>,
     timeout: Duration,
 ) -> Result<String, String> {
     let mut c = Command::new(kiln);
     c.args([
         "--cpus",
-        "2",
+        &cpus.to_string(),
         "--memory",
         "256M",
         "--rng",
@@ -190,23 +191,25 @@ impl Other {
         !KILN_ONLY.contains(&kind)
     }
 
-    /// Runs the guest under this VMM.
+    /// Runs the guest under this VMM with `cpus` vCPUs.
     pub fn run(
         &self,
         cmdline: &str,
+        cpus: u32,
         pin: Option<usize>,
         timeout: Duration,
     ) -> Result<String, String> {
         let elf = guest_elf()?;
         // kiln.verify=0: no kiln test devices to read back from; kiln.cpus: kiln appends it
         // itself, others don't (the `ipi` kind needs to know there is a second vCPU).
-        let cmdline = format!("{cmdline} kiln.verify=0 kiln.cpus=2");
+        let cmdline = format!("{cmdline} kiln.verify=0 kiln.cpus={cpus}");
         let mut c = Command::new(&self.path);
         let mut cleanup = vec![elf.clone()];
         match self.kind {
             OtherKind::Qemu => {
                 c = kiln_testguest_builder::qemu_microvm(&self.path, "256M");
-                c.args(["-smp", "2"])
+                c.arg("-smp")
+                    .arg(cpus.to_string())
                     .arg("-kernel")
                     .arg(&elf)
                     .arg("-append")
@@ -216,7 +219,7 @@ impl Other {
                 let cfg = serde_json::json!({
                     "boot-source": { "kernel_image_path": elf, "boot_args": cmdline },
                     "drives": [],
-                    "machine-config": { "vcpu_count": 2, "mem_size_mib": 256 },
+                    "machine-config": { "vcpu_count": cpus, "mem_size_mib": 256 },
                 });
                 let p = elf.with_extension("json");
                 std::fs::write(&p, cfg.to_string()).map_err(|e| format!("{}: {e}", p.display()))?;

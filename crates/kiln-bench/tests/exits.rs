@@ -88,6 +88,19 @@ fn measures_kiln_and_the_floor_and_writes_json() {
             v.is_some_and(|v| v > 0.0),
             "{vmm}: {v:?} (an old target/debug/kiln? `cargo build -p kiln`)"
         );
+        // The typical (interquartile mean) time per exit lies in the histogram's range and
+        // is there for each round.
+        let k = &doc["vmms"][vmm]["kinds"]["pio-out"];
+        let typ = k["vmm_typical_ns_per_exit"].as_f64();
+        assert!(
+            typ.is_some_and(|t| t > 0.0 && t < 512.0),
+            "{vmm}: typical {typ:?}"
+        );
+        assert_eq!(
+            k["vmm_typical_ns_per_exit_rounds"].as_array().map(Vec::len),
+            Some(2),
+            "{vmm}"
+        );
     }
     // msr-user runs or says why not; nothing is silently missing.
     assert!(kiln["msr-user"].is_object() || doc["vmms"]["kiln"]["skipped"]["msr-user"].is_string());

@@ -11,6 +11,7 @@
 //! | 4 | guest-physical address of the 16-byte irq stamp slot | system µs of the last ended run |
 //! | 8 | start N irqfd injections (see [`IrqInjector`]) | injections done so far |
 //! | 12 | — | ns the vCPU thread spent in user space handling exits during the last ended run (saturating u32; 0 without a clock) |
+//! | 16 | — | the typical (interquartile mean) user-space ns per exit of the last ended run, × 100 (0 without a clock) |
 //!
 //! The mark is handled on the vCPU thread that made the exit, which is the thread whose
 //! usage it measures; begin and end must come from the same vCPU.
@@ -24,7 +25,7 @@ use kiln_bus::{PioAddress, PioDevice, RateLimitedWarn};
 /// First port of the device.
 pub const BENCH_PORT: u16 = 0x708;
 /// Ports the device occupies.
-pub const BENCH_PORT_SIZE: u16 = 16;
+pub const BENCH_PORT_SIZE: u16 = 20;
 /// IOAPIC GSI the irqfd injections raise (edge, active high).
 pub const BENCH_IRQ_GSI: u32 = 12;
 /// An MSR unknown to KVM that kiln answers from user space (KVM user-space MSR exits), for
@@ -51,13 +52,20 @@ pub trait IrqInjector: Send + Sync {
 }
 
 thread_local! {
-    /// (user µs, system µs, VMM exit-handling ns) at the last begin mark on this thread.
-    static BEGIN: Cell<Option<(u64, u64, u64)>> = const { Cell::new(None) };
+    /// (user µs, system µs) at the last begin mark on this thread.
+    static BEGIN: Cell<Option<(u64, u64)>> = const { Cell::new(None) };
 }
 
-/// Reads the calling vCPU thread's accumulated exit-handling time in ns (e.g.
-/// `kiln_vcpu::vcpu_user_ns`).
-pub type ExitTimeFn = fn() -> u64;
+/// How the device reads the calling vCPU thread's own exit-handling times (kiln wires them
+/// to `kiln_vcpu::with_vcpu_exit_times`). Called on the vCPU thread that made the mark.
+#[derive(Debug, Clone, Copy)]
+pub struct ExitTimeHooks {
+    /// Forgets the exit times recorded so far (at a begin mark).
+    pub restart: fn(),
+    /// The exit times since `restart`: the total ns spent in user space handling exits, and
+    /// the typical (interquartile mean) ns per exit if enough exits were recorded.
+    pub read: fn() -> (u64, Option<f64>),
+}
 
 static BAD: RateLimitedWarn = RateLimitedWarn::new();
 
@@ -80,8 +88,9 @@ pub struct BenchDevice {
     slot: AtomicU64,
     injector: Option<Arc<dyn IrqInjector>>,
     msr_reads: AtomicU32,
-    exit_ns: Option<ExitTimeFn>,
+    exit_times: Option<ExitTimeHooks>,
     vmm_ns: AtomicU64,
+    vmm_typical_cns: AtomicU32,
 }
 
 impl std::fmt::Debug for BenchDevice {
@@ -95,16 +104,17 @@ impl std::fmt::Debug for BenchDevice {
 impl BenchDevice {
     /// A device; without an injector, injection requests are ignored (reads of the count
     /// stay 0, so the guest reports the kind as unsupported); `exit_ns` reads the vCPU
-    /// thread's exit-handling time (register 12 reads 0 without it).
-    pub fn new(injector: Option<Arc<dyn IrqInjector>>, exit_ns: Option<ExitTimeFn>) -> Self {
+    /// thread's exit-handling times (registers 12 and 16 read 0 without them).
+    pub fn new(injector: Option<Arc<dyn IrqInjector>>, exit_times: Option<ExitTimeHooks>) -> Self {
         BenchDevice {
             user_us: AtomicU64::new(0),
             sys_us: AtomicU64::new(0),
             slot: AtomicU64::new(0),
             injector,
             msr_reads: AtomicU32::new(0),
-            exit_ns,
+            exit_times,
             vmm_ns: AtomicU64::new(0),
+            vmm_typical_cns: AtomicU32::new(0),
         }
     }
 
@@ -127,19 +137,26 @@ impl BenchDevice {
 
     fn mark(&self, value: u32) {
         let now = thread_cpu_us();
-        let exit_ns = self.exit_ns.map_or(0, |f| f());
         if value & MARK_END == 0 {
-            BEGIN.with(|b| b.set(Some((now.0, now.1, exit_ns))));
+            BEGIN.with(|b| b.set(Some(now)));
+            if let Some(h) = self.exit_times {
+                (h.restart)();
+            }
             return;
         }
         match BEGIN.with(|b| b.take()) {
-            Some((u, s, e)) => {
+            Some((u, s)) => {
                 self.user_us
                     .store(now.0.saturating_sub(u), Ordering::Relaxed);
                 self.sys_us
                     .store(now.1.saturating_sub(s), Ordering::Relaxed);
-                self.vmm_ns
-                    .store(exit_ns.saturating_sub(e), Ordering::Relaxed);
+                let (total, typical) = self.exit_times.map_or((0, None), |h| (h.read)());
+                self.vmm_ns.store(total, Ordering::Relaxed);
+                // Hundredths of a ns, saturating; 0 = not measured.
+                let cns = typical.map_or(0, |t| {
+                    (t * 100.0).round().clamp(1.0, u32::MAX as f64) as u32
+                });
+                self.vmm_typical_cns.store(cns, Ordering::Relaxed);
             }
             None => {
                 BAD.warn(format_args!(
@@ -161,6 +178,7 @@ impl PioDevice for BenchDevice {
             4 => self.sys_us.load(Ordering::Relaxed) as u32,
             8 => self.injector.as_ref().map_or(0, |i| i.done()),
             12 => u32::try_from(self.vmm_ns.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
+            16 => self.vmm_typical_cns.load(Ordering::Relaxed),
             _ => 0,
         };
         if data.len() == 4 {
@@ -221,22 +239,30 @@ mod tests {
     #[test]
     fn marks_measure_this_threads_cpu_time() {
         thread_local! {
-            static FAKE_NS: Cell<u64> = const { Cell::new(0) };
+            static FAKE: Cell<(u64, Option<f64>)> = const { Cell::new((0, None)) };
         }
-        fn fake_ns() -> u64 {
-            FAKE_NS.with(Cell::get)
-        }
-        let d = BenchDevice::new(None, Some(fake_ns));
+        let hooks = ExitTimeHooks {
+            restart: || FAKE.with(|f| f.set((0, None))),
+            read: || FAKE.with(Cell::get),
+        };
+        let d = BenchDevice::new(None, Some(hooks));
+        FAKE.with(|f| f.set((999, Some(1.0))));
         w(&d, 0, 7);
+        assert_eq!(
+            FAKE.with(Cell::get),
+            (0, None),
+            "a begin mark restarts the exit times"
+        );
         // Burn some user time between the marks.
         let mut x = 0u64;
         let start = std::time::Instant::now();
         while start.elapsed() < std::time::Duration::from_millis(30) {
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
         }
-        FAKE_NS.with(|f| f.set(12_345));
+        FAKE.with(|f| f.set((12_345, Some(41.237))));
         w(&d, 0, 7 | MARK_END);
         assert_eq!(r(&d, 12), 12_345, "exit-handling ns between the marks");
+        assert_eq!(r(&d, 16), 4124, "typical ns per exit, in hundredths");
         let (u, s) = d.last_run();
         assert!(u + s > 0, "no CPU time measured ({u}, {s})");
         assert_eq!(r(&d, 0), u as u32);
@@ -244,6 +270,11 @@ mod tests {
         // An end without a begin changes nothing.
         w(&d, 0, MARK_END);
         assert_eq!(d.last_run(), (u, s));
+        // Without hooks the exit-time registers read 0.
+        let bare = BenchDevice::new(None, None);
+        w(&bare, 0, 1);
+        w(&bare, 0, 1 | MARK_END);
+        assert_eq!((r(&bare, 12), r(&bare, 16)), (0, 0));
     }
 
     #[test]

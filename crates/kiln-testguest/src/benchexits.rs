@@ -398,6 +398,8 @@ fn report(kind: &str) {
     line.push_dec(u64::from(io::inl(BENCH_PORT + 4)));
     line.push_str(" host_vmm_ns=");
     line.push_dec(u64::from(io::inl(BENCH_PORT + 12)));
+    line.push_str(" host_vmm_typ_cns=");
+    line.push_dec(u64::from(io::inl(BENCH_PORT + 16)));
     io::serial_line(line.as_bytes());
 }
 

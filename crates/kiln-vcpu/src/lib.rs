@@ -4,16 +4,19 @@
 mod bus_handler;
 pub mod cpuid;
 pub mod exit;
+pub mod exit_times;
 pub mod regs;
 pub mod runner;
 pub mod state;
 
 pub use bus_handler::{BusExitHandler, MsrReadFn, StopCallback};
 pub use exit::{handle_exit, handle_exit_cached, ExitAction, ExitHandler, StopKind, StopReason};
+pub use exit_times::{exit_clock_ns, ExitTimeSummary, ExitTimes};
 pub use kiln_bus::DispatchCache;
 pub use regs::{BootMode, BootRegs, Segment};
 pub use runner::{
-    set_exit_timing, stop_current_vcpu, vcpu_user_ns, ThreadInit, Vcpu, VcpuHandle, VcpuState,
+    set_exit_timing, stop_current_vcpu, vcpu_user_ns, with_vcpu_exit_times, ThreadInit, Vcpu,
+    VcpuHandle, VcpuState,
 };
 pub use state::VcpuSnapshot;
 

@@ -10,13 +10,14 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::exit::{handle_exit_cached, ExitAction, ExitHandler, StopKind, StopReason};
+use crate::exit_times::{exit_clock_ns, ExitTimes};
 use crate::regs::dump_registers;
 use crate::{Error, Result};
 
@@ -139,26 +140,53 @@ fn control_finish(control: &Control) {
 }
 
 /// Whether vCPU threads time their user-space work per exit (off by default: it costs two
-/// clock reads per exit).
+/// clock reads per exit). Read by each vCPU thread when its loop starts.
 static EXIT_TIMING: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
-    /// Nanoseconds this vCPU thread spent in user space between `KVM_RUN` returning with an
-    /// exit and the next `KVM_RUN` (exit handling, the VMM's share of each exit).
-    static USER_NS: Cell<u64> = const { Cell::new(0) };
+    /// The exit times of the vCPU this thread runs (in its run loop's frame), for device
+    /// models reading them during an exit; null while no loop runs on this thread.
+    static EXIT_TIMES: Cell<*const ExitTimes> = const { Cell::new(std::ptr::null()) };
 }
 
-/// Turns per-exit user-space timing on or off for every vCPU thread (for the exit
-/// benchmark; see [`vcpu_user_ns`]).
+/// Turns per-exit user-space timing on or off for vCPU threads started afterwards (for the
+/// exit benchmark; see [`vcpu_user_ns`] and [`with_vcpu_exit_times`]).
 pub fn set_exit_timing(on: bool) {
     EXIT_TIMING.store(on, Ordering::Relaxed);
 }
 
+/// On a vCPU thread: runs `f` with that vCPU's per-exit user-space times (time from
+/// `KVM_RUN` returning with an exit to the next `KVM_RUN`: the VMM's own share of each
+/// exit; recorded only with exit timing on). `None` on other threads.
+pub fn with_vcpu_exit_times<R>(f: impl FnOnce(&ExitTimes) -> R) -> Option<R> {
+    let p = EXIT_TIMES.with(Cell::get);
+    // SAFETY: a non-null pointer was set by this thread's run loop to an `ExitTimes` in its
+    // own frame, and is reset to null (by `ExitTimesGuard`) before that frame ends; the loop
+    // only ever uses it through shared references, so this one aliases nothing mutable.
+    unsafe { p.as_ref() }.map(f)
+}
+
 /// On a vCPU thread with exit timing on: the nanoseconds it has spent handling exits in
-/// user space so far (0 elsewhere). Differences between two calls give the VMM's own time
-/// for the exits in between.
+/// user space since its exit times were last cleared (0 elsewhere). Differences between two
+/// calls give the VMM's own time for the exits in between.
 pub fn vcpu_user_ns() -> u64 {
-    USER_NS.with(Cell::get)
+    with_vcpu_exit_times(ExitTimes::total_ns).unwrap_or(0)
+}
+
+/// Publishes a run loop's `ExitTimes` in `EXIT_TIMES` and takes it back on every way out.
+struct ExitTimesGuard;
+
+impl ExitTimesGuard {
+    fn publish(times: &ExitTimes) -> Self {
+        EXIT_TIMES.with(|p| p.set(times));
+        ExitTimesGuard
+    }
+}
+
+impl Drop for ExitTimesGuard {
+    fn drop(&mut self) {
+        EXIT_TIMES.with(|p| p.set(std::ptr::null()));
+    }
 }
 
 /// One vCPU, configured and ready to run. `H` is its exit handler: a concrete type (e.g.
@@ -294,21 +322,25 @@ impl<H: ExitHandler + ?Sized + 'static> Vcpu<H> {
             return StopReason::Requested;
         }
         let mut eagain_backoff = Duration::from_micros(50);
-        let mut exited_at: Option<Instant> = None;
+        // Exit timing, as the benchmark's floor does it (same clock, same record).
+        let timing = EXIT_TIMING.load(Ordering::Relaxed);
+        let times = ExitTimes::new();
+        let _published = ExitTimesGuard::publish(&times);
+        let mut exited_at: u64 = 0;
         // Our own reference to the handler, so the per-vCPU dispatch cache can borrow from
         // it while `self` is used mutably below; the cache lives in this frame, which the
         // exit path touches anyway.
         let handler = Arc::clone(&self.handler);
         let mut cache = kiln_bus::DispatchCache::new();
         loop {
-            if let Some(t) = exited_at.take() {
-                let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                USER_NS.with(|u| u.set(u.get().saturating_add(ns)));
+            if exited_at != 0 {
+                times.record(exit_clock_ns().wrapping_sub(exited_at));
+                exited_at = 0;
             }
             let action = match self.fd.run() {
                 Ok(exit) => {
-                    if EXIT_TIMING.load(Ordering::Relaxed) {
-                        exited_at = Some(Instant::now());
+                    if timing {
+                        exited_at = exit_clock_ns();
                     }
                     eagain_backoff = Duration::from_micros(50);
                     handle_exit_cached(exit, &*handler, &mut cache)
