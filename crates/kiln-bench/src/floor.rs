@@ -34,14 +34,10 @@ fn set_le(data: &mut [u8], v: u32) {
     }
 }
 
-/// Boots the guest with `cmdline` on one vCPU and runs it to power-off; returns its serial
-/// output.
-pub fn run(cmdline: &str, pin: Option<usize>, timeout: Duration) -> Result<String, String> {
-    if let Some(cpu) = pin {
-        // This thread runs the vCPU below.
-        crate::vmms::pin_thread(cpu)
-            .map_err(|err| format!("floor: pinning to CPU {cpu}: {err}"))?;
-    }
+/// Boots the guest with `cmdline` on one vCPU, run by the calling thread, to power-off;
+/// returns its serial output. `kiln-bench exits` runs it in a fresh process each round
+/// (`kiln-bench floor`, see [`crate::vmms::run_floor`]), as it runs kiln.
+pub fn run(cmdline: &str, timeout: Duration) -> Result<String, String> {
     let kvm = Kvm::new().map_err(e("/dev/kvm"))?;
     let vm = kvm.create_vm().map_err(e("KVM_CREATE_VM"))?;
     vm.set_tss_address(0xfffb_d000)

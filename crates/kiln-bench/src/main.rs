@@ -37,6 +37,20 @@ struct Cli {
 enum Command {
     /// Measure every kind of VM exit (see --list).
     Exits(ExitsArgs),
+    /// Run the raw kvm-ioctls floor once and print the guest's serial output (what `exits`
+    /// starts in a fresh process for each round, as it does kiln).
+    #[command(hide = true)]
+    Floor(FloorArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct FloorArgs {
+    /// The guest command line.
+    #[arg(long)]
+    cmdline: String,
+    /// Time limit in seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -293,7 +307,7 @@ fn exits(a: ExitsArgs) -> Result<(), String> {
         let mut slot = 1;
         if !floor_kinds.is_empty() {
             eprintln!("== round {round}/{rounds}: floor (raw kvm-ioctls loop), 1 vCPU");
-            let out = floor::run(&guest_cmdline(&floor_kinds, &a), a.pin, timeout)?;
+            let out = vmms::run_floor(&guest_cmdline(&floor_kinds, &a), a.pin, timeout)?;
             runs[slot]
                 .1
                 .merge(report::parse(&out).map_err(|e| format!("floor: {e}"))?);
@@ -350,6 +364,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Exits(a) => exits(a),
+        Command::Floor(a) => floor::run(&a.cmdline, Duration::from_secs(a.timeout)).map(|out| {
+            print!("{out}");
+        }),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

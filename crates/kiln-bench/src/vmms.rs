@@ -142,6 +142,36 @@ pub fn run_kiln(
     run_until_done(c, "kiln", timeout)
 }
 
+/// Runs the floor (`kiln-bench floor`) in a fresh process, as kiln runs in one: both start
+/// from the same state (new address space, cold caches, pages faulted in on first touch).
+pub fn run_floor(cmdline: &str, pin: Option<usize>, timeout: Duration) -> Result<String, String> {
+    let me = std::env::current_exe().map_err(|e| format!("locating kiln-bench: {e}"))?;
+    let mut c = Command::new(me);
+    c.args(["floor", "--cmdline", cmdline, "--timeout"])
+        .arg(timeout.as_secs().max(1).to_string());
+    if let Some(cpu) = pin {
+        pin_to(&mut c, cpu);
+    }
+    let out = c
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("floor: starting kiln-bench floor: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "{}\n{text}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    if let Some(fail) = text
+        .lines()
+        .find(|l| l.starts_with("KTEST ") && l.contains(" FAIL"))
+    {
+        return Err(format!("floor: {fail}"));
+    }
+    Ok(text)
+}
+
 /// Another VMM to compare with.
 #[derive(Debug)]
 pub struct Other {
