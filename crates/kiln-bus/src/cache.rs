@@ -133,17 +133,18 @@ impl<T: MmioDevice> AsRawMmio for T {
     }
 }
 
-/// One remembered range: `[base, last]` and its device.
+/// One remembered range: `[base, base + span]` and its device.
 struct Slot<D> {
     base: u64,
-    last: u64,
+    /// `last - base`: kept instead of `last` so a hit is one subtraction and two compares.
+    span: u64,
     dev: Option<D>,
 }
 
 impl<D: Copy> Slot<D> {
     const EMPTY: Self = Slot {
         base: 0,
-        last: 0,
+        span: 0,
         dev: None,
     };
 
@@ -152,22 +153,24 @@ impl<D: Copy> Slot<D> {
     #[inline(always)]
     fn hit(&self, addr: u64, len: usize) -> Option<(D, u64)> {
         let dev = self.dev?;
-        if addr < self.base || addr > self.last {
+        // The access's first byte at `offset` and its last at `offset + len - 1` must both be
+        // within `span`: `offset <= span - (len - 1)`. Below `base` the offset wraps to a huge
+        // value; a range shorter than the access can't hold it. `len` is 1..=8 here (the
+        // callers check sizes first) and nothing is added, so nothing overflows even at the
+        // top of the address space.
+        let offset = addr.wrapping_sub(self.base);
+        let room = self.span.checked_sub((len as u64).wrapping_sub(1))?;
+        if offset > room {
             return None;
         }
-        // `len` is 1..=8 here (the callers check sizes first); compare last byte offsets so
-        // a range ending at the top of the space cannot overflow.
-        if (len as u64).wrapping_sub(1) > self.last - addr {
-            return None;
-        }
-        Some((dev, addr - self.base))
+        Some((dev, offset))
     }
 
     #[inline]
     fn set(&mut self, base: u64, last: u64, dev: D) {
         *self = Slot {
             base,
-            last,
+            span: last.wrapping_sub(base),
             dev: Some(dev),
         };
     }
@@ -241,15 +244,15 @@ impl Default for DispatchCache<'_> {
 
 impl std::fmt::Debug for DispatchCache<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let range = |base: u64, last: u64, set: bool| set.then_some(base..=last);
+        let range = |base: u64, span: u64, set: bool| set.then_some(base..=base.wrapping_add(span));
         f.debug_struct("DispatchCache")
             .field(
                 "pio",
-                &range(self.pio.base, self.pio.last, self.pio.dev.is_some()),
+                &range(self.pio.base, self.pio.span, self.pio.dev.is_some()),
             )
             .field(
                 "mmio",
-                &range(self.mmio.base, self.mmio.last, self.mmio.dev.is_some()),
+                &range(self.mmio.base, self.mmio.span, self.mmio.dev.is_some()),
             )
             .finish()
     }
@@ -338,5 +341,39 @@ impl<'a> DispatchCache<'a> {
     #[inline]
     pub(crate) fn remember_mmio(&mut self, base: u64, last: u64, dev: &'a dyn MmioDevice) {
         self.mmio.set(base, last, dev.as_raw_mmio());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Slot;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The hit check agrees with plain wide arithmetic: the whole access
+        /// `[addr, addr + len - 1]` lies inside `[base, last]`, anywhere in the 64-bit space.
+        #[test]
+        fn hit_means_the_whole_access_is_inside(
+            base in prop_oneof![any::<u64>(), (u64::MAX - 64)..=u64::MAX, 0u64..64],
+            span in prop_oneof![0u64..16, any::<u64>()],
+            delta in -16i128..32,
+            len in prop_oneof![Just(1usize), Just(2), Just(4), Just(8)],
+        ) {
+            let last = base.saturating_add(span);
+            let mut slot = Slot::<u8>::EMPTY;
+            prop_assert!(slot.hit(base, len).is_none(), "an empty slot never hits");
+            slot.set(base, last, 9);
+            let addr = i128::from(base) + delta;
+            prop_assume!((0..=i128::from(u64::MAX)).contains(&addr));
+            let addr = addr as u64;
+            let inside = u128::from(addr) >= u128::from(base)
+                && u128::from(addr) + len as u128 - 1 <= u128::from(last);
+            let got = slot.hit(addr, len);
+            prop_assert_eq!(got.is_some(), inside, "addr {:#x} len {} in [{:#x}, {:#x}]", addr, len, base, last);
+            if let Some((dev, offset)) = got {
+                prop_assert_eq!(dev, 9);
+                prop_assert_eq!(offset, addr - base);
+            }
+        }
     }
 }
