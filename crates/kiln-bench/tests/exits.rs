@@ -155,3 +155,70 @@ fn bad_arguments_are_named() {
         "{list}"
     );
 }
+
+/// Comparison mode end to end: QEMU microvm (CI installs it) and a Firecracker. No Firecracker
+/// binary is installed here, so the test uses kiln under the name `firecracker`, which takes
+/// Firecracker's `--no-api --config-file` command line and configuration format: that checks
+/// what kiln-bench hands a Firecracker (config file, vCPU counts, which kinds it runs).
+#[test]
+fn compares_with_qemu_and_a_firecracker() {
+    if skip_kvm("compares_with_qemu_and_a_firecracker") {
+        return;
+    }
+    let qemu = [
+        "/usr/bin/qemu-system-x86_64",
+        "/usr/local/bin/qemu-system-x86_64",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).is_file())
+    .expect("qemu-system-x86_64 is missing (apt-get install qemu-system-x86; .ci/run does)");
+    let dir = std::env::temp_dir().join(format!("kiln-bench-cmp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fc = dir.join("firecracker");
+    std::os::unix::fs::symlink(kiln(), &fc).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln-bench"))
+        .args([
+            "exits",
+            "--n",
+            "200",
+            "--warmup",
+            "20",
+            "--rounds",
+            "1",
+            "--no-floor",
+            "--kinds",
+            "pio-out,mmio-ioeventfd,ipi",
+            "--kiln",
+        ])
+        .arg(kiln())
+        .arg("--compare")
+        .arg(format!("qemu={qemu}"))
+        .arg("--compare")
+        .arg(format!("firecracker={}", fc.display()))
+        .output()
+        .expect("run kiln-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for row in [
+        "pio-out         kiln",
+        "pio-out         qemu-microvm",
+        "pio-out         firecracker",
+        "ipi             qemu-microvm",
+        "ipi             firecracker",
+        "mmio-ioeventfd  qemu-microvm skipped: qemu-microvm can't run it",
+        "mmio-ioeventfd  firecracker  skipped: firecracker can't run it",
+    ] {
+        assert!(stdout.contains(row), "no row {row:?}:\n{stdout}\n{stderr}");
+    }
+    // Each VMM ran the two-vCPU kind in a run of its own.
+    for vmm in ["qemu-microvm", "firecracker"] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains(&format!(": {vmm} (")) && l.ends_with("2 vCPU(s): ipi")),
+            "{stderr}"
+        );
+    }
+}
