@@ -5,10 +5,13 @@
 //! the handler, the bus, the binary search, the device. A [`DispatchCache`] lives in the
 //! vCPU thread's own stack frame and holds the last range hit on each bus with a borrowed
 //! device, so a repeated access (a guest polls one device many times in a row) is checked
-//! and dispatched without touching the bus at all. It holds its devices as [`RawPio`] /
+//! and dispatched without touching the bus at all; the very same access as last time (same
+//! address and size: a status register polled, a queue notified) is recognised by two
+//! compares, without the range and size checks. It holds its devices as [`RawPio`] /
 //! [`RawMmio`] handles: the data pointer with the concrete type's functions, so a hit does
 //! not even read the device's vtable.
 
+use std::cell::Cell;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
@@ -133,23 +136,48 @@ impl<T: MmioDevice> AsRawMmio for T {
     }
 }
 
-/// One remembered range: `[base, base + span]` and its device.
+/// One remembered range: `[base, base + span]` and its device, and the last access that hit
+/// it, so a guest polling one register (the usual case: a status register, a queue notify)
+/// is recognised by two compares.
 struct Slot<D> {
     base: u64,
-    /// `last - base`: kept instead of `last` so a hit is one subtraction and two compares.
+    /// `last - base`: kept instead of `last` so a range hit is one subtraction and two
+    /// compares.
     span: u64,
     dev: Option<D>,
+    /// The last access that hit: address, length (0: none yet) and offset in the range.
+    /// `Cell`s, so dispatching stays `&self`; a cache belongs to one thread.
+    memo_addr: Cell<u64>,
+    memo_len: Cell<u64>,
+    memo_offset: Cell<u64>,
 }
 
 impl<D: Copy> Slot<D> {
-    const EMPTY: Self = Slot {
-        base: 0,
-        span: 0,
-        dev: None,
-    };
+    /// Nothing remembered.
+    const fn empty() -> Self {
+        Slot {
+            base: 0,
+            span: 0,
+            dev: None,
+            memo_addr: Cell::new(0),
+            memo_len: Cell::new(0),
+            memo_offset: Cell::new(0),
+        }
+    }
+
+    /// The device and offset if this is the very access that hit last (same address, same
+    /// length, which was a valid size then).
+    #[inline(always)]
+    fn repeat(&self, addr: u64, len: usize) -> Option<(D, u64)> {
+        if addr == self.memo_addr.get() && len as u64 == self.memo_len.get() {
+            return Some((self.dev?, self.memo_offset.get()));
+        }
+        None
+    }
 
     /// The device and the access's offset in its range, if the whole access of `len`
     /// bytes at `addr` lies in the remembered range. Same checks as the bus's own lookup.
+    /// Remembers the access for [`repeat`](Self::repeat).
     #[inline(always)]
     fn hit(&self, addr: u64, len: usize) -> Option<(D, u64)> {
         let dev = self.dev?;
@@ -163,6 +191,9 @@ impl<D: Copy> Slot<D> {
         if offset > room {
             return None;
         }
+        self.memo_addr.set(addr);
+        self.memo_len.set(len as u64);
+        self.memo_offset.set(offset);
         Some((dev, offset))
     }
 
@@ -172,6 +203,7 @@ impl<D: Copy> Slot<D> {
             base,
             span: last.wrapping_sub(base),
             dev: Some(dev),
+            ..Self::empty()
         };
     }
 }
@@ -262,8 +294,8 @@ impl<'a> DispatchCache<'a> {
     /// An empty cache: every access goes to the bus once.
     pub const fn new() -> Self {
         DispatchCache {
-            pio: Slot::EMPTY,
-            mmio: Slot::EMPTY,
+            pio: Slot::empty(),
+            mmio: Slot::empty(),
         }
     }
 
@@ -275,10 +307,12 @@ impl<'a> DispatchCache<'a> {
     /// Dispatches a PIO read if it hits the remembered range; `false`: not dispatched.
     #[inline]
     pub fn pio_read(&self, addr: PioAddress, data: &mut [u8]) -> bool {
-        if !matches!(data.len(), 1 | 2 | 4) {
-            return false;
-        }
-        match self.pio.hit(u64::from(addr.0), data.len()) {
+        let hit = match self.pio.repeat(u64::from(addr.0), data.len()) {
+            Some(h) => Some(h),
+            None if !matches!(data.len(), 1 | 2 | 4) => return false,
+            None => self.pio.hit(u64::from(addr.0), data.len()),
+        };
+        match hit {
             Some((dev, offset)) => {
                 // Both fit in u16: the range was checked against 0xffff when inserted.
                 dev.pio_read(PioAddress(self.pio.base as u16), offset as u16, data);
@@ -291,10 +325,12 @@ impl<'a> DispatchCache<'a> {
     /// Dispatches a PIO write if it hits the remembered range; `false`: not dispatched.
     #[inline]
     pub fn pio_write(&self, addr: PioAddress, data: &[u8]) -> bool {
-        if !matches!(data.len(), 1 | 2 | 4) {
-            return false;
-        }
-        match self.pio.hit(u64::from(addr.0), data.len()) {
+        let hit = match self.pio.repeat(u64::from(addr.0), data.len()) {
+            Some(h) => Some(h),
+            None if !matches!(data.len(), 1 | 2 | 4) => return false,
+            None => self.pio.hit(u64::from(addr.0), data.len()),
+        };
+        match hit {
             Some((dev, offset)) => {
                 dev.pio_write(PioAddress(self.pio.base as u16), offset as u16, data);
                 true
@@ -306,10 +342,12 @@ impl<'a> DispatchCache<'a> {
     /// Dispatches an MMIO read if it hits the remembered range; `false`: not dispatched.
     #[inline]
     pub fn mmio_read(&self, addr: MmioAddress, data: &mut [u8]) -> bool {
-        if !matches!(data.len(), 1 | 2 | 4 | 8) {
-            return false;
-        }
-        match self.mmio.hit(addr.0, data.len()) {
+        let hit = match self.mmio.repeat(addr.0, data.len()) {
+            Some(h) => Some(h),
+            None if !matches!(data.len(), 1 | 2 | 4 | 8) => return false,
+            None => self.mmio.hit(addr.0, data.len()),
+        };
+        match hit {
             Some((dev, offset)) => {
                 dev.mmio_read(MmioAddress(self.mmio.base), offset, data);
                 true
@@ -321,10 +359,12 @@ impl<'a> DispatchCache<'a> {
     /// Dispatches an MMIO write if it hits the remembered range; `false`: not dispatched.
     #[inline]
     pub fn mmio_write(&self, addr: MmioAddress, data: &[u8]) -> bool {
-        if !matches!(data.len(), 1 | 2 | 4 | 8) {
-            return false;
-        }
-        match self.mmio.hit(addr.0, data.len()) {
+        let hit = match self.mmio.repeat(addr.0, data.len()) {
+            Some(h) => Some(h),
+            None if !matches!(data.len(), 1 | 2 | 4 | 8) => return false,
+            None => self.mmio.hit(addr.0, data.len()),
+        };
+        match hit {
             Some((dev, offset)) => {
                 dev.mmio_write(MmioAddress(self.mmio.base), offset, data);
                 true
@@ -360,7 +400,7 @@ mod tests {
             len in prop_oneof![Just(1usize), Just(2), Just(4), Just(8)],
         ) {
             let last = base.saturating_add(span);
-            let mut slot = Slot::<u8>::EMPTY;
+            let mut slot = Slot::<u8>::empty();
             prop_assert!(slot.hit(base, len).is_none(), "an empty slot never hits");
             slot.set(base, last, 9);
             let addr = i128::from(base) + delta;
@@ -373,7 +413,17 @@ mod tests {
             if let Some((dev, offset)) = got {
                 prop_assert_eq!(dev, 9);
                 prop_assert_eq!(offset, addr - base);
+                // The same access again is recognised without the range check; any other
+                // length or address is not.
+                prop_assert_eq!(slot.repeat(addr, len), got);
+                prop_assert_eq!(slot.repeat(addr, len * 2), None);
+                prop_assert_eq!(slot.repeat(addr.wrapping_add(1), len), None);
+            } else {
+                prop_assert_eq!(slot.repeat(addr, len), None, "a miss is never remembered");
             }
+            // Refilling forgets the remembered access.
+            slot.set(base, last, 9);
+            prop_assert_eq!(slot.repeat(addr, len), None);
         }
     }
 }
