@@ -149,11 +149,35 @@ pub fn run(args: &[&str]) -> Run {
     run_with(cmd, None, Duration::from_secs(60))
 }
 
-/// A scratch directory unique to this test process and `name`.
-pub fn scratch(name: &str) -> PathBuf {
+/// A scratch directory unique to this test process and `name`, removed with everything in it
+/// when dropped (at the end of the test, pass or fail).
+pub fn scratch(name: &str) -> Scratch {
     let d = std::env::temp_dir().join(format!("kiln-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&d).expect("scratch dir");
-    d
+    Scratch(d)
+}
+
+/// See [`scratch`]; derefs to its path.
+#[derive(Debug)]
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for Scratch {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// FNV-1a 64, as the guest computes it over the initrd.

@@ -261,8 +261,23 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    /// A scratch sysfs tree for one test.
-    fn fake_sysfs(name: &str, files: &[(&str, &str)]) -> PathBuf {
+    /// A scratch sysfs tree for one test, removed when dropped.
+    struct FakeSysfs(PathBuf);
+
+    impl std::ops::Deref for FakeSysfs {
+        type Target = PathBuf;
+        fn deref(&self) -> &PathBuf {
+            &self.0
+        }
+    }
+
+    impl Drop for FakeSysfs {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn fake_sysfs(name: &str, files: &[(&str, &str)]) -> FakeSysfs {
         let root =
             std::env::temp_dir().join(format!("kiln-memory-sysfs-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
@@ -271,12 +286,12 @@ mod tests {
             std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
             std::fs::write(&p, text).expect("write");
         }
-        root
+        FakeSysfs(root)
     }
 
     const POOL: &str = "kernel/mm/hugepages/hugepages-2048kB";
 
-    fn pool(name: &str, free: &str, resv: &str, over: &str, surplus: &str) -> PathBuf {
+    fn pool(name: &str, free: &str, resv: &str, over: &str, surplus: &str) -> FakeSysfs {
         fake_sysfs(
             name,
             &[
