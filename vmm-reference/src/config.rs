@@ -161,7 +161,8 @@ pub struct Cli {
     #[arg(long, conflicts_with = "seccomp_filter")]
     pub no_seccomp: bool,
     /// Use the seccomp filters in FILE (seccompiler JSON, one filter per thread kind: vmm,
-    /// vcpu, device, stdin; see docs/security.md) instead of the built-in ones.
+    /// vcpu, device, stdin; optionally bench and api; see docs/security.md) instead of the
+    /// built-in ones.
     #[arg(long, value_name = "FILE")]
     pub seccomp_filter: Option<PathBuf>,
     /// Test hook: make a forbidden system call on the named thread kind right after its
@@ -293,6 +294,8 @@ pub enum SeccompSelftest {
     Stdin,
     /// The exit benchmark's irqfd injector (needs --exit-bench).
     Bench,
+    /// The API server thread (needs --api-sock, or kiln as `firecracker`).
+    Api,
 }
 
 /// Splits `KEY=VALUE,...` (a bare `KEY` means `KEY=on`), rejecting empty and repeated keys.

@@ -129,6 +129,17 @@ fn finish(result: Result<Outcome, vm::VmmError>) -> ExitCode {
 fn run_firecracker(cli: Cli, args: Vec<OsString>, fc: bool) -> u8 {
     let started_at = std::time::Instant::now();
     kiln::logger::set_id(&cli.id);
+    // The API server and metrics threads get their own filter (the `api` thread kind).
+    let api_filters = match vm::api_filters(&cli) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return FC_EXIT_BAD_CONFIGURATION;
+        }
+    };
+    if let Some(f) = &api_filters {
+        kiln::metrics::set_flusher_filter(f.clone());
+    }
     if cli.boot_timer {
         eprintln!(
             "kiln: --boot-timer is accepted but not honoured (kiln has no boot-timer device)"
@@ -236,12 +247,42 @@ fn run_firecracker(cli: Cli, args: Vec<OsString>, fc: bool) -> u8 {
             controller,
             starter,
         );
+        let selftest = cli.seccomp_selftest == Some(kiln::config::SeccompSelftest::Api);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let spawned = std::thread::Builder::new()
             .name("fc_api".into())
-            .spawn(move || api::serve(listener, state));
+            .spawn(move || {
+                // The connection threads it spawns inherit this filter.
+                let installed = match &api_filters {
+                    Some(f) => f
+                        .install(kiln_seccomp::ThreadKind::Api)
+                        .map_err(|e| e.to_string()),
+                    None => Ok(()),
+                };
+                let failed = installed.is_err();
+                let _ = ready_tx.send(installed);
+                if failed {
+                    return;
+                }
+                if selftest {
+                    kiln_seccomp::forbidden_call_for_tests();
+                }
+                api::serve(listener, state)
+            });
         if let Err(e) = spawned {
             eprintln!("kiln: spawning the API thread: {e}");
             return FC_EXIT_GENERIC;
+        }
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                eprintln!("kiln: API thread: {e}");
+                return FC_EXIT_GENERIC;
+            }
+            Err(_) => {
+                eprintln!("kiln: the API thread ended while starting");
+                return FC_EXIT_GENERIC;
+            }
         }
         kiln::metrics::METRICS
             .api_server

@@ -455,13 +455,41 @@ pub fn init(path: &Path) -> Result<(), String> {
     let file = open_sink(path).map_err(|e| format!("metrics_path {}: {e}", path.display()))?;
     *sink = Some(Sink { file });
     drop(sink);
+    // Spawned from a filtered thread (an API connection), the flusher inherits that filter;
+    // from the unfiltered main thread (`--metrics-path`) it installs the API threads' own.
+    let inherited = kiln_seccomp::current_kind();
+    let filter = FLUSHER_FILTER
+        .get()
+        .cloned()
+        .filter(|_| inherited.is_none());
     let _ = std::thread::Builder::new()
         .name("fc_metrics".into())
-        .spawn(|| loop {
-            std::thread::sleep(PERIOD);
-            let _ = flush();
+        .spawn(move || {
+            if let Some(kind) = inherited {
+                kiln_seccomp::note_inherited(kind);
+            } else if let Some(f) = filter {
+                if let Err(e) = f.install(kiln_seccomp::ThreadKind::Api) {
+                    eprintln!("kiln: metrics flusher: {e}; periodic flushes are off");
+                    return;
+                }
+            }
+            loop {
+                std::thread::sleep(PERIOD);
+                let _ = flush();
+            }
         });
     Ok(())
+}
+
+/// The seccomp filters the periodic metrics flusher installs (its `api` filter), set once at
+/// start-up before [`init`]. Without them the flusher runs unfiltered (`--no-seccomp`).
+static FLUSHER_FILTER: std::sync::OnceLock<std::sync::Arc<kiln_seccomp::Filters>> =
+    std::sync::OnceLock::new();
+
+/// Sets the filters the metrics flusher thread installs (see [`init`]); only the first call
+/// counts.
+pub fn set_flusher_filter(filters: std::sync::Arc<kiln_seccomp::Filters>) {
+    let _ = FLUSHER_FILTER.set(filters);
 }
 
 /// Opens a log or metrics destination: appended if a file, without blocking if a FIFO (read

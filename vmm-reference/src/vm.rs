@@ -256,6 +256,24 @@ fn seccomp_filters(cli: &Cli) -> Result<Option<Arc<kiln_seccomp::Filters>>, VmmE
     Ok(Some(Arc::new(filters)))
 }
 
+/// Seccomp for the API server's threads (`--api-sock`) and the metrics flusher, from the
+/// command line's seccomp flags; installs the SIGSYS reporter. `None` with `--no-seccomp`, or
+/// with a `--seccomp-filter` file that has no `api` filter (said on stderr: such files
+/// predate the API).
+pub fn api_filters(cli: &Cli) -> Result<Option<Arc<kiln_seccomp::Filters>>, VmmError> {
+    let Some(f) = seccomp_filters(cli)? else {
+        return Ok(None);
+    };
+    if f.program(ThreadKind::Api).is_none() {
+        eprintln!(
+            "kiln: --seccomp-filter: no \"api\" filter; the API server threads run without one"
+        );
+        return Ok(None);
+    }
+    kiln_seccomp::install_sigsys_handler()?;
+    Ok(Some(f))
+}
+
 /// The host CPUs this process may run on (`sched_getaffinity`).
 fn allowed_host_cpus() -> io::Result<Vec<usize>> {
     // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
@@ -487,6 +505,7 @@ impl VmSpec {
             SeccompSelftest::Device => ThreadKind::Device,
             SeccompSelftest::Stdin => ThreadKind::Stdin,
             SeccompSelftest::Bench => ThreadKind::Bench,
+            SeccompSelftest::Api => ThreadKind::Api,
         });
         Ok(VmSpec {
             kernel,

@@ -184,3 +184,89 @@ fn custom_filter_files_load_and_apply() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Seccomp modes of `pid`'s threads named `names`, once they all exist.
+fn modes_of(pid: u32, names: &[&str]) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut modes = Vec::new();
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+                if let Some(m) = status.lines().find_map(|l| l.strip_prefix("Seccomp:")) {
+                    modes.push((comm.trim().to_string(), m.trim().to_string()));
+                }
+            }
+        }
+        if names.iter().all(|n| modes.iter().any(|(c, _)| c == n)) || Instant::now() > deadline {
+            return modes;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The API server's threads (`--api-sock`): the accepting thread and each connection's
+/// thread run under the `api` filter from the start, before any VM exists; a forbidden call
+/// there ends kiln with 148 naming the `api` thread; `--no-seccomp` leaves them unfiltered.
+#[test]
+fn api_threads_run_filtered() {
+    let dir = scratch("seccomp-api");
+    for (extra, want) in [(&[][..], "2"), (&["--no-seccomp"][..], "0")] {
+        let sock = dir.join("api.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut child = kiln()
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kiln");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut conn = loop {
+            match std::os::unix::net::UnixStream::connect(&sock) {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > deadline => panic!("connect: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        // A keep-alive request, answered, so its connection thread is there to look at.
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = std::io::Read::read(&mut conn, &mut buf).unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        let modes = modes_of(child.id(), &["fc_api", "fc_api_conn"]);
+        let _ = child.kill();
+        let _ = child.wait();
+        for name in ["fc_api", "fc_api_conn"] {
+            let m = modes.iter().find(|(c, _)| c == name);
+            assert_eq!(
+                m.map(|(_, m)| m.as_str()),
+                Some(want),
+                "{name} with {extra:?}: {modes:?}"
+            );
+        }
+    }
+    let sock = dir.join("api.sock");
+    let _ = std::fs::remove_file(&sock);
+    let r = run(&[
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--seccomp-selftest",
+        "api",
+    ]);
+    assert_eq!(r.code, Some(148), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("the api thread made a forbidden system call 110 (getppid)"),
+        "{}",
+        r.stderr
+    );
+}

@@ -77,16 +77,20 @@ pub enum ThreadKind {
     Stdin,
     /// The exit benchmark's irqfd injector (only with `kiln --exit-bench`).
     Bench,
+    /// The Firecracker-compatible API server (`--api-sock`): the accepting thread, the
+    /// connection threads it spawns (they inherit its filter) and the metrics flusher.
+    Api,
 }
 
 impl ThreadKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Device,
         ThreadKind::Stdin,
         ThreadKind::Bench,
+        ThreadKind::Api,
     ];
 
     /// Kinds a custom filter file must cover (the others exist only on request).
@@ -105,6 +109,7 @@ impl ThreadKind {
             ThreadKind::Device => "device",
             ThreadKind::Stdin => "stdin",
             ThreadKind::Bench => "bench",
+            ThreadKind::Api => "api",
         }
     }
 
@@ -258,6 +263,67 @@ fn vsock_sockets(r: &mut Rules) {
 }
 
 // KVM ioctl request numbers (linux/kvm.h), computed like the kernel's _IO/_IOR macros.
+/// The API server threads: HTTP over the accepted Unix-socket connections (with read and
+/// write timeouts), a thread per connection, the logger's and metrics' files or FIFOs, the
+/// configuration files a request names (e.g. a `--config-file`'s kernel), and the control
+/// channel to the main thread (an eventfd write and a futex). No KVM, no other socket
+/// families, no exec.
+fn api(r: &mut Rules) {
+    let cloexec = libc::SOCK_CLOEXEC as u64;
+    allow_values(r, libc::SYS_accept4, 3, &[cloexec]);
+    // Timeouts on the connection: SO_RCVTIMEO / SO_SNDTIMEO only.
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        r.entry(libc::SYS_setsockopt).or_default().push(rule(vec![
+            cond(1, SeccompCmpOp::Eq, libc::SOL_SOCKET as u64),
+            cond(2, SeccompCmpOp::Eq, opt as u64),
+        ]));
+    }
+    allow_values(r, libc::SYS_recvfrom, 3, &[0]);
+    r.entry(libc::SYS_sendto).or_default().push(rule(vec![
+        cond(3, SeccompCmpOp::Eq, libc::MSG_NOSIGNAL as u64),
+        cond(4, SeccompCmpOp::Eq, 0),
+    ]));
+    allow_values(r, libc::SYS_shutdown, 1, &[libc::SHUT_RDWR as u64]);
+    // Files the requests name, and the log and metrics destinations.
+    for nr in [
+        libc::SYS_openat,
+        libc::SYS_read,
+        libc::SYS_pread64,
+        libc::SYS_lseek,
+        libc::SYS_statx,
+        libc::SYS_newfstatat,
+        libc::SYS_fstat,
+        libc::SYS_getrandom,
+    ] {
+        allow(r, nr);
+    }
+    // A thread per connection: std's spawn (clone3, or clone where clone3 is missing), and
+    // what a new thread does first.
+    allow(r, libc::SYS_clone3);
+    allow_values(
+        r,
+        libc::SYS_clone,
+        0,
+        &[(libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM
+            | libc::CLONE_SETTLS
+            | libc::CLONE_PARENT_SETTID
+            | libc::CLONE_CHILD_CLEARTID) as u64],
+    );
+    for nr in [
+        libc::SYS_set_robust_list,
+        libc::SYS_rseq,
+        libc::SYS_sched_getaffinity,
+    ] {
+        allow(r, nr);
+    }
+    allow_values(r, libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64]);
+}
+
 const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
     (dir << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
 }
@@ -391,6 +457,7 @@ fn rules(kind: ThreadKind) -> Rules {
         ThreadKind::Bench => {
             allow_values(&mut r, libc::SYS_ioctl, 1, &[KVM_GET_CLOCK]);
         }
+        ThreadKind::Api => api(&mut r),
     }
     r
 }
@@ -461,7 +528,7 @@ impl Filters {
         }
         if let Some(extra) = map.keys().next() {
             return Err(err(format!(
-                "unknown thread kind \"{extra}\" (known: vmm, vcpu, device, stdin, bench)"
+                "unknown thread kind \"{extra}\" (known: vmm, vcpu, device, stdin, bench, api)"
             )));
         }
         Ok(Filters {
@@ -501,6 +568,20 @@ pub fn install(kind: ThreadKind, prog: &BpfProgram) -> Result<()> {
         kind: kind.name(),
         source,
     })
+}
+
+/// Records that the calling thread runs under `kind`'s filter, inherited from the thread that
+/// spawned it (threads inherit their creator's filters), so a forbidden call is reported
+/// with the right thread kind.
+pub fn note_inherited(kind: ThreadKind) {
+    THREAD_KIND.with(|k| k.set(kind.to_u8()));
+}
+
+/// The kind of filter the calling thread runs under (installed or noted as inherited), if
+/// any: a thread that already has one must not install another (`seccomp(2)` and
+/// `prctl(PR_SET_NO_NEW_PRIVS)` are not on any allow-list).
+pub fn current_kind() -> Option<ThreadKind> {
+    THREAD_KIND.with(|k| ThreadKind::from_u8(k.get()))
 }
 
 /// The name of system call `nr` on x86_64, if it has one.

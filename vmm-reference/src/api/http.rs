@@ -247,6 +247,7 @@ pub fn serve(
     handle: Arc<dyn Fn(&Request) -> Response + Send + Sync>,
 ) {
     let live = Arc::new(AtomicUsize::new(0));
+    let filtered = kiln_seccomp::current_kind();
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else {
             // Out of fds or memory: back off rather than spin; connections wait in the
@@ -265,6 +266,10 @@ pub fn serve(
         let spawned = std::thread::Builder::new()
             .name("fc_api_conn".into())
             .spawn(move || {
+                // Runs under the accepting thread's seccomp filter, if it has one.
+                if let Some(kind) = filtered {
+                    kiln_seccomp::note_inherited(kind);
+                }
                 serve_connection(stream, max_body, &*handle);
                 live2.fetch_sub(1, Ordering::AcqRel);
             });
