@@ -764,11 +764,21 @@ mod tests {
             e.to_string().contains("no filter for the \"bench\" thread"),
             "{e}"
         );
-        let extra = format!(
+        // The optional kinds are taken when present.
+        let with_api = format!(
             r#"{{{all}, "api": {{"mismatch_action": "trap", "match_action": "allow", "filter": []}}}}"#
         );
+        let f = Filters::from_json("f.json".as_ref(), with_api.as_bytes()).unwrap();
+        assert!(f.program(ThreadKind::Api).is_some());
+        assert!(f.program(ThreadKind::Bench).is_none());
+        let extra = format!(
+            r#"{{{all}, "jailer": {{"mismatch_action": "trap", "match_action": "allow", "filter": []}}}}"#
+        );
         let e = Filters::from_json("f.json".as_ref(), extra.as_bytes()).unwrap_err();
-        assert!(e.to_string().contains("unknown thread kind \"api\""), "{e}");
+        assert!(
+            e.to_string().contains("unknown thread kind \"jailer\""),
+            "{e}"
+        );
         let e = Filters::from_json("f.json".as_ref(), &b"{not json"[..]).unwrap_err();
         assert!(e.to_string().starts_with("--seccomp-filter f.json"), "{e}");
     }
