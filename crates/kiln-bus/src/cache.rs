@@ -197,6 +197,16 @@ impl<D: Copy> Slot<D> {
         Some((dev, offset))
     }
 
+    /// [`repeat`](Self::repeat), else — for an access of a valid size — [`hit`](Self::hit).
+    #[inline(always)]
+    fn lookup(&self, addr: u64, len: usize, valid_size: bool) -> Option<(D, u64)> {
+        match self.repeat(addr, len) {
+            Some(h) => Some(h),
+            None if valid_size => self.hit(addr, len),
+            None => None,
+        }
+    }
+
     #[inline]
     fn set(&mut self, base: u64, last: u64, dev: D) {
         *self = Slot {
@@ -307,12 +317,11 @@ impl<'a> DispatchCache<'a> {
     /// Dispatches a PIO read if it hits the remembered range; `false`: not dispatched.
     #[inline]
     pub fn pio_read(&self, addr: PioAddress, data: &mut [u8]) -> bool {
-        let hit = match self.pio.repeat(u64::from(addr.0), data.len()) {
-            Some(h) => Some(h),
-            None if !matches!(data.len(), 1 | 2 | 4) => return false,
-            None => self.pio.hit(u64::from(addr.0), data.len()),
-        };
-        match hit {
+        let len = data.len();
+        match self
+            .pio
+            .lookup(u64::from(addr.0), len, matches!(len, 1 | 2 | 4))
+        {
             Some((dev, offset)) => {
                 // Both fit in u16: the range was checked against 0xffff when inserted.
                 dev.pio_read(PioAddress(self.pio.base as u16), offset as u16, data);
@@ -325,12 +334,11 @@ impl<'a> DispatchCache<'a> {
     /// Dispatches a PIO write if it hits the remembered range; `false`: not dispatched.
     #[inline]
     pub fn pio_write(&self, addr: PioAddress, data: &[u8]) -> bool {
-        let hit = match self.pio.repeat(u64::from(addr.0), data.len()) {
-            Some(h) => Some(h),
-            None if !matches!(data.len(), 1 | 2 | 4) => return false,
-            None => self.pio.hit(u64::from(addr.0), data.len()),
-        };
-        match hit {
+        let len = data.len();
+        match self
+            .pio
+            .lookup(u64::from(addr.0), len, matches!(len, 1 | 2 | 4))
+        {
             Some((dev, offset)) => {
                 dev.pio_write(PioAddress(self.pio.base as u16), offset as u16, data);
                 true
@@ -342,12 +350,8 @@ impl<'a> DispatchCache<'a> {
     /// Dispatches an MMIO read if it hits the remembered range; `false`: not dispatched.
     #[inline]
     pub fn mmio_read(&self, addr: MmioAddress, data: &mut [u8]) -> bool {
-        let hit = match self.mmio.repeat(addr.0, data.len()) {
-            Some(h) => Some(h),
-            None if !matches!(data.len(), 1 | 2 | 4 | 8) => return false,
-            None => self.mmio.hit(addr.0, data.len()),
-        };
-        match hit {
+        let len = data.len();
+        match self.mmio.lookup(addr.0, len, matches!(len, 1 | 2 | 4 | 8)) {
             Some((dev, offset)) => {
                 dev.mmio_read(MmioAddress(self.mmio.base), offset, data);
                 true
@@ -359,12 +363,8 @@ impl<'a> DispatchCache<'a> {
     /// Dispatches an MMIO write if it hits the remembered range; `false`: not dispatched.
     #[inline]
     pub fn mmio_write(&self, addr: MmioAddress, data: &[u8]) -> bool {
-        let hit = match self.mmio.repeat(addr.0, data.len()) {
-            Some(h) => Some(h),
-            None if !matches!(data.len(), 1 | 2 | 4 | 8) => return false,
-            None => self.mmio.hit(addr.0, data.len()),
-        };
-        match hit {
+        let len = data.len();
+        match self.mmio.lookup(addr.0, len, matches!(len, 1 | 2 | 4 | 8)) {
             Some((dev, offset)) => {
                 dev.mmio_write(MmioAddress(self.mmio.base), offset, data);
                 true
