@@ -110,9 +110,7 @@ impl Floor {
                 now.0.saturating_sub(b.0) as u32,
                 now.1.saturating_sub(b.1) as u32,
                 u32::try_from(t.total_ns).unwrap_or(u32::MAX),
-                t.typical_ns.map_or(0, |ns| {
-                    (ns * 100.0).round().clamp(1.0, f64::from(u32::MAX)) as u32
-                }),
+                legacy::typical_register(t.typical_ns),
             );
         } else {
             self.begin = now;

@@ -67,6 +67,14 @@ pub struct ExitTimeHooks {
     pub read: fn() -> (u64, Option<f64>),
 }
 
+/// Register 16's value for a typical time per exit: hundredths of a ns, saturating, at
+/// least 1 when measured; 0 = not measured.
+pub fn typical_register(typical_ns: Option<f64>) -> u32 {
+    typical_ns.map_or(0, |t| {
+        (t * 100.0).round().clamp(1.0, f64::from(u32::MAX)) as u32
+    })
+}
+
 static BAD: RateLimitedWarn = RateLimitedWarn::new();
 
 /// This thread's CPU time so far: (user µs, system µs).
@@ -152,11 +160,8 @@ impl BenchDevice {
                     .store(now.1.saturating_sub(s), Ordering::Relaxed);
                 let (total, typical) = self.exit_times.map_or((0, None), |h| (h.read)());
                 self.vmm_ns.store(total, Ordering::Relaxed);
-                // Hundredths of a ns, saturating; 0 = not measured.
-                let cns = typical.map_or(0, |t| {
-                    (t * 100.0).round().clamp(1.0, u32::MAX as f64) as u32
-                });
-                self.vmm_typical_cns.store(cns, Ordering::Relaxed);
+                self.vmm_typical_cns
+                    .store(typical_register(typical), Ordering::Relaxed);
             }
             None => {
                 BAD.warn(format_args!(

@@ -22,8 +22,8 @@ mod serial;
 
 // The constants are also reachable from the crate root (`kiln_legacy::COM1_PORT`).
 pub use bench::{
-    thread_cpu_us, BenchDevice, ExitTimeHooks, IrqInjector, BENCH_IOEVENTFD_MMIO, BENCH_IRQ_GSI,
-    BENCH_MSR, BENCH_PORT, BENCH_PORT_SIZE,
+    thread_cpu_us, typical_register, BenchDevice, ExitTimeHooks, IrqInjector, BENCH_IOEVENTFD_MMIO,
+    BENCH_IRQ_GSI, BENCH_MSR, BENCH_PORT, BENCH_PORT_SIZE,
 };
 pub use consts::*;
 pub use exit_test::ExitTestDevice;
