@@ -22,6 +22,25 @@ const THREADS: [&str; 6] = [
     "kiln-bench",
 ];
 
+/// Each thread of `pid` now: (name, `Seccomp:` mode from its status, "?" if unreadable).
+fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut modes = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let mode = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .unwrap_or("?")
+                .trim()
+                .to_string();
+            modes.push((comm.trim().to_string(), mode));
+        }
+    }
+    modes
+}
+
 /// Starts kiln with a guest that waits for console input (so every thread is alive), returns
 /// each thread's (name, Seccomp mode) and stops kiln.
 fn thread_modes(extra: &[&str], disk: &std::path::Path, filtered: bool) -> Vec<(String, String)> {
@@ -38,20 +57,7 @@ fn thread_modes(extra: &[&str], disk: &std::path::Path, filtered: bool) -> Vec<(
     // Wait until all four kinds of thread exist (vCPUs, device loop, stdin reader, main).
     let deadline = Instant::now() + Duration::from_secs(30);
     let modes = loop {
-        let mut modes = Vec::new();
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-            for t in tasks.flatten() {
-                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-                let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-                let mode = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Seccomp:"))
-                    .unwrap_or("?")
-                    .trim()
-                    .to_string();
-                modes.push((comm.trim().to_string(), mode));
-            }
-        }
+        let modes = seccomp_modes(pid);
         let has = |n: &str| modes.iter().any(|(c, _)| c == n);
         if THREADS.iter().all(|n| has(n))
             // The main thread installs its filter last.
@@ -189,16 +195,7 @@ fn custom_filter_files_load_and_apply() {
 fn modes_of(pid: u32, names: &[&str]) -> Vec<(String, String)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let mut modes = Vec::new();
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-            for t in tasks.flatten() {
-                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-                let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-                if let Some(m) = status.lines().find_map(|l| l.strip_prefix("Seccomp:")) {
-                    modes.push((comm.trim().to_string(), m.trim().to_string()));
-                }
-            }
-        }
+        let modes = seccomp_modes(pid);
         if names.iter().all(|n| modes.iter().any(|(c, _)| c == n)) || Instant::now() > deadline {
             return modes;
         }
