@@ -1,6 +1,6 @@
 //! `--control-sock PATH`: a Unix socket taking one-line commands for the running VM and
-//! forwarding them to its [`VmController`]. A test and scripting hook until the API server
-//! (issue 7) exposes the same requests.
+//! forwarding them to its [`VmController`]. A test and scripting hook; the Firecracker API
+//! (`--api-sock`) exposes the same requests.
 //!
 //! Commands (one per line; each answered with one line, `ok[ REPORT]` or `error MESSAGE`):
 //! `pause`, `resume`, `snapshot STATE MEM [diff]`, `migrate ADDR [MAX_DOWNTIME_MS
@@ -8,7 +8,7 @@
 //!
 //! The thread is started before the VM's threads install their seccomp filters and runs
 //! without one (it parses only what the local user who owns the socket sends); the API
-//! server thread gets its own allow-list when it lands.
+//! server's threads have their own (`api`).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -465,7 +465,11 @@ impl Incoming {
 
 impl DestVm for Incoming {
     fn prepare(&mut self, hello: &Hello) -> Result<(), String> {
-        let size: u64 = hello.regions.iter().map(|r| r.len).sum();
+        let size = hello
+            .regions
+            .iter()
+            .try_fold(0u64, |a, r| a.checked_add(r.len))
+            .ok_or("source memory: region lengths overflow")?;
         let layout = MemoryLayout::new(size).map_err(|e| format!("source memory: {e}"))?;
         let want: Vec<Region> = layout
             .regions()

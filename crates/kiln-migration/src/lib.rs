@@ -706,9 +706,13 @@ pub struct Received {
 }
 
 fn check_range(regions: &[Region], gpa: u64, len: u64) -> Result<()> {
-    let ok = regions
-        .iter()
-        .any(|r| gpa >= r.gpa && gpa.checked_add(len).is_some_and(|e| e <= r.gpa + r.len));
+    let ok = regions.iter().any(|r| {
+        gpa >= r.gpa
+            && gpa
+                .checked_add(len)
+                .zip(r.gpa.checked_add(r.len))
+                .is_some_and(|(e, re)| e <= re)
+    });
     if ok {
         Ok(())
     } else {
@@ -774,7 +778,7 @@ fn receive_inner<V: DestVm, S: Read + Write>(
                 vm.zero(gpa, len).map_err(Error::Vm)?;
                 got.zero_pages += count;
             }
-            Frame::RoundEnd { .. } => got.rounds += 1,
+            Frame::RoundEnd { .. } => got.rounds = got.rounds.saturating_add(1),
             Frame::State(s) => state = Some(s),
             Frame::Commit => {
                 let Some(s) = state.take() else {

@@ -179,6 +179,13 @@ fn header(kind: u8, len: usize) -> [u8; 8] {
 /// Writes a frame whose payload is `parts` concatenated (no copy of large page data).
 fn write_parts(w: &mut impl Write, kind: u8, parts: &[&[u8]]) -> io::Result<usize> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
+    // The receiver refuses bigger frames; don't send one (or a length that doesn't fit).
+    if len > MAX_PAYLOAD as usize {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a {len}-byte frame exceeds the protocol's {MAX_PAYLOAD}-byte limit"),
+        ));
+    }
     w.write_all(&header(kind, len))?;
     for p in parts {
         w.write_all(p)?;
@@ -459,6 +466,10 @@ mod tests {
                 "{cut}"
             );
         }
+        // A frame over the limit is not even sent.
+        let huge = vec![0u8; MAX_PAYLOAD as usize + 1];
+        let e = write_frame(&mut Vec::new(), &Frame::State(huge)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
         // Payload length over the limit.
         let mut big = b.clone();
         big[4..8].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());

@@ -196,10 +196,12 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> io::Result<()>
     tmp_name.push(format!(".tmp{}", std::process::id()));
     let tmp = dir.join(tmp_name);
     let result = (|| {
+        // A leftover of a crashed earlier run goes; then the file must be new, so a link
+        // planted under the predictable name is not followed.
+        let _ = std::fs::remove_file(&tmp);
         let mut f = File::options()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .open(&tmp)
             .map_err(io_err(&tmp, "creating"))?;
         write(&mut f).map_err(io_err(&tmp, "writing"))?;

@@ -233,7 +233,12 @@ pub fn open_memory(path: &Path, desc: &MemoryDesc, id: u64) -> Result<File> {
         .metadata()
         .map_err(io_err(path, "reading the memory file's size"))?
         .len();
-    let want = desc.file_len() + TRAILER_LEN;
+    let Some(want) = desc.file_len().checked_add(TRAILER_LEN) else {
+        return Err(Error::MemoryFile {
+            path: path.to_path_buf(),
+            why: "the state file's memory regions overflow a file offset".into(),
+        });
+    };
     if len != want {
         return Err(Error::MemoryFile {
             path: path.to_path_buf(),
