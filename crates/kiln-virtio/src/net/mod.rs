@@ -566,6 +566,8 @@ impl<M: GuestMemory, B: NetBackend> Net<M, B> {
             self.rx_chains.clear();
             self.rx_segs.clear();
             let mut cap = 0usize;
+            // A malformed chain met after good ones ends the gather (see below).
+            let mut cut_short = false;
             q.disable_notification(mem).map_err(qerr)?;
             while cap < room && self.rx_chains.len() < MAX_RX_CHAINS {
                 let next = q.iter(mem).map_err(qerr)?.next();
@@ -578,6 +580,11 @@ impl<M: GuestMemory, B: NetBackend> Net<M, B> {
                 let mut chain_cap = 0usize;
                 let mut ok = true;
                 for d in chain {
+                    // Zero-length buffers hold nothing; skipping them keeps the per-segment
+                    // bookkeeping bounded by the iovec limit.
+                    if d.is_write_only() && d.len() == 0 {
+                        continue;
+                    }
                     if !d.is_write_only()
                         || !push_iov(
                             mem,
@@ -597,6 +604,16 @@ impl<M: GuestMemory, B: NetBackend> Net<M, B> {
                 if !ok || chain_cap < HDR_LEN || chain_cap > u32::MAX as usize {
                     self.iov.0.truncate(mark);
                     self.rx_segs.truncate(seg_mark);
+                    if !self.rx_chains.is_empty() {
+                        // Giving chains back rewinds the ring over the last ones taken, so
+                        // every chain taken since the first good one must still be in hand:
+                        // put this one back for the front of the next gather and receive
+                        // into the chains gathered so far (a frame larger than they are is
+                        // cut short: the driver's own malformed buffer is the cause).
+                        q.go_to_previous_position();
+                        cut_short = true;
+                        break;
+                    }
                     self.stats.rx_bad_chains += 1;
                     RX_WARN.warn(format_args!(
                         "virtio-net: malformed receive chain {head} returned empty"
@@ -611,7 +628,7 @@ impl<M: GuestMemory, B: NetBackend> Net<M, B> {
                     break;
                 }
             }
-            let enough = !self.rx_chains.is_empty() && (cap >= room || !mrg);
+            let enough = !self.rx_chains.is_empty() && (cap >= room || !mrg || cut_short);
             if !enough {
                 // Not enough buffers: give the partial gather back and ask for a kick when
                 // the driver adds one.

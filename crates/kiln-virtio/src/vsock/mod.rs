@@ -1073,9 +1073,13 @@ fn read_chain<M: GuestMemory>(
 ) -> Option<usize> {
     let mut n = 0usize;
     for d in chain.filter(|d| !d.is_write_only()) {
+        if n == buf.len() {
+            break;
+        }
+        // An empty buffer (allowed by the spec) holds nothing; the next one may.
         let take = (d.len() as usize).min(buf.len() - n);
         if take == 0 {
-            break;
+            continue;
         }
         mem.read_slice(&mut buf[n..n + take], d.addr()).ok()?;
         n += take;
