@@ -362,7 +362,7 @@ impl<M> Vsock<M> {
 
     /// Connections open now (including host connections still saying hello).
     pub fn connections(&self) -> usize {
-        self.b.slab.iter().filter(|c| c.is_some()).count()
+        self.b.open_count()
     }
 
     /// What was refused or dropped so far.
