@@ -326,26 +326,22 @@ impl<H: ExitHandler + ?Sized + 'static> Vcpu<H> {
         let timing = EXIT_TIMING.load(Ordering::Relaxed);
         let times = ExitTimes::new();
         let _published = ExitTimesGuard::publish(&times);
-        let mut exited_at: u64 = 0;
         // Our own reference to the handler, so the per-vCPU dispatch cache can borrow from
         // it while `self` is used mutably below; the cache lives in this frame, which the
         // exit path touches anyway.
         let handler = Arc::clone(&self.handler);
         let mut cache = kiln_bus::DispatchCache::new();
         loop {
-            if exited_at != 0 {
-                times.record(exit_clock_ns().wrapping_sub(exited_at));
-                exited_at = 0;
+            let (errno, exited) =
+                match exit_loop(&mut self.fd, &*handler, &mut cache, &times, timing) {
+                    LoopEnd::Stop(kind) => return self.stop_reason(kind),
+                    LoopEnd::RunError { errno, exited } => (errno, exited),
+                };
+            if exited {
+                eagain_backoff = Duration::from_micros(50);
             }
-            let action = match self.fd.run() {
-                Ok(exit) => {
-                    if timing {
-                        exited_at = exit_clock_ns();
-                    }
-                    eagain_backoff = Duration::from_micros(50);
-                    handle_exit_cached(exit, &*handler, &mut cache)
-                }
-                Err(e) if e.errno() == libc::EINTR => {
+            match errno {
+                libc::EINTR => {
                     self.fd.set_kvm_immediate_exit(0);
                     if STOP_SELF.with(Cell::get) {
                         return StopReason::Requested;
@@ -353,10 +349,9 @@ impl<H: ExitHandler + ?Sized + 'static> Vcpu<H> {
                     if !self.obey_requests(control) {
                         return StopReason::Requested;
                     }
-                    continue;
                 }
                 // An AP waiting for INIT/SIPI: KVM_RUN returns EAGAIN until its SIPI arrives.
-                Err(e) if e.errno() == libc::EAGAIN => {
+                libc::EAGAIN => {
                     std::thread::sleep(eagain_backoff);
                     eagain_backoff = (eagain_backoff * 2).min(Duration::from_millis(2));
                     if control.requested_state() != VcpuState::Running
@@ -364,12 +359,8 @@ impl<H: ExitHandler + ?Sized + 'static> Vcpu<H> {
                     {
                         return StopReason::Requested;
                     }
-                    continue;
                 }
-                Err(e) => return StopReason::RunFailed { errno: e.errno() },
-            };
-            if let ExitAction::Stop(kind) = action {
-                return self.stop_reason(kind);
+                errno => return StopReason::RunFailed { errno },
             }
         }
     }
@@ -399,6 +390,56 @@ impl<H: ExitHandler + ?Sized + 'static> Vcpu<H> {
                 exit,
                 registers: dump_registers(&self.fd),
             },
+        }
+    }
+}
+
+/// Why [`exit_loop`] returned.
+enum LoopEnd {
+    /// An exit asked the vCPU to stop.
+    Stop(StopKind),
+    /// `KVM_RUN` failed with `errno`; `exited`: at least one exit was handled before.
+    RunError { errno: i32, exited: bool },
+}
+
+/// The hot loop: `KVM_RUN`, handle the exit, again — until an exit stops the vCPU or
+/// `KVM_RUN` fails (a kick's `EINTR`, an AP's `EAGAIN`, …), which the caller deals with.
+///
+/// A function of its own, kept out of line, so the exit path's code is a few contiguous
+/// cache lines: inlined into the thread's start function it was interleaved with the
+/// pause, back-off and start-up code, and after every world switch each extra line (and
+/// page) it spans is another cold miss.
+#[inline(never)]
+fn exit_loop<'a, H: ExitHandler + ?Sized>(
+    fd: &mut VcpuFd,
+    handler: &'a H,
+    cache: &mut kiln_bus::DispatchCache<'a>,
+    times: &ExitTimes,
+    timing: bool,
+) -> LoopEnd {
+    let mut exited_at: u64 = 0;
+    let mut exited = false;
+    loop {
+        if exited_at != 0 {
+            times.record(exit_clock_ns().wrapping_sub(exited_at));
+            exited_at = 0;
+        }
+        match fd.run() {
+            Ok(exit) => {
+                if timing {
+                    exited_at = exit_clock_ns();
+                }
+                exited = true;
+                if let ExitAction::Stop(kind) = handle_exit_cached(exit, handler, cache) {
+                    return LoopEnd::Stop(kind);
+                }
+            }
+            Err(e) => {
+                return LoopEnd::RunError {
+                    errno: e.errno(),
+                    exited,
+                }
+            }
         }
     }
 }
