@@ -141,7 +141,7 @@ fn print_table(runs: &[(String, RunResult)], kinds: &[&str]) {
             .and_then(|(_, r)| r.kinds.get(*kind));
         let floor_p50 = floor.map(|k| k.hist.percentile(50_000) as f64);
         let floor_vmm = floor.and_then(|k| k.vmm_per_exit_ns());
-        let floor_typ = floor.and_then(|k| k.vmm_typical_ns());
+        let floor_typ_rounds = floor.map(|k| k.vmm_typical_rounds.as_slice());
         for (name, r) in runs {
             let Some(k) = r.kinds.get(*kind) else {
                 if let Some(why) = r.skipped.get(*kind) {
@@ -176,7 +176,9 @@ fn print_table(runs: &[(String, RunResult)], kinds: &[&str]) {
                 typ.filter(|_| p50 > 0.0)
                     .map_or("-".into(), |v| format!("{:.1}", v / p50 * 100.0)),
                 ratio(Some(p50), floor_p50),
-                ratio(typ, floor_typ),
+                floor_typ_rounds
+                    .and_then(|f| report::paired_ratio(&k.vmm_typical_rounds, f))
+                    .map_or("-".into(), |v| format!("{v:.3}")),
                 ratio(vmm, floor_vmm),
             );
         }

@@ -99,6 +99,21 @@ pub fn median(v: &[f64]) -> Option<f64> {
     }
 }
 
+/// `a` over `b` where the host's load drifts: the median of the per-round ratios
+/// `a[i] / b[i]` when both have one value per round (round `i` of each VMM ran right after
+/// the other's, so each pair saw about the same host), else the ratio of the medians.
+/// `None` without values or with a zero in the denominator.
+pub fn paired_ratio(a: &[f64], b: &[f64]) -> Option<f64> {
+    if !a.is_empty() && a.len() == b.len() && b.iter().all(|&y| y > 0.0) {
+        let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+        return median(&r);
+    }
+    match (median(a), median(b)) {
+        (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+        _ => None,
+    }
+}
+
 /// What one VMM run produced.
 #[derive(Debug, Clone, Default)]
 pub struct RunResult {
@@ -230,6 +245,21 @@ pub const PERCENTILES: [(&str, u32); 4] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paired_ratio_pairs_rounds_and_falls_back_to_medians() {
+        // The host got busier in round 2: both sides slowed, the pairs say "equal".
+        let kiln = [30.0, 60.0, 31.0];
+        let floor = [30.0, 60.0, 31.0];
+        assert_eq!(paired_ratio(&kiln, &floor), Some(1.0));
+        // Per-round ratios 1.1, 0.5, 1.2: their median is 1.1.
+        let r = paired_ratio(&[33.0, 30.0, 36.0], &[30.0, 60.0, 30.0]).unwrap();
+        assert!((r - 1.1).abs() < 1e-9, "{r}");
+        // Unpaired (different round counts): ratio of the medians.
+        assert_eq!(paired_ratio(&[40.0, 20.0, 30.0], &[10.0, 20.0]), Some(2.0));
+        assert_eq!(paired_ratio(&[], &[1.0]), None);
+        assert_eq!(paired_ratio(&[1.0], &[0.0]), None);
+    }
 
     fn emit(kind: &str, values: &[u64], extra: &str) -> String {
         let mut h = Histogram::new();
