@@ -15,8 +15,8 @@ pub use exit_times::{exit_clock_ns, ExitTimeSummary, ExitTimes};
 pub use kiln_bus::DispatchCache;
 pub use regs::{BootMode, BootRegs, Segment};
 pub use runner::{
-    set_exit_timing, stop_current_vcpu, vcpu_user_ns, with_vcpu_exit_times, ThreadInit, Vcpu,
-    VcpuHandle, VcpuState,
+    set_exit_timing, stop_current_vcpu, with_vcpu_exit_times, ThreadInit, Vcpu, VcpuHandle,
+    VcpuState,
 };
 pub use state::VcpuSnapshot;
 

@@ -150,7 +150,7 @@ thread_local! {
 }
 
 /// Turns per-exit user-space timing on or off for vCPU threads started afterwards (for the
-/// exit benchmark; see [`vcpu_user_ns`] and [`with_vcpu_exit_times`]).
+/// exit benchmark; see [`with_vcpu_exit_times`]).
 pub fn set_exit_timing(on: bool) {
     EXIT_TIMING.store(on, Ordering::Relaxed);
 }
@@ -164,13 +164,6 @@ pub fn with_vcpu_exit_times<R>(f: impl FnOnce(&ExitTimes) -> R) -> Option<R> {
     // own frame, and is reset to null (by `ExitTimesGuard`) before that frame ends; the loop
     // only ever uses it through shared references, so this one aliases nothing mutable.
     unsafe { p.as_ref() }.map(f)
-}
-
-/// On a vCPU thread with exit timing on: the nanoseconds it has spent handling exits in
-/// user space since its exit times were last cleared (0 elsewhere). Differences between two
-/// calls give the VMM's own time for the exits in between.
-pub fn vcpu_user_ns() -> u64 {
-    with_vcpu_exit_times(ExitTimes::total_ns).unwrap_or(0)
 }
 
 /// Publishes a run loop's `ExitTimes` in `EXIT_TIMES` and takes it back on every way out.
