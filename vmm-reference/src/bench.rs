@@ -13,6 +13,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use kiln_bus::{PioAddress, PioBus};
+
+use crate::devices::PioDev;
 use kiln_irq::{InterruptLine, IrqChip, IrqfdLine};
 use kiln_legacy as legacy;
 use kiln_memory::GuestMemoryMmap;
@@ -129,11 +131,11 @@ fn run_series(
 /// Puts the bench device on `pio`, the ioeventfd on the bench MMIO address, and with
 /// `injector` on, starts the injector thread (running `thread_init` first: its seccomp
 /// filter).
-pub fn attach(
+pub(crate) fn attach(
     vm: &VmFd,
     chip: &IrqChip,
     mem: &GuestMemoryMmap,
-    pio: &mut PioBus,
+    pio: &mut PioBus<PioDev>,
     injector: bool,
     thread_init: Box<dyn FnOnce() -> Result<(), String> + Send>,
 ) -> Result<Bench, VmmError> {
@@ -223,7 +225,7 @@ pub fn attach(
     pio.insert(
         PioAddress(legacy::BENCH_PORT),
         legacy::BENCH_PORT_SIZE,
-        device.clone(),
+        device.clone().into(),
     )?;
     Ok(Bench {
         device,

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod config;
 pub mod control;
 pub mod control_sock;
+mod devices;
 pub mod guest;
 pub mod logger;
 pub mod metrics;

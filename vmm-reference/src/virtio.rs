@@ -12,6 +12,8 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use kiln_bus::{MmioAddress, MmioBus};
+
+use crate::devices::MmioDev;
 use kiln_irq::IrqChip;
 use kiln_memory::GuestMemoryMmap;
 use kiln_virtio::mmio::{MMIO_SIZE, QUEUE_NOTIFY_OFFSET};
@@ -189,7 +191,9 @@ fn limiter(
 type Transport<D> = MmioTransport<GuestMemoryMmap, D>;
 
 /// What the VMM needs of any virtio-mmio transport, whatever its device.
-trait VirtioMmio: kiln_virtio::QueueHandler + kiln_bus::MmioDevice + SnapshotState {
+pub(crate) trait VirtioMmio:
+    kiln_virtio::QueueHandler + kiln_bus::MmioDevice + SnapshotState
+{
     fn queue_count(&self) -> usize;
     fn set_activate_hook(&self, hook: kiln_virtio::mmio::ActivateHook);
     fn backend_fds(&self) -> Vec<(u32, std::os::fd::RawFd)>;
@@ -267,7 +271,7 @@ fn balloon_config(b: &BalloonArg) -> BalloonConfig {
 /// Creates every device in `slots`, registers it on `mmio` and with KVM, and starts the
 /// device event loop (if there is any device).
 #[allow(clippy::too_many_arguments)]
-pub fn build(
+pub(crate) fn build(
     vm: &VmFd,
     chip: &IrqChip,
     mem: &GuestMemoryMmap,
@@ -279,7 +283,7 @@ pub fn build(
     rng: &RngArg,
     balloon: Option<&BalloonArg>,
     vsock: Option<&VsockArg>,
-    mmio: &mut MmioBus,
+    mmio: &mut MmioBus<MmioDev>,
     thread_init: Box<dyn FnOnce() -> Result<(), String> + Send>,
 ) -> Result<VirtioDevices, VmmError> {
     let mut out = VirtioDevices::default();
@@ -376,12 +380,8 @@ pub fn build(
         out.transports.push((slot.base, snap));
         let queues = dev.queue_count();
         let handler: Arc<dyn kiln_virtio::QueueHandler> = dev.clone();
-        let bus_dev: Arc<dyn kiln_bus::MmioDevice> = dev.clone();
-        mmio.insert(
-            MmioAddress(slot.base),
-            MMIO_SIZE,
-            crate::metrics::counted_mmio(bus_dev),
-        )?;
+        let bus_dev: Arc<dyn VirtioMmio> = dev.clone();
+        mmio.insert(MmioAddress(slot.base), MMIO_SIZE, bus_dev.into())?;
         let mut kicks = Vec::with_capacity(queues);
         for q in 0..queues as u32 {
             let evt = EventFd::new(EFD_NONBLOCK).map_err(os("creating a queue eventfd"))?;

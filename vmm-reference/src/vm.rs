@@ -13,6 +13,8 @@ use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use kiln_bus::{MmioAddress, MmioBus, PioAddress, PioBus};
+
+use crate::devices::{MmioDev, PioDev};
 use kiln_irq::{InterruptLine, IrqChip};
 use kiln_legacy as legacy;
 use kiln_memory::GuestMemoryMmap;
@@ -787,8 +789,8 @@ fn spawn_stdin_reader(
 }
 
 struct Devices {
-    pio: PioBus,
-    mmio: MmioBus,
+    pio: PioBus<PioDev>,
+    mmio: MmioBus<MmioDev>,
     serial: Arc<legacy::SerialDevice>,
     i8042: Arc<legacy::I8042Device>,
     /// The ACPI GED's interrupt: raising it is a power-button press.
@@ -802,9 +804,8 @@ fn build_devices(
     events: &Arc<VmEvents>,
     serial_state: Option<&crate::snapshot::SerialSnapshot>,
 ) -> Result<Devices, VmmError> {
-    use crate::metrics::{counted_mmio, counted_pio};
-    let mut pio = PioBus::new();
-    let mut mmio = MmioBus::new();
+    let mut pio = PioBus::default();
+    let mut mmio = MmioBus::default();
     let com1_irq = Arc::new(chip.legacy_line(vm, legacy::COM1_IRQ)?);
     let serial = Arc::new(match serial_state {
         None => legacy::SerialDevice::new(com1_irq, serial_out),
@@ -816,47 +817,43 @@ fn build_devices(
     pio.insert(
         PioAddress(legacy::COM1_PORT),
         legacy::COM1_PORT_SIZE,
-        counted_pio(serial.clone()),
+        serial.clone().into(),
     )?;
     let power: Arc<dyn legacy::PowerEvents> = events.clone();
     let keyboard_irq = Arc::new(chip.legacy_line(vm, legacy::KEYBOARD_IRQ)?);
     let i8042 = Arc::new(legacy::I8042Device::new(power.clone()).with_keyboard_irq(keyboard_irq));
-    pio.insert(
-        PioAddress(legacy::I8042_DATA_PORT),
-        1,
-        counted_pio(i8042.clone()),
-    )?;
+    pio.insert(PioAddress(legacy::I8042_DATA_PORT), 1, i8042.clone().into())?;
     pio.insert(
         PioAddress(legacy::I8042_COMMAND_PORT),
         1,
-        counted_pio(i8042.clone()),
+        i8042.clone().into(),
     )?;
     pio.insert(
         PioAddress(legacy::POST_PORT),
         1,
-        counted_pio(Arc::new(legacy::PostDevice::default())),
+        Arc::new(legacy::PostDevice::default()).into(),
     )?;
     pio.insert(
         PioAddress(legacy::POWER_PORT),
         legacy::POWER_PORT_SIZE,
-        counted_pio(Arc::new(legacy::PowerDevice::new(power))),
+        Arc::new(legacy::PowerDevice::new(power)).into(),
     )?;
     // No PCI yet: answer the kernel's config-space probes as an empty bus would.
     pio.insert(
         PioAddress(legacy::PCI_CONFIG_PORT),
         legacy::PCI_CONFIG_PORT_SIZE,
-        counted_pio(Arc::new(legacy::NoPciHost::new())),
+        Arc::new(legacy::NoPciHost::new()).into(),
     )?;
     let exit_test = Arc::new(legacy::ExitTestDevice::default());
     pio.insert(
         PioAddress(legacy::EXIT_TEST_PORT),
         legacy::EXIT_TEST_PORT_SIZE,
-        counted_pio(exit_test.clone()),
+        exit_test.clone().into(),
     )?;
     mmio.insert(
         MmioAddress(legacy::EXIT_TEST_MMIO_BASE),
         legacy::EXIT_TEST_MMIO_SIZE,
-        counted_mmio(exit_test),
+        exit_test.into(),
     )?;
     let power_button = chip.legacy_line(vm, legacy::GED_GSI)?;
     Ok(Devices {

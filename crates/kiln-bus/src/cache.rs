@@ -7,15 +7,19 @@
 //! device, so a repeated access (a guest polls one device many times in a row) is checked
 //! and dispatched without touching the bus at all; the very same access as last time (same
 //! address and size: a status register polled, a queue notified) is recognised by two
-//! compares, without the range and size checks. It holds its devices as [`RawPio`] /
-//! [`RawMmio`] handles: the data pointer with the concrete type's functions, so a hit does
-//! not even read the device's vtable.
+//! compares, without the range and size checks. It holds its devices as the bus slot's
+//! copyable borrow ([`PioSlot::Ref`]): for the default `Arc<dyn PioDevice>` a [`RawPio`],
+//! the data pointer with the concrete type's functions, so a hit does not read the device's
+//! vtable; for an enum of device types an enum of references, so a hit is a `match` and a
+//! static call.
 
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
-use crate::{MmioAddress, MmioDevice, PioAddress, PioDevice};
+use std::sync::Arc;
+
+use crate::{MmioAddress, MmioDevice, MmioSlot, PioAddress, PioDevice, PioSlot};
 
 /// A borrowed PIO device without its vtable: the device's address and its two methods,
 /// monomorphised for its concrete type. Made only by [`AsRawPio::as_raw_pio`].
@@ -50,14 +54,14 @@ impl<'a> RawPio<'a> {
     }
 
     #[inline(always)]
-    fn pio_read(&self, base: PioAddress, offset: u16, data: &mut [u8]) {
+    pub(crate) fn pio_read(&self, base: PioAddress, offset: u16, data: &mut [u8]) {
         // SAFETY: `data` and `read` were made together by `of::<T>` from a `&'a T`, and
         // `self` cannot outlive `'a`.
         unsafe { (self.read)(self.data, base, offset, data) }
     }
 
     #[inline(always)]
-    fn pio_write(&self, base: PioAddress, offset: u16, data: &[u8]) {
+    pub(crate) fn pio_write(&self, base: PioAddress, offset: u16, data: &[u8]) {
         // SAFETY: as in `pio_read`.
         unsafe { (self.write)(self.data, base, offset, data) }
     }
@@ -95,14 +99,14 @@ impl<'a> RawMmio<'a> {
     }
 
     #[inline(always)]
-    fn mmio_read(&self, base: MmioAddress, offset: u64, data: &mut [u8]) {
+    pub(crate) fn mmio_read(&self, base: MmioAddress, offset: u64, data: &mut [u8]) {
         // SAFETY: `data` and `read` were made together by `of::<T>` from a `&'a T`, and
         // `self` cannot outlive `'a`.
         unsafe { (self.read)(self.data, base, offset, data) }
     }
 
     #[inline(always)]
-    fn mmio_write(&self, base: MmioAddress, offset: u64, data: &[u8]) {
+    pub(crate) fn mmio_write(&self, base: MmioAddress, offset: u64, data: &[u8]) {
         // SAFETY: as in `mmio_read`.
         unsafe { (self.write)(self.data, base, offset, data) }
     }
@@ -139,7 +143,7 @@ impl<T: MmioDevice> AsRawMmio for T {
 /// One remembered range: `[base, base + span]` and its device, and the last access that hit
 /// it, so a guest polling one register (the usual case: a status register, a queue notify)
 /// is recognised by two compares.
-struct Slot<D> {
+struct Memo<D> {
     base: u64,
     /// `last - base`: kept instead of `last` so a range hit is one subtraction and two
     /// compares.
@@ -152,10 +156,10 @@ struct Slot<D> {
     memo_offset: Cell<u64>,
 }
 
-impl<D: Copy> Slot<D> {
+impl<D: Copy> Memo<D> {
     /// Nothing remembered.
     const fn empty() -> Self {
-        Slot {
+        Memo {
             base: 0,
             span: 0,
             dev: None,
@@ -209,7 +213,7 @@ impl<D: Copy> Slot<D> {
 
     #[inline]
     fn set(&mut self, base: u64, last: u64, dev: D) {
-        *self = Slot {
+        *self = Memo {
             base,
             span: last.wrapping_sub(base),
             dev: Some(dev),
@@ -273,18 +277,25 @@ impl<D: Copy> Slot<D> {
 /// } // `bus` dropped while `cache` still borrows it
 /// cache.pio_write(PioAddress(0x80), &[0]);
 /// ```
-pub struct DispatchCache<'a> {
-    pio: Slot<RawPio<'a>>,
-    mmio: Slot<RawMmio<'a>>,
+pub struct DispatchCache<'a, P = Arc<dyn PioDevice>, M = Arc<dyn MmioDevice>>
+where
+    P: PioSlot + 'a,
+    M: MmioSlot + 'a,
+{
+    pio: Memo<P::Ref<'a>>,
+    mmio: Memo<M::Ref<'a>>,
 }
 
-impl Default for DispatchCache<'_> {
+impl<'a, P: PioSlot + 'a, M: MmioSlot + 'a> Default for DispatchCache<'a, P, M> {
     fn default() -> Self {
-        Self::new()
+        DispatchCache {
+            pio: Memo::empty(),
+            mmio: Memo::empty(),
+        }
     }
 }
 
-impl std::fmt::Debug for DispatchCache<'_> {
+impl<'a, P: PioSlot + 'a, M: MmioSlot + 'a> std::fmt::Debug for DispatchCache<'a, P, M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let range = |base: u64, span: u64, set: bool| set.then_some(base..=base.wrapping_add(span));
         f.debug_struct("DispatchCache")
@@ -300,22 +311,27 @@ impl std::fmt::Debug for DispatchCache<'_> {
     }
 }
 
-impl<'a> DispatchCache<'a> {
-    /// An empty cache: every access goes to the bus once.
+impl DispatchCache<'_> {
+    /// An empty cache for buses of `Arc<dyn PioDevice>` and `Arc<dyn MmioDevice>` (the
+    /// buses' defaults); for other device types use [`Default::default`].
     pub const fn new() -> Self {
         DispatchCache {
-            pio: Slot::empty(),
-            mmio: Slot::empty(),
+            pio: Memo::empty(),
+            mmio: Memo::empty(),
         }
     }
+}
 
+impl<'a, P: PioSlot + 'a, M: MmioSlot + 'a> DispatchCache<'a, P, M> {
     /// Forgets both remembered ranges.
     pub fn clear(&mut self) {
-        *self = Self::new();
+        *self = Self::default();
     }
 
     /// Dispatches a PIO read if it hits the remembered range; `false`: not dispatched.
-    #[inline]
+    // Always: on the vCPU's hot path, and a call here is one more jump after a world
+    // switch.
+    #[inline(always)]
     pub fn pio_read(&self, addr: PioAddress, data: &mut [u8]) -> bool {
         let len = data.len();
         match self
@@ -324,7 +340,7 @@ impl<'a> DispatchCache<'a> {
         {
             Some((dev, offset)) => {
                 // Both fit in u16: the range was checked against 0xffff when inserted.
-                dev.pio_read(PioAddress(self.pio.base as u16), offset as u16, data);
+                P::read(dev, PioAddress(self.pio.base as u16), offset as u16, data);
                 true
             }
             None => false,
@@ -332,7 +348,9 @@ impl<'a> DispatchCache<'a> {
     }
 
     /// Dispatches a PIO write if it hits the remembered range; `false`: not dispatched.
-    #[inline]
+    // Always: on the vCPU's hot path, and a call here is one more jump after a world
+    // switch.
+    #[inline(always)]
     pub fn pio_write(&self, addr: PioAddress, data: &[u8]) -> bool {
         let len = data.len();
         match self
@@ -340,7 +358,7 @@ impl<'a> DispatchCache<'a> {
             .lookup(u64::from(addr.0), len, matches!(len, 1 | 2 | 4))
         {
             Some((dev, offset)) => {
-                dev.pio_write(PioAddress(self.pio.base as u16), offset as u16, data);
+                P::write(dev, PioAddress(self.pio.base as u16), offset as u16, data);
                 true
             }
             None => false,
@@ -348,12 +366,14 @@ impl<'a> DispatchCache<'a> {
     }
 
     /// Dispatches an MMIO read if it hits the remembered range; `false`: not dispatched.
-    #[inline]
+    // Always: on the vCPU's hot path, and a call here is one more jump after a world
+    // switch.
+    #[inline(always)]
     pub fn mmio_read(&self, addr: MmioAddress, data: &mut [u8]) -> bool {
         let len = data.len();
         match self.mmio.lookup(addr.0, len, matches!(len, 1 | 2 | 4 | 8)) {
             Some((dev, offset)) => {
-                dev.mmio_read(MmioAddress(self.mmio.base), offset, data);
+                M::read(dev, MmioAddress(self.mmio.base), offset, data);
                 true
             }
             None => false,
@@ -361,12 +381,14 @@ impl<'a> DispatchCache<'a> {
     }
 
     /// Dispatches an MMIO write if it hits the remembered range; `false`: not dispatched.
-    #[inline]
+    // Always: on the vCPU's hot path, and a call here is one more jump after a world
+    // switch.
+    #[inline(always)]
     pub fn mmio_write(&self, addr: MmioAddress, data: &[u8]) -> bool {
         let len = data.len();
         match self.mmio.lookup(addr.0, len, matches!(len, 1 | 2 | 4 | 8)) {
             Some((dev, offset)) => {
-                dev.mmio_write(MmioAddress(self.mmio.base), offset, data);
+                M::write(dev, MmioAddress(self.mmio.base), offset, data);
                 true
             }
             None => false,
@@ -374,19 +396,19 @@ impl<'a> DispatchCache<'a> {
     }
 
     #[inline]
-    pub(crate) fn remember_pio(&mut self, base: u64, last: u64, dev: &'a dyn PioDevice) {
-        self.pio.set(base, last, dev.as_raw_pio());
+    pub(crate) fn remember_pio(&mut self, base: u64, last: u64, dev: &'a P) {
+        self.pio.set(base, last, dev.borrow());
     }
 
     #[inline]
-    pub(crate) fn remember_mmio(&mut self, base: u64, last: u64, dev: &'a dyn MmioDevice) {
-        self.mmio.set(base, last, dev.as_raw_mmio());
+    pub(crate) fn remember_mmio(&mut self, base: u64, last: u64, dev: &'a M) {
+        self.mmio.set(base, last, dev.borrow());
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Slot;
+    use super::Memo;
     use proptest::prelude::*;
 
     proptest! {
@@ -400,7 +422,7 @@ mod tests {
             len in prop_oneof![Just(1usize), Just(2), Just(4), Just(8)],
         ) {
             let last = base.saturating_add(span);
-            let mut slot = Slot::<u8>::empty();
+            let mut slot = Memo::<u8>::empty();
             prop_assert!(slot.hit(base, len).is_none(), "an empty slot never hits");
             slot.set(base, last, 9);
             let addr = i128::from(base) + delta;

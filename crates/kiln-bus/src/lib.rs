@@ -16,9 +16,11 @@
 
 mod cache;
 mod ratelimit;
+mod slot;
 
 pub use cache::{AsRawMmio, AsRawPio, DispatchCache, RawMmio, RawPio};
 pub use ratelimit::RateLimitedWarn;
+pub use slot::{MmioSlot, PioSlot};
 
 use std::fmt;
 use std::sync::Arc;
@@ -181,14 +183,14 @@ pub trait MmioDevice: Send + Sync + AsRawMmio {
 
 /// One registered range: `[base, last]` inclusive, so a range may end at the very last
 /// address of its space without overflowing.
-struct Entry<D: ?Sized> {
+struct Entry<D> {
     base: u64,
     last: u64,
-    dev: Arc<D>,
+    dev: D,
 }
 
 /// The shared core of both buses: sorted, non-overlapping ranges over raw `u64` addresses.
-struct RangeMap<D: ?Sized> {
+struct RangeMap<D> {
     space: AddressSpace,
     /// Highest address of the space (0xffff for PIO).
     max: u64,
@@ -196,7 +198,7 @@ struct RangeMap<D: ?Sized> {
     entries: Vec<Entry<D>>,
 }
 
-impl<D: ?Sized> RangeMap<D> {
+impl<D> RangeMap<D> {
     const fn new(space: AddressSpace, max: u64) -> Self {
         RangeMap {
             space,
@@ -205,7 +207,7 @@ impl<D: ?Sized> RangeMap<D> {
         }
     }
 
-    fn insert(&mut self, base: u64, size: u64, dev: Arc<D>) -> Result<()> {
+    fn insert(&mut self, base: u64, size: u64, dev: D) -> Result<()> {
         let space = self.space;
         if size == 0 {
             return Err(Error::ZeroSize { space, base });
@@ -237,7 +239,7 @@ impl<D: ?Sized> RangeMap<D> {
         Ok(())
     }
 
-    fn remove(&mut self, base: u64) -> Result<Arc<D>> {
+    fn remove(&mut self, base: u64) -> Result<D> {
         match self.entries.binary_search_by_key(&base, |e| e.base) {
             Ok(i) => Ok(self.entries.remove(i).dev),
             Err(_) => Err(Error::NotRegistered {
@@ -288,17 +290,23 @@ impl<D: ?Sized> RangeMap<D> {
 /// The port-I/O address space of a VM.
 ///
 /// Build it with [`insert`](Self::insert), then share it (`Arc<PioBus>`) with the vCPU threads.
-pub struct PioBus {
-    map: RangeMap<dyn PioDevice>,
+///
+/// `D` is what the bus holds per range (see [`PioSlot`]): by default any device as an
+/// `Arc<dyn PioDevice>` ([`PioBus::new`]); a VMM that knows its device types can use an enum
+/// of them (`PioBus::<MyDevices>::default()`) so exits reach devices without a dynamic call.
+pub struct PioBus<D = Arc<dyn PioDevice>> {
+    map: RangeMap<D>,
 }
 
-impl Default for PioBus {
+impl<D> Default for PioBus<D> {
     fn default() -> Self {
-        Self::new()
+        PioBus {
+            map: RangeMap::new(AddressSpace::Pio, u16::MAX as u64),
+        }
     }
 }
 
-impl fmt::Debug for PioBus {
+impl<D> fmt::Debug for PioBus<D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list()
             .entries(self.map.entries.iter().map(|e| e.base..=e.last))
@@ -307,28 +315,30 @@ impl fmt::Debug for PioBus {
 }
 
 impl PioBus {
-    /// An empty bus.
+    /// An empty bus of `Arc<dyn PioDevice>`s.
     pub const fn new() -> Self {
         PioBus {
             map: RangeMap::new(AddressSpace::Pio, u16::MAX as u64),
         }
     }
+}
 
+impl<D: PioSlot> PioBus<D> {
     /// Registers `dev` for the ports `[base, base + size)`.
     ///
     /// Fails if `size` is 0, if the range runs past port 0xffff, or if it overlaps a registered
     /// range (adjacent ranges are fine). The same device may be registered at several ranges.
-    pub fn insert(&mut self, base: PioAddress, size: u16, dev: Arc<dyn PioDevice>) -> Result<()> {
+    pub fn insert(&mut self, base: PioAddress, size: u16, dev: D) -> Result<()> {
         self.map.insert(u64::from(base.0), u64::from(size), dev)
     }
 
     /// Unregisters the range that starts exactly at `base` and returns its device.
-    pub fn remove(&mut self, base: PioAddress) -> Result<Arc<dyn PioDevice>> {
+    pub fn remove(&mut self, base: PioAddress) -> Result<D> {
         self.map.remove(u64::from(base.0))
     }
 
     /// The device covering `addr`, with the base and size of its range.
-    pub fn get(&self, addr: PioAddress) -> Option<(PioAddress, u16, &Arc<dyn PioDevice>)> {
+    pub fn get(&self, addr: PioAddress) -> Option<(PioAddress, u16, &D)> {
         let e = self.map.find(u64::from(addr.0))?;
         // Both fit in u16: ranges are checked against 0xffff at insertion, and a range of
         // 0x10000 ports cannot be inserted because `size` is a u16.
@@ -348,12 +358,12 @@ impl PioBus {
     }
 
     #[inline]
-    fn resolve(&self, addr: PioAddress, len: usize) -> Result<(&Entry<dyn PioDevice>, u16)> {
+    fn resolve(&self, addr: PioAddress, len: usize) -> Result<(&Entry<D>, PioAddress, u16)> {
         let (e, offset) = self
             .map
             .resolve(u64::from(addr.0), len, matches!(len, 1 | 2 | 4))?;
-        // Offsets inside a PIO range are below 0x10000 by construction.
-        Ok((e, offset as u16))
+        // Bases and offsets inside a PIO range are below 0x10000 by construction.
+        Ok((e, PioAddress(e.base as u16), offset as u16))
     }
 
     /// Dispatches a guest read of `data.len()` bytes at `addr`.
@@ -362,45 +372,45 @@ impl PioBus {
     /// as an unclaimed ISA port, is the usual choice).
     #[inline]
     pub fn read(&self, addr: PioAddress, data: &mut [u8]) -> Result<()> {
-        let (e, offset) = self.resolve(addr, data.len())?;
-        e.dev.pio_read(PioAddress(e.base as u16), offset, data);
+        let (e, base, offset) = self.resolve(addr, data.len())?;
+        D::read(e.dev.borrow(), base, offset, data);
         Ok(())
     }
 
     /// Dispatches a guest write of `data` at `addr`.
     #[inline]
     pub fn write(&self, addr: PioAddress, data: &[u8]) -> Result<()> {
-        let (e, offset) = self.resolve(addr, data.len())?;
-        e.dev.pio_write(PioAddress(e.base as u16), offset, data);
+        let (e, base, offset) = self.resolve(addr, data.len())?;
+        D::write(e.dev.borrow(), base, offset, data);
         Ok(())
     }
 
     /// Like [`read`](Self::read), and remembers the range it hit in `cache`, so the next
     /// access there can go through [`DispatchCache::pio_read`] without a lookup. An error
     /// leaves the cache as it was.
-    pub fn read_caching<'a>(
+    pub fn read_caching<'a, M: MmioSlot + 'a>(
         &'a self,
-        cache: &mut DispatchCache<'a>,
+        cache: &mut DispatchCache<'a, D, M>,
         addr: PioAddress,
         data: &mut [u8],
     ) -> Result<()> {
-        let (e, offset) = self.resolve(addr, data.len())?;
-        e.dev.pio_read(PioAddress(e.base as u16), offset, data);
-        cache.remember_pio(e.base, e.last, &*e.dev);
+        let (e, base, offset) = self.resolve(addr, data.len())?;
+        D::read(e.dev.borrow(), base, offset, data);
+        cache.remember_pio(e.base, e.last, &e.dev);
         Ok(())
     }
 
     /// Like [`write`](Self::write), and remembers the range it hit in `cache` (see
     /// [`read_caching`](Self::read_caching)).
-    pub fn write_caching<'a>(
+    pub fn write_caching<'a, M: MmioSlot + 'a>(
         &'a self,
-        cache: &mut DispatchCache<'a>,
+        cache: &mut DispatchCache<'a, D, M>,
         addr: PioAddress,
         data: &[u8],
     ) -> Result<()> {
-        let (e, offset) = self.resolve(addr, data.len())?;
-        e.dev.pio_write(PioAddress(e.base as u16), offset, data);
-        cache.remember_pio(e.base, e.last, &*e.dev);
+        let (e, base, offset) = self.resolve(addr, data.len())?;
+        D::write(e.dev.borrow(), base, offset, data);
+        cache.remember_pio(e.base, e.last, &e.dev);
         Ok(())
     }
 }
@@ -408,18 +418,20 @@ impl PioBus {
 /// The MMIO address space of a VM (the regions that are not guest RAM).
 ///
 /// Build it with [`insert`](Self::insert), then share it (`Arc<MmioBus>`) with the vCPU
-/// threads.
-pub struct MmioBus {
-    map: RangeMap<dyn MmioDevice>,
+/// threads. `D` is what it holds per range, as for [`PioBus`] (see [`MmioSlot`]).
+pub struct MmioBus<D = Arc<dyn MmioDevice>> {
+    map: RangeMap<D>,
 }
 
-impl Default for MmioBus {
+impl<D> Default for MmioBus<D> {
     fn default() -> Self {
-        Self::new()
+        MmioBus {
+            map: RangeMap::new(AddressSpace::Mmio, u64::MAX),
+        }
     }
 }
 
-impl fmt::Debug for MmioBus {
+impl<D> fmt::Debug for MmioBus<D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list()
             .entries(self.map.entries.iter().map(|e| e.base..=e.last))
@@ -428,33 +440,32 @@ impl fmt::Debug for MmioBus {
 }
 
 impl MmioBus {
-    /// An empty bus.
+    /// An empty bus of `Arc<dyn MmioDevice>`s.
     pub const fn new() -> Self {
         MmioBus {
             map: RangeMap::new(AddressSpace::Mmio, u64::MAX),
         }
     }
+}
 
+impl<D: MmioSlot> MmioBus<D> {
     /// Registers `dev` for the addresses `[base, base + size)`.
     ///
     /// Fails if `size` is 0, if the range wraps past the end of the 64-bit address space
     /// (it may end at its very last byte), or if it overlaps a registered range (adjacent
     /// ranges are fine). The same device may be registered at several ranges.
-    pub fn insert(&mut self, base: MmioAddress, size: u64, dev: Arc<dyn MmioDevice>) -> Result<()> {
+    pub fn insert(&mut self, base: MmioAddress, size: u64, dev: D) -> Result<()> {
         self.map.insert(base.0, size, dev)
     }
 
     /// Unregisters the range that starts exactly at `base` and returns its device.
-    pub fn remove(&mut self, base: MmioAddress) -> Result<Arc<dyn MmioDevice>> {
+    pub fn remove(&mut self, base: MmioAddress) -> Result<D> {
         self.map.remove(base.0)
     }
 
     /// The device covering `addr`, with the base and the last address (inclusive) of its
     /// range. (The last address, not the size: a range may cover the whole 64-bit space.)
-    pub fn get(
-        &self,
-        addr: MmioAddress,
-    ) -> Option<(MmioAddress, MmioAddress, &Arc<dyn MmioDevice>)> {
+    pub fn get(&self, addr: MmioAddress) -> Option<(MmioAddress, MmioAddress, &D)> {
         let e = self.map.find(addr.0)?;
         Some((MmioAddress(e.base), MmioAddress(e.last), &e.dev))
     }
@@ -469,62 +480,55 @@ impl MmioBus {
         self.map.len() == 0
     }
 
+    #[inline]
+    fn resolve(&self, addr: MmioAddress, len: usize) -> Result<(&Entry<D>, u64)> {
+        self.map.resolve(addr.0, len, matches!(len, 1 | 2 | 4 | 8))
+    }
+
     /// Dispatches a guest read of `data.len()` bytes at `addr`.
     ///
     /// On error `data` is left untouched; the caller decides what the guest sees.
     #[inline]
     pub fn read(&self, addr: MmioAddress, data: &mut [u8]) -> Result<()> {
-        let len = data.len();
-        let (e, offset) = self
-            .map
-            .resolve(addr.0, len, matches!(len, 1 | 2 | 4 | 8))?;
-        e.dev.mmio_read(MmioAddress(e.base), offset, data);
+        let (e, offset) = self.resolve(addr, data.len())?;
+        D::read(e.dev.borrow(), MmioAddress(e.base), offset, data);
         Ok(())
     }
 
     /// Dispatches a guest write of `data` at `addr`.
     #[inline]
     pub fn write(&self, addr: MmioAddress, data: &[u8]) -> Result<()> {
-        let len = data.len();
-        let (e, offset) = self
-            .map
-            .resolve(addr.0, len, matches!(len, 1 | 2 | 4 | 8))?;
-        e.dev.mmio_write(MmioAddress(e.base), offset, data);
+        let (e, offset) = self.resolve(addr, data.len())?;
+        D::write(e.dev.borrow(), MmioAddress(e.base), offset, data);
         Ok(())
     }
 
     /// Like [`read`](Self::read), and remembers the range it hit in `cache`, so the next
     /// access there can go through [`DispatchCache::mmio_read`] without a lookup. An error
     /// leaves the cache as it was.
-    pub fn read_caching<'a>(
+    pub fn read_caching<'a, P: PioSlot + 'a>(
         &'a self,
-        cache: &mut DispatchCache<'a>,
+        cache: &mut DispatchCache<'a, P, D>,
         addr: MmioAddress,
         data: &mut [u8],
     ) -> Result<()> {
-        let len = data.len();
-        let (e, offset) = self
-            .map
-            .resolve(addr.0, len, matches!(len, 1 | 2 | 4 | 8))?;
-        e.dev.mmio_read(MmioAddress(e.base), offset, data);
-        cache.remember_mmio(e.base, e.last, &*e.dev);
+        let (e, offset) = self.resolve(addr, data.len())?;
+        D::read(e.dev.borrow(), MmioAddress(e.base), offset, data);
+        cache.remember_mmio(e.base, e.last, &e.dev);
         Ok(())
     }
 
     /// Like [`write`](Self::write), and remembers the range it hit in `cache` (see
     /// [`read_caching`](Self::read_caching)).
-    pub fn write_caching<'a>(
+    pub fn write_caching<'a, P: PioSlot + 'a>(
         &'a self,
-        cache: &mut DispatchCache<'a>,
+        cache: &mut DispatchCache<'a, P, D>,
         addr: MmioAddress,
         data: &[u8],
     ) -> Result<()> {
-        let len = data.len();
-        let (e, offset) = self
-            .map
-            .resolve(addr.0, len, matches!(len, 1 | 2 | 4 | 8))?;
-        e.dev.mmio_write(MmioAddress(e.base), offset, data);
-        cache.remember_mmio(e.base, e.last, &*e.dev);
+        let (e, offset) = self.resolve(addr, data.len())?;
+        D::write(e.dev.borrow(), MmioAddress(e.base), offset, data);
+        cache.remember_mmio(e.base, e.last, &e.dev);
         Ok(())
     }
 }

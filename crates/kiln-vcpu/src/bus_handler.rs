@@ -2,7 +2,10 @@
 
 use std::sync::Arc;
 
-use kiln_bus::{DispatchCache, MmioAddress, MmioBus, PioAddress, PioBus, RateLimitedWarn};
+use kiln_bus::{
+    DispatchCache, MmioAddress, MmioBus, MmioDevice, MmioSlot, PioAddress, PioBus, PioDevice,
+    PioSlot, RateLimitedWarn,
+};
 
 use crate::exit::{ExitHandler, StopReason};
 
@@ -20,17 +23,21 @@ pub type MsrReadFn = Box<dyn Fn(u32) -> Option<u64> + Send + Sync>;
 /// With the run loop's per-vCPU [`DispatchCache`] (the `*_cached` methods), an access to the
 /// range the vCPU hit last goes straight to its device: the handler and the buses are not
 /// touched at all, which after a world switch saves a chain of cache misses.
-pub struct BusExitHandler {
-    pio: Arc<PioBus>,
-    mmio: Arc<MmioBus>,
+///
+/// `P` and `M` are what the buses hold per range (see [`PioSlot`]): by default any device,
+/// called through a function pointer; with an enum of the VMM's device types, the exit path
+/// from `KVM_RUN` to the device is static calls.
+pub struct BusExitHandler<P = Arc<dyn PioDevice>, M = Arc<dyn MmioDevice>> {
+    pio: Arc<PioBus<P>>,
+    mmio: Arc<MmioBus<M>>,
     on_stop: Option<StopCallback>,
     msr_read: Option<MsrReadFn>,
     misses: RateLimitedWarn,
 }
 
-impl BusExitHandler {
+impl<P: PioSlot, M: MmioSlot> BusExitHandler<P, M> {
     /// A handler over `pio` and `mmio`; `on_stop` (if any) runs when a vCPU stops.
-    pub fn new(pio: Arc<PioBus>, mmio: Arc<MmioBus>, on_stop: Option<StopCallback>) -> Self {
+    pub fn new(pio: Arc<PioBus<P>>, mmio: Arc<MmioBus<M>>, on_stop: Option<StopCallback>) -> Self {
         BusExitHandler {
             pio,
             mmio,
@@ -59,11 +66,11 @@ impl BusExitHandler {
     }
 }
 
-impl BusExitHandler {
+impl<P: PioSlot, M: MmioSlot> BusExitHandler<P, M> {
     /// The bus path of a PIO read: a lookup that fills `cache`, or a `rep ins` split into
     /// byte accesses.
     #[inline(never)]
-    fn pio_read_bus<'a>(&'a self, cache: &mut DispatchCache<'a>, port: u16, data: &mut [u8]) {
+    fn pio_read_bus<'a>(&'a self, cache: &mut DispatchCache<'a, P, M>, port: u16, data: &mut [u8]) {
         let len = data.len();
         // A `rep ins` exit carries count * size bytes; KVM's exit doesn't say the size, so
         // anything wider than a single access comes in a byte at a time.
@@ -81,7 +88,7 @@ impl BusExitHandler {
 
     /// The bus path of a PIO write (see [`pio_read_bus`](Self::pio_read_bus)).
     #[inline(never)]
-    fn pio_write_bus<'a>(&'a self, cache: &mut DispatchCache<'a>, port: u16, data: &[u8]) {
+    fn pio_write_bus<'a>(&'a self, cache: &mut DispatchCache<'a, P, M>, port: u16, data: &[u8]) {
         let chunk = if data.len() > 4 { 1 } else { data.len().max(1) };
         for part in data.chunks(chunk) {
             if cache.pio_write(PioAddress(port), part) {
@@ -95,7 +102,12 @@ impl BusExitHandler {
     }
 
     #[inline(never)]
-    fn mmio_read_bus<'a>(&'a self, cache: &mut DispatchCache<'a>, addr: u64, data: &mut [u8]) {
+    fn mmio_read_bus<'a>(
+        &'a self,
+        cache: &mut DispatchCache<'a, P, M>,
+        addr: u64,
+        data: &mut [u8],
+    ) {
         if let Err(e) = self.mmio.read_caching(cache, MmioAddress(addr), data) {
             data.fill(0xff);
             self.miss("MMIO read", addr, data.len(), &e);
@@ -103,55 +115,75 @@ impl BusExitHandler {
     }
 
     #[inline(never)]
-    fn mmio_write_bus<'a>(&'a self, cache: &mut DispatchCache<'a>, addr: u64, data: &[u8]) {
+    fn mmio_write_bus<'a>(&'a self, cache: &mut DispatchCache<'a, P, M>, addr: u64, data: &[u8]) {
         if let Err(e) = self.mmio.write_caching(cache, MmioAddress(addr), data) {
             self.miss("MMIO write", addr, data.len(), &e);
         }
     }
 }
 
-impl ExitHandler for BusExitHandler {
+impl<P: PioSlot, M: MmioSlot> ExitHandler for BusExitHandler<P, M> {
+    type Cache<'a>
+        = DispatchCache<'a, P, M>
+    where
+        Self: 'a;
+
     fn pio_read(&self, port: u16, data: &mut [u8]) {
-        self.pio_read_bus(&mut DispatchCache::new(), port, data);
+        self.pio_read_bus(&mut DispatchCache::default(), port, data);
     }
 
     fn pio_write(&self, port: u16, data: &[u8]) {
-        self.pio_write_bus(&mut DispatchCache::new(), port, data);
+        self.pio_write_bus(&mut DispatchCache::default(), port, data);
     }
 
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        self.mmio_read_bus(&mut DispatchCache::new(), addr, data);
+        self.mmio_read_bus(&mut DispatchCache::default(), addr, data);
     }
 
     fn mmio_write(&self, addr: u64, data: &[u8]) {
-        self.mmio_write_bus(&mut DispatchCache::new(), addr, data);
+        self.mmio_write_bus(&mut DispatchCache::default(), addr, data);
     }
 
     // The hit paths check the cache before touching `self`: on a hit neither the handler nor
     // a bus is read.
     #[inline]
-    fn pio_read_cached<'a>(&'a self, cache: &mut DispatchCache<'a>, port: u16, data: &mut [u8]) {
+    fn pio_read_cached<'a>(
+        &'a self,
+        cache: &mut DispatchCache<'a, P, M>,
+        port: u16,
+        data: &mut [u8],
+    ) {
         if !cache.pio_read(PioAddress(port), data) {
             self.pio_read_bus(cache, port, data);
         }
     }
 
     #[inline]
-    fn pio_write_cached<'a>(&'a self, cache: &mut DispatchCache<'a>, port: u16, data: &[u8]) {
+    fn pio_write_cached<'a>(&'a self, cache: &mut DispatchCache<'a, P, M>, port: u16, data: &[u8]) {
         if !cache.pio_write(PioAddress(port), data) {
             self.pio_write_bus(cache, port, data);
         }
     }
 
     #[inline]
-    fn mmio_read_cached<'a>(&'a self, cache: &mut DispatchCache<'a>, addr: u64, data: &mut [u8]) {
+    fn mmio_read_cached<'a>(
+        &'a self,
+        cache: &mut DispatchCache<'a, P, M>,
+        addr: u64,
+        data: &mut [u8],
+    ) {
         if !cache.mmio_read(MmioAddress(addr), data) {
             self.mmio_read_bus(cache, addr, data);
         }
     }
 
     #[inline]
-    fn mmio_write_cached<'a>(&'a self, cache: &mut DispatchCache<'a>, addr: u64, data: &[u8]) {
+    fn mmio_write_cached<'a>(
+        &'a self,
+        cache: &mut DispatchCache<'a, P, M>,
+        addr: u64,
+        data: &[u8],
+    ) {
         if !cache.mmio_write(MmioAddress(addr), data) {
             self.mmio_write_bus(cache, addr, data);
         }

@@ -1,7 +1,6 @@
 //! What a VM exit means: a free function from a KVM exit to an action, so every exit kind is
 //! tested with synthetic exits and no guest.
 
-use kiln_bus::DispatchCache;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::VcpuExit;
 
@@ -9,6 +8,12 @@ use kvm_ioctls::VcpuExit;
 /// must not allocate per call, and must tolerate any guest input (unknown addresses, odd
 /// sizes): fill reads with something and ignore writes they don't understand.
 pub trait ExitHandler: Send + Sync {
+    /// Per-vCPU state the run loop keeps on the vCPU thread's stack and passes to the
+    /// `*_cached` methods: a [`kiln_bus::DispatchCache`] for [`crate::BusExitHandler`], `()`
+    /// for a handler that needs none.
+    type Cache<'a>: Default
+    where
+        Self: 'a;
     /// `in` from `port`: fill `data` (1, 2 or 4 bytes).
     fn pio_read(&self, port: u16, data: &mut [u8]);
     /// `out` to `port`.
@@ -17,29 +22,28 @@ pub trait ExitHandler: Send + Sync {
     fn mmio_read(&self, addr: u64, data: &mut [u8]);
     /// A write to unbacked guest-physical memory at `addr`.
     fn mmio_write(&self, addr: u64, data: &[u8]);
-    /// [`pio_read`](Self::pio_read) with the calling vCPU's dispatch cache, which the run
-    /// loop keeps on the vCPU thread's stack for this handler (see [`DispatchCache`]).
+    /// [`pio_read`](Self::pio_read) with the calling vCPU's [`Cache`](Self::Cache).
     /// Default: ignores the cache.
     #[inline]
-    fn pio_read_cached<'a>(&'a self, cache: &mut DispatchCache<'a>, port: u16, data: &mut [u8]) {
+    fn pio_read_cached<'a>(&'a self, cache: &mut Self::Cache<'a>, port: u16, data: &mut [u8]) {
         let _ = cache;
         self.pio_read(port, data);
     }
-    /// [`pio_write`](Self::pio_write) with the calling vCPU's dispatch cache.
+    /// [`pio_write`](Self::pio_write) with the calling vCPU's cache.
     #[inline]
-    fn pio_write_cached<'a>(&'a self, cache: &mut DispatchCache<'a>, port: u16, data: &[u8]) {
+    fn pio_write_cached<'a>(&'a self, cache: &mut Self::Cache<'a>, port: u16, data: &[u8]) {
         let _ = cache;
         self.pio_write(port, data);
     }
-    /// [`mmio_read`](Self::mmio_read) with the calling vCPU's dispatch cache.
+    /// [`mmio_read`](Self::mmio_read) with the calling vCPU's cache.
     #[inline]
-    fn mmio_read_cached<'a>(&'a self, cache: &mut DispatchCache<'a>, addr: u64, data: &mut [u8]) {
+    fn mmio_read_cached<'a>(&'a self, cache: &mut Self::Cache<'a>, addr: u64, data: &mut [u8]) {
         let _ = cache;
         self.mmio_read(addr, data);
     }
-    /// [`mmio_write`](Self::mmio_write) with the calling vCPU's dispatch cache.
+    /// [`mmio_write`](Self::mmio_write) with the calling vCPU's cache.
     #[inline]
-    fn mmio_write_cached<'a>(&'a self, cache: &mut DispatchCache<'a>, addr: u64, data: &[u8]) {
+    fn mmio_write_cached<'a>(&'a self, cache: &mut Self::Cache<'a>, addr: u64, data: &[u8]) {
         let _ = cache;
         self.mmio_write(addr, data);
     }
@@ -147,17 +151,17 @@ pub enum StopKind {
 /// statically and can inline: every dynamic call left on the exit path is a cold miss after a
 /// world switch.
 #[inline]
-pub fn handle_exit<H: ExitHandler + ?Sized>(exit: VcpuExit<'_>, handler: &H) -> ExitAction {
-    handle_exit_cached(exit, handler, &mut DispatchCache::new())
+pub fn handle_exit<H: ExitHandler>(exit: VcpuExit<'_>, handler: &H) -> ExitAction {
+    handle_exit_cached(exit, handler, &mut H::Cache::default())
 }
 
 /// [`handle_exit`] with the vCPU's dispatch cache (the run loop keeps one per vCPU, so a
-/// repeated access to one device skips the bus lookup; see [`DispatchCache`]).
+/// repeated access to one device skips the bus lookup; see [`kiln_bus::DispatchCache`]).
 #[inline]
-pub fn handle_exit_cached<'a, H: ExitHandler + ?Sized>(
+pub fn handle_exit_cached<'a, H: ExitHandler>(
     exit: VcpuExit<'_>,
     handler: &'a H,
-    cache: &mut DispatchCache<'a>,
+    cache: &mut H::Cache<'a>,
 ) -> ExitAction {
     match exit {
         VcpuExit::IoIn(port, data) => handler.pio_read_cached(cache, port, data),
@@ -218,6 +222,7 @@ mod tests {
     }
 
     impl ExitHandler for Recorder {
+        type Cache<'a> = ();
         fn pio_read(&self, port: u16, data: &mut [u8]) {
             data.fill(0xab);
             self.log
@@ -250,6 +255,7 @@ mod tests {
     fn msr_exits_answer_or_inject_gp() {
         struct Msrs;
         impl ExitHandler for Msrs {
+            type Cache<'a> = ();
             fn pio_read(&self, _: u16, _: &mut [u8]) {}
             fn pio_write(&self, _: u16, _: &[u8]) {}
             fn mmio_read(&self, _: u64, _: &mut [u8]) {}

@@ -182,16 +182,15 @@ impl Drop for ExitTimesGuard {
     }
 }
 
-/// One vCPU, configured and ready to run. `H` is its exit handler: a concrete type (e.g.
-/// [`crate::BusExitHandler`]) makes the exit path static calls that inline; the default,
-/// `dyn ExitHandler`, takes any handler.
-pub struct Vcpu<H: ExitHandler + ?Sized = dyn ExitHandler> {
+/// One vCPU, configured and ready to run. `H` is its exit handler, a concrete type, so the
+/// exit path is static calls that inline.
+pub struct Vcpu<H: ExitHandler> {
     fd: VcpuFd,
     index: u32,
     handler: Arc<H>,
 }
 
-impl<H: ExitHandler + ?Sized + 'static> Vcpu<H> {
+impl<H: ExitHandler + 'static> Vcpu<H> {
     /// Wraps a configured `VcpuFd` (index = APIC ID) with the exit handler it will use.
     pub fn new(fd: VcpuFd, index: u32, handler: Arc<H>) -> Self {
         Vcpu { fd, index, handler }
@@ -323,7 +322,7 @@ impl<H: ExitHandler + ?Sized + 'static> Vcpu<H> {
         // it while `self` is used mutably below; the cache lives in this frame, which the
         // exit path touches anyway.
         let handler = Arc::clone(&self.handler);
-        let mut cache = kiln_bus::DispatchCache::new();
+        let mut cache = H::Cache::default();
         loop {
             let (errno, exited) =
                 match exit_loop(&mut self.fd, &*handler, &mut cache, &times, timing) {
@@ -403,10 +402,10 @@ enum LoopEnd {
 /// pause, back-off and start-up code, and after every world switch each extra line (and
 /// page) it spans is another cold miss.
 #[inline(never)]
-fn exit_loop<'a, H: ExitHandler + ?Sized>(
+fn exit_loop<'a, H: ExitHandler>(
     fd: &mut VcpuFd,
     handler: &'a H,
-    cache: &mut kiln_bus::DispatchCache<'a>,
+    cache: &mut H::Cache<'a>,
     times: &ExitTimes,
     timing: bool,
 ) -> LoopEnd {

@@ -21,6 +21,7 @@ fn kvm_or_skip(test: &str) -> Option<Kvm> {
 struct Counter(AtomicU64);
 
 impl ExitHandler for Counter {
+    type Cache<'a> = ();
     fn pio_read(&self, _port: u16, data: &mut [u8]) {
         data.fill(0);
     }
