@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::time::{Duration, Instant};
 
-use kiln_vcpu::{exit_clock_ns, ExitTimes};
+use kiln_vcpu::{ExitClock, ExitTimes};
 
 use kvm_ioctls::{Kvm, VcpuExit};
 
@@ -149,12 +149,13 @@ fn exit_loop(vcpu: &mut kvm_ioctls::VcpuFd, timeout: Duration) -> Result<String,
     // User-space time between KVM_RUN returning and the next KVM_RUN, recorded as kiln's
     // vCPU threads record it with --exit-bench (same clock, same ExitTimes).
     let times = ExitTimes::new();
+    let clock = ExitClock::get();
     let mut exited_at: u64 = 0;
     let deadline = Instant::now() + timeout;
     let mut exits = 0u64;
     loop {
         if exited_at != 0 {
-            times.record(exit_clock_ns().wrapping_sub(exited_at));
+            times.record(clock.ns_between(exited_at, clock.now()));
             exited_at = 0;
         }
         exits += 1;
@@ -166,7 +167,7 @@ fn exit_loop(vcpu: &mut kvm_ioctls::VcpuFd, timeout: Duration) -> Result<String,
         }
         let r = vcpu.run();
         if r.is_ok() {
-            exited_at = exit_clock_ns();
+            exited_at = clock.now();
         }
         match r {
             Ok(VcpuExit::IoOut(port, data)) if TEST_PORTS.contains(&port) => device.pio_write(

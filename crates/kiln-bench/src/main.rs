@@ -342,6 +342,14 @@ fn exits(a: ExitsArgs) -> Result<(), String> {
         a.n, a.warmup, rounds
     );
     print_table(&runs, &kinds);
+    let clock = kiln_vcpu::ExitClock::get();
+    println!(
+        "VMM-side per-exit times (vmm ns/x, vmm typ) on the {} clock{}",
+        clock.name(),
+        clock
+            .tsc_ghz()
+            .map_or(String::new(), |g| format!(" ({g:.4} GHz, calibrated)"))
+    );
     if let Some(p) = &a.json {
         let doc = json!({
             "tool": "kiln-bench exits",

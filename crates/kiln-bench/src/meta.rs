@@ -55,7 +55,14 @@ pub fn host() -> Value {
         "cpu_model": cpu_model,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "kvm_modules": Value::Object(kvm_modules()),
+        "exit_clock": exit_clock(),
     })
+}
+
+/// The clock the VMM-side per-exit times use (kiln's vCPU threads and the floor alike).
+fn exit_clock() -> Value {
+    let c = kiln_vcpu::ExitClock::get();
+    json!({ "clock": c.name(), "tsc_ghz": c.tsc_ghz() })
 }
 
 /// A one-line description for the table header.

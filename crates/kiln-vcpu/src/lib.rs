@@ -11,7 +11,7 @@ pub mod state;
 
 pub use bus_handler::{BusExitHandler, MsrReadFn, StopCallback};
 pub use exit::{handle_exit, handle_exit_cached, ExitAction, ExitHandler, StopKind, StopReason};
-pub use exit_times::{exit_clock_ns, ExitTimeSummary, ExitTimes};
+pub use exit_times::{ExitClock, ExitTimeSummary, ExitTimes};
 pub use kiln_bus::DispatchCache;
 pub use regs::{BootMode, BootRegs, Segment};
 pub use runner::{

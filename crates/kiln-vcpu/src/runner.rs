@@ -17,7 +17,7 @@ use kvm_ioctls::VcpuFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::exit::{handle_exit_cached, ExitAction, ExitHandler, StopKind, StopReason};
-use crate::exit_times::{exit_clock_ns, ExitTimes};
+use crate::exit_times::{ExitClock, ExitTimes};
 use crate::regs::dump_registers;
 use crate::{Error, Result};
 
@@ -152,6 +152,10 @@ thread_local! {
 /// Turns per-exit user-space timing on or off for vCPU threads started afterwards (for the
 /// exit benchmark; see [`with_vcpu_exit_times`]).
 pub fn set_exit_timing(on: bool) {
+    if on {
+        // Calibrates the clock now rather than on a vCPU thread's first run.
+        let _ = ExitClock::get();
+    }
     EXIT_TIMING.store(on, Ordering::Relaxed);
 }
 
@@ -315,7 +319,7 @@ impl<H: ExitHandler + 'static> Vcpu<H> {
         }
         let mut eagain_backoff = Duration::from_micros(50);
         // Exit timing, as the benchmark's floor does it (same clock, same record).
-        let timing = EXIT_TIMING.load(Ordering::Relaxed);
+        let timing = EXIT_TIMING.load(Ordering::Relaxed).then(ExitClock::get);
         let times = ExitTimes::new();
         let _published = ExitTimesGuard::publish(&times);
         // Our own reference to the handler, so the per-vCPU dispatch cache can borrow from
@@ -407,19 +411,20 @@ fn exit_loop<'a, H: ExitHandler>(
     handler: &'a H,
     cache: &mut H::Cache<'a>,
     times: &ExitTimes,
-    timing: bool,
+    timing: Option<ExitClock>,
 ) -> LoopEnd {
+    let (clock, timing) = (timing.unwrap_or(ExitClock::monotonic()), timing.is_some());
     let mut exited_at: u64 = 0;
     let mut exited = false;
     loop {
         if exited_at != 0 {
-            times.record(exit_clock_ns().wrapping_sub(exited_at));
+            times.record(clock.ns_between(exited_at, clock.now()));
             exited_at = 0;
         }
         match fd.run() {
             Ok(exit) => {
                 if timing {
-                    exited_at = exit_clock_ns();
+                    exited_at = clock.now();
                 }
                 exited = true;
                 if let ExitAction::Stop(kind) = handle_exit_cached(exit, handler, cache) {
