@@ -322,17 +322,14 @@ impl<H: ExitHandler + 'static> Vcpu<H> {
         let timing = EXIT_TIMING.load(Ordering::Relaxed).then(ExitClock::get);
         let times = ExitTimes::new();
         let _published = ExitTimesGuard::publish(&times);
-        // Our own reference to the handler, so the per-vCPU dispatch cache can borrow from
-        // it while `self` is used mutably below; the cache lives in this frame, which the
-        // exit path touches anyway.
+        // Our own reference to the handler, so the exit loop's dispatch cache can borrow
+        // from it while `self` is used mutably below.
         let handler = Arc::clone(&self.handler);
-        let mut cache = H::Cache::default();
         loop {
-            let (errno, exited) =
-                match exit_loop(&mut self.fd, &*handler, &mut cache, &times, timing) {
-                    LoopEnd::Stop(kind) => return self.stop_reason(kind),
-                    LoopEnd::RunError { errno, exited } => (errno, exited),
-                };
+            let (errno, exited) = match exit_loop(&mut self.fd, &*handler, &times, timing) {
+                LoopEnd::Stop(kind) => return self.stop_reason(kind),
+                LoopEnd::RunError { errno, exited } => (errno, exited),
+            };
             if exited {
                 eagain_backoff = Duration::from_micros(50);
             }
@@ -406,14 +403,17 @@ enum LoopEnd {
 /// pause, back-off and start-up code, and after every world switch each extra line (and
 /// page) it spans is another cold miss.
 #[inline(never)]
-fn exit_loop<'a, H: ExitHandler>(
+fn exit_loop<H: ExitHandler>(
     fd: &mut VcpuFd,
-    handler: &'a H,
-    cache: &mut H::Cache<'a>,
+    handler: &H,
     times: &ExitTimes,
     timing: Option<ExitClock>,
 ) -> LoopEnd {
     let (clock, timing) = (timing.unwrap_or(ExitClock::monotonic()), timing.is_some());
+    // The per-vCPU dispatch cache, in this frame beside the loop's other state (in the
+    // caller's frame it was one more cache line to miss after each world switch). It starts
+    // empty after every return (a kick, a pause): it is only a cache.
+    let mut cache = H::Cache::default();
     let mut exited_at: u64 = 0;
     let mut exited = false;
     loop {
@@ -427,7 +427,7 @@ fn exit_loop<'a, H: ExitHandler>(
                     exited_at = clock.now();
                 }
                 exited = true;
-                if let ExitAction::Stop(kind) = handle_exit_cached(exit, handler, cache) {
+                if let ExitAction::Stop(kind) = handle_exit_cached(exit, handler, &mut cache) {
                     return LoopEnd::Stop(kind);
                 }
             }
