@@ -57,7 +57,7 @@ pub struct KindResult {
     pub vmm_ns: Option<u64>,
     /// Per round: `vmm_ns` over the round's exit count.
     pub vmm_rounds: Vec<f64>,
-    /// Per round: the typical user-space ns per exit (interquartile mean of the per-exit
+    /// Per round: the typical user-space ns per exit (mean of the uninterrupted exits'
     /// times), if the VMM measured it.
     pub vmm_typical_rounds: Vec<f64>,
 }
@@ -72,9 +72,9 @@ impl KindResult {
         median(&self.vmm_rounds)
     }
 
-    /// The typical user-space ns per exit: the median over rounds of each round's
-    /// interquartile mean of per-exit times (`kiln_vcpu::ExitTimes`). Unlike the mean, a
-    /// preemption between two clock reads moves neither.
+    /// The typical user-space ns per exit: the median over rounds of each round's mean of
+    /// its uninterrupted exits (under 0.5 µs; `kiln_vcpu::ExitTimes`). Unlike the plain
+    /// mean, a preemption between two clock reads moves neither.
     pub fn vmm_typical_ns(&self) -> Option<f64> {
         median(&self.vmm_typical_rounds)
     }

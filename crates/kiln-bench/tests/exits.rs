@@ -88,8 +88,8 @@ fn measures_kiln_and_the_floor_and_writes_json() {
             v.is_some_and(|v| v > 0.0),
             "{vmm}: {v:?} (an old target/debug/kiln? `cargo build -p kiln`)"
         );
-        // The typical (interquartile mean) time per exit lies in the histogram's range and
-        // is there for each round.
+        // The typical time per exit (mean of the uninterrupted exits) lies in the
+        // histogram's range and is there for each round.
         let k = &doc["vmms"][vmm]["kinds"]["pio-out"];
         let typ = k["vmm_typical_ns_per_exit"].as_f64();
         assert!(

@@ -11,7 +11,7 @@
 //! | 4 | guest-physical address of the 16-byte irq stamp slot | system µs of the last ended run |
 //! | 8 | start N irqfd injections (see [`IrqInjector`]) | injections done so far |
 //! | 12 | — | ns the vCPU thread spent in user space handling exits during the last ended run (saturating u32; 0 without a clock) |
-//! | 16 | — | the typical (interquartile mean) user-space ns per exit of the last ended run, × 100 (0 without a clock) |
+//! | 16 | — | the typical user-space ns per exit of the last ended run (mean of the uninterrupted exits, `kiln_vcpu::ExitTimes`), × 100 (0 without a clock) |
 //!
 //! The mark is handled on the vCPU thread that made the exit, which is the thread whose
 //! usage it measures; begin and end must come from the same vCPU.
@@ -63,7 +63,7 @@ pub struct ExitTimeHooks {
     /// Forgets the exit times recorded so far (at a begin mark).
     pub restart: fn(),
     /// The exit times since `restart`: the total ns spent in user space handling exits, and
-    /// the typical (interquartile mean) ns per exit if enough exits were recorded.
+    /// the typical ns per exit (mean of the uninterrupted exits) if enough were recorded.
     pub read: fn() -> (u64, Option<f64>),
 }
 
