@@ -296,10 +296,7 @@ where
 
 impl<'a, P: PioSlot + 'a, M: MmioSlot + 'a> Default for DispatchCache<'a, P, M> {
     fn default() -> Self {
-        DispatchCache {
-            pio: Memo::empty(),
-            mmio: Memo::empty(),
-        }
+        Self::empty()
     }
 }
 
@@ -323,17 +320,22 @@ impl DispatchCache<'_> {
     /// An empty cache for buses of `Arc<dyn PioDevice>` and `Arc<dyn MmioDevice>` (the
     /// buses' defaults); for other device types use [`Default::default`].
     pub const fn new() -> Self {
+        Self::empty()
+    }
+}
+
+impl<'a, P: PioSlot + 'a, M: MmioSlot + 'a> DispatchCache<'a, P, M> {
+    /// Nothing remembered (`new` and `default` both make one).
+    const fn empty() -> Self {
         DispatchCache {
             pio: Memo::empty(),
             mmio: Memo::empty(),
         }
     }
-}
 
-impl<'a, P: PioSlot + 'a, M: MmioSlot + 'a> DispatchCache<'a, P, M> {
     /// Forgets both remembered ranges.
     pub fn clear(&mut self) {
-        *self = Self::default();
+        *self = Self::empty();
     }
 
     /// Dispatches a PIO read if it hits the remembered range; `false`: not dispatched.

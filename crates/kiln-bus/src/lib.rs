@@ -300,6 +300,13 @@ pub struct PioBus<D = Arc<dyn PioDevice>> {
 
 impl<D> Default for PioBus<D> {
     fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl<D> PioBus<D> {
+    /// An empty bus of any device type (`new` and `default` both make one).
+    const fn empty() -> Self {
         PioBus {
             map: RangeMap::new(AddressSpace::Pio, u16::MAX as u64),
         }
@@ -317,9 +324,7 @@ impl<D> fmt::Debug for PioBus<D> {
 impl PioBus {
     /// An empty bus of `Arc<dyn PioDevice>`s.
     pub const fn new() -> Self {
-        PioBus {
-            map: RangeMap::new(AddressSpace::Pio, u16::MAX as u64),
-        }
+        Self::empty()
     }
 }
 
@@ -425,6 +430,13 @@ pub struct MmioBus<D = Arc<dyn MmioDevice>> {
 
 impl<D> Default for MmioBus<D> {
     fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl<D> MmioBus<D> {
+    /// An empty bus of any device type (`new` and `default` both make one).
+    const fn empty() -> Self {
         MmioBus {
             map: RangeMap::new(AddressSpace::Mmio, u64::MAX),
         }
@@ -442,9 +454,7 @@ impl<D> fmt::Debug for MmioBus<D> {
 impl MmioBus {
     /// An empty bus of `Arc<dyn MmioDevice>`s.
     pub const fn new() -> Self {
-        MmioBus {
-            map: RangeMap::new(AddressSpace::Mmio, u64::MAX),
-        }
+        Self::empty()
     }
 }
 
