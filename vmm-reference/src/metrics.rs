@@ -265,11 +265,6 @@ thread_local! {
     };
 }
 
-fn count(pick: impl Fn(&ThreadExits) -> &AtomicU64) {
-    // `try_with` fails only while the thread is being torn down.
-    let _ = EXITS.try_with(|c| pick(c).fetch_add(1, Ordering::Relaxed));
-}
-
 /// Exits handled by kiln's devices, summed over threads, since the previous flush.
 static EXITS_FLUSHED: Mutex<[u64; 4]> = Mutex::new([0; 4]);
 
@@ -309,11 +304,15 @@ pub(crate) enum ExitCount {
 /// never called, and its thread-local setup would only crowd the exit loop's code.
 #[inline(never)]
 pub(crate) fn count_exit(kind: ExitCount) {
-    count(|c| match kind {
-        ExitCount::IoIn => &c.io_in,
-        ExitCount::IoOut => &c.io_out,
-        ExitCount::MmioRead => &c.mmio_read,
-        ExitCount::MmioWrite => &c.mmio_write,
+    // `try_with` fails only while the thread is being torn down.
+    let _ = EXITS.try_with(|c| {
+        let counter = match kind {
+            ExitCount::IoIn => &c.io_in,
+            ExitCount::IoOut => &c.io_out,
+            ExitCount::MmioRead => &c.mmio_read,
+            ExitCount::MmioWrite => &c.mmio_write,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     });
 }
 
