@@ -101,6 +101,60 @@ fn every_thread_runs_with_a_filter() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A stopped and continued kiln (a debugger, job control, an orchestrator freezing it with
+/// `SIGSTOP`) goes on as before: resuming an interrupted sleep is a `restart_syscall`, which
+/// every filter must allow (it was missing, and kiln died with 148 on `SIGCONT`).
+#[test]
+fn stop_and_continue_under_seccomp() {
+    if skip_kvm("stop_and_continue_under_seccomp") {
+        return;
+    }
+    let mut child = kiln()
+        .args(["--cpus", "2", "--cmdline", "console=ttyS0 kiln.test=serial"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln");
+    let pid = child.id();
+    // Every thread filtered (the main thread installs its filter last) and asleep.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seccomp_modes(pid)
+        .iter()
+        .any(|(c, m)| c == "kiln" && m == "2")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "kiln never installed its filters"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..5 {
+        for sig in [libc::SIGSTOP, libc::SIGCONT] {
+            // SAFETY: plain kill(2) on our own child's pid.
+            assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+            std::thread::sleep(Duration::from_millis(60));
+        }
+    }
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "kiln ended after SIGSTOP/SIGCONT"
+    );
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"still here\n")
+        .expect("write to the guest");
+    let out = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("KTEST-ECHO still here"),
+        "{:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs kiln with `--seccomp-selftest kind` and a guest that waits for input.
 fn selftest(kind: &str, extra: &[&str], disk: &std::path::Path) -> common::Run {
     let mut cmd = kiln();

@@ -163,7 +163,10 @@ fn allow_values(r: &mut Rules, nr: libc::c_long, arg: u8, values: &[u64]) {
 }
 
 /// What every thread needs: memory allocation (never executable), locks, signals,
-/// clocks, logging to stderr, dropping fds, and exiting.
+/// clocks, logging to stderr, dropping fds, and exiting. `restart_syscall` is how the kernel
+/// resumes a sleep or timed wait that a stop signal interrupted (`SIGSTOP`/`SIGCONT` from a
+/// debugger, a shell's job control, an orchestrator pausing the process): without it a
+/// stopped kiln died on `SIGCONT`. It can only resume the call the thread was already in.
 fn common(r: &mut Rules) {
     for nr in [
         libc::SYS_brk,
@@ -173,6 +176,7 @@ fn common(r: &mut Rules) {
         libc::SYS_futex,
         libc::SYS_rt_sigprocmask,
         libc::SYS_rt_sigreturn,
+        libc::SYS_restart_syscall,
         libc::SYS_sigaltstack,
         libc::SYS_sched_yield,
         libc::SYS_clock_gettime,
