@@ -149,8 +149,9 @@ impl<T: MmioDevice> AsRawMmio for T {
 /// words; `span`, read only by a new access in the range, comes last.
 #[repr(C, align(64))]
 struct Memo<D> {
-    /// The last access that hit: address, length (0: none yet) and offset in the range.
-    /// `Cell`s, so dispatching stays `&self`; a cache belongs to one thread.
+    /// The last access that hit: address, length ([`NO_ACCESS`]: none since `dev` was set)
+    /// and offset in the range. `Cell`s, so dispatching stays `&self`; a cache belongs to
+    /// one thread.
     memo_addr: Cell<u64>,
     memo_len: Cell<u64>,
     memo_offset: Cell<u64>,
@@ -160,6 +161,10 @@ struct Memo<D> {
     /// compares.
     span: u64,
 }
+
+/// `memo_len` of a memo that remembers no access: no slice is this long (a slice holds at
+/// most `isize::MAX` bytes), so no access's length equals it.
+const NO_ACCESS: u64 = u64::MAX;
 
 // The repeat path's fields of the default device borrow fit one cache line.
 const _: () = assert!(std::mem::offset_of!(Memo<RawPio<'static>>, base) + 8 <= 64);
@@ -172,7 +177,7 @@ impl<D: Copy> Memo<D> {
             span: 0,
             dev: None,
             memo_addr: Cell::new(0),
-            memo_len: Cell::new(0),
+            memo_len: Cell::new(NO_ACCESS),
             memo_offset: Cell::new(0),
         }
     }
@@ -182,7 +187,14 @@ impl<D: Copy> Memo<D> {
     #[inline(always)]
     fn repeat(&self, addr: u64, len: usize) -> Option<(D, u64)> {
         if addr == self.memo_addr.get() && len as u64 == self.memo_len.get() {
-            return Some((self.dev?, self.memo_offset.get()));
+            debug_assert!(self.dev.is_some());
+            // SAFETY: `memo_len` is set to a real length only by `hit`, after it found `dev`
+            // to be `Some`; `dev` changes only by replacing the whole memo (`set`, `clear`),
+            // which starts from `empty()`'s `NO_ACCESS`, a length no access has. So an
+            // access equal to the remembered one means `dev` is `Some`. (Checking it anyway
+            // was one more load and branch on every cached exit.)
+            let dev = unsafe { self.dev.unwrap_unchecked() };
+            return Some((dev, self.memo_offset.get()));
         }
         None
     }
@@ -210,11 +222,18 @@ impl<D: Copy> Memo<D> {
     }
 
     /// [`repeat`](Self::repeat), else — for an access of a valid size — [`hit`](Self::hit).
+    /// The size is checked only on the second path: a repeat's size was valid when it was
+    /// remembered (computed up front, the compiler did the check on every exit).
     #[inline(always)]
-    fn lookup(&self, addr: u64, len: usize, valid_size: bool) -> Option<(D, u64)> {
+    fn lookup(
+        &self,
+        addr: u64,
+        len: usize,
+        valid_size: impl FnOnce(usize) -> bool,
+    ) -> Option<(D, u64)> {
         match self.repeat(addr, len) {
             Some(h) => Some(h),
-            None if valid_size => self.hit(addr, len),
+            None if valid_size(len) => self.hit(addr, len),
             None => None,
         }
     }
@@ -346,7 +365,7 @@ impl<'a, P: PioSlot + 'a, M: MmioSlot + 'a> DispatchCache<'a, P, M> {
         let len = data.len();
         match self
             .pio
-            .lookup(u64::from(addr.0), len, matches!(len, 1 | 2 | 4))
+            .lookup(u64::from(addr.0), len, |l| matches!(l, 1 | 2 | 4))
         {
             Some((dev, offset)) => {
                 // Both fit in u16: the range was checked against 0xffff when inserted.
@@ -365,7 +384,7 @@ impl<'a, P: PioSlot + 'a, M: MmioSlot + 'a> DispatchCache<'a, P, M> {
         let len = data.len();
         match self
             .pio
-            .lookup(u64::from(addr.0), len, matches!(len, 1 | 2 | 4))
+            .lookup(u64::from(addr.0), len, |l| matches!(l, 1 | 2 | 4))
         {
             Some((dev, offset)) => {
                 P::write(dev, PioAddress(self.pio.base as u16), offset as u16, data);
@@ -381,7 +400,10 @@ impl<'a, P: PioSlot + 'a, M: MmioSlot + 'a> DispatchCache<'a, P, M> {
     #[inline(always)]
     pub fn mmio_read(&self, addr: MmioAddress, data: &mut [u8]) -> bool {
         let len = data.len();
-        match self.mmio.lookup(addr.0, len, matches!(len, 1 | 2 | 4 | 8)) {
+        match self
+            .mmio
+            .lookup(addr.0, len, |l| matches!(l, 1 | 2 | 4 | 8))
+        {
             Some((dev, offset)) => {
                 M::read(dev, MmioAddress(self.mmio.base), offset, data);
                 true
@@ -396,7 +418,10 @@ impl<'a, P: PioSlot + 'a, M: MmioSlot + 'a> DispatchCache<'a, P, M> {
     #[inline(always)]
     pub fn mmio_write(&self, addr: MmioAddress, data: &[u8]) -> bool {
         let len = data.len();
-        match self.mmio.lookup(addr.0, len, matches!(len, 1 | 2 | 4 | 8)) {
+        match self
+            .mmio
+            .lookup(addr.0, len, |l| matches!(l, 1 | 2 | 4 | 8))
+        {
             Some((dev, offset)) => {
                 M::write(dev, MmioAddress(self.mmio.base), offset, data);
                 true

@@ -418,8 +418,12 @@ fn cache_hits_only_inside_the_remembered_range() {
     pio.insert(PioAddress(0x10), 8, a.clone()).unwrap();
     pio.insert(PioAddress(0x18), 8, b.clone()).unwrap();
     let mut cache = DispatchCache::new();
-    // Empty: nothing hits, nothing is dispatched.
+    // Empty: nothing hits, nothing is dispatched — not even an access that looks like the
+    // empty memo (address 0, nothing read or written).
     assert!(!cache.pio_write(PioAddress(0x10), &[0]));
+    assert!(!cache.pio_write(PioAddress(0), &[]));
+    assert!(!cache.mmio_write(MmioAddress(0), &[]));
+    assert!(!cache.mmio_read(MmioAddress(0), &mut []));
     assert_eq!(a.writes.load(Ordering::Relaxed), 0);
 
     pio.write_caching(&mut cache, PioAddress(0x12), &[0; 2])
