@@ -265,6 +265,14 @@ thread_local! {
     };
 }
 
+/// This thread's exit counts (io_in, io_out, mmio_read, mmio_write), for tests.
+#[cfg(test)]
+pub(crate) fn thread_exit_counts() -> [u64; 4] {
+    EXITS.with(|c| {
+        [&c.io_in, &c.io_out, &c.mmio_read, &c.mmio_write].map(|a| a.load(Ordering::Relaxed))
+    })
+}
+
 /// Exits handled by kiln's devices, summed over threads, since the previous flush.
 static EXITS_FLUSHED: Mutex<[u64; 4]> = Mutex::new([0; 4]);
 
