@@ -69,6 +69,7 @@ impl<P: PioSlot, M: MmioSlot> BusExitHandler<P, M> {
 impl<P: PioSlot, M: MmioSlot> BusExitHandler<P, M> {
     /// The bus path of a PIO read: a lookup that fills `cache`, or a `rep ins` split into
     /// byte accesses.
+    #[cold]
     #[inline(never)]
     fn pio_read_bus<'a>(&'a self, cache: &mut DispatchCache<'a, P, M>, port: u16, data: &mut [u8]) {
         let len = data.len();
@@ -87,6 +88,7 @@ impl<P: PioSlot, M: MmioSlot> BusExitHandler<P, M> {
     }
 
     /// The bus path of a PIO write (see [`pio_read_bus`](Self::pio_read_bus)).
+    #[cold]
     #[inline(never)]
     fn pio_write_bus<'a>(&'a self, cache: &mut DispatchCache<'a, P, M>, port: u16, data: &[u8]) {
         let chunk = if data.len() > 4 { 1 } else { data.len().max(1) };
@@ -101,6 +103,7 @@ impl<P: PioSlot, M: MmioSlot> BusExitHandler<P, M> {
         }
     }
 
+    #[cold]
     #[inline(never)]
     fn mmio_read_bus<'a>(
         &'a self,
@@ -114,6 +117,7 @@ impl<P: PioSlot, M: MmioSlot> BusExitHandler<P, M> {
         }
     }
 
+    #[cold]
     #[inline(never)]
     fn mmio_write_bus<'a>(&'a self, cache: &mut DispatchCache<'a, P, M>, addr: u64, data: &[u8]) {
         if let Err(e) = self.mmio.write_caching(cache, MmioAddress(addr), data) {
