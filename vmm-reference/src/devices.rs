@@ -73,7 +73,9 @@ macro_rules! device_set {
 
             /// Counts and dispatches a read: out of line, so the exit loop holds only the
             /// hot device's compare (a `match` over all kinds compiles to a jump table, an
-            /// indirect branch).
+            /// indirect branch). Cold, so the compiler lays the hot device's code out as the
+            /// straight path: every code line that path spans is a miss after a world switch.
+            #[cold]
             #[inline(never)]
             fn read_cold(&self, base: $addr, offset: $off, data: &mut [u8]) {
                 if self.counted {
@@ -86,6 +88,7 @@ macro_rules! device_set {
             }
 
             /// See [`read_cold`](Self::read_cold).
+            #[cold]
             #[inline(never)]
             fn write_cold(&self, base: $addr, offset: $off, data: &[u8]) {
                 if self.counted {
