@@ -35,7 +35,8 @@ fn set_le(data: &mut [u8], v: u32) {
 }
 
 /// Boots the guest with `cmdline` on one vCPU, run by the calling thread, to power-off;
-/// returns its serial output. `kiln-bench exits` runs it in a fresh process each round
+/// returns its serial output, which it also writes to stdout line by line as the guest
+/// prints it (so a runner can follow the guest's progress, as it follows kiln's console). `kiln-bench exits` runs it in a fresh process each round
 /// (`kiln-bench floor`, see [`crate::vmms::run_floor`]), as it runs kiln.
 pub fn run(cmdline: &str, timeout: Duration) -> Result<String, String> {
     let kvm = Kvm::new().map_err(e("/dev/kvm"))?;
@@ -93,9 +94,32 @@ struct Floor {
     /// exit × 100), as the bench device's registers 0, 4, 12 and 16 report them.
     last: (u32, u32, u32, u32),
     msr_reads: u64,
+    /// How much of `serial` has gone to stdout.
+    streamed: usize,
 }
 
 impl Floor {
+    /// A write to COM1: kept, and each finished line passed on to stdout at once.
+    #[cold]
+    #[inline(never)]
+    fn serial_out(&mut self, data: &[u8]) {
+        self.serial.extend_from_slice(data);
+        if let Some(nl) = data.iter().rposition(|&b| b == b'\n') {
+            self.stream_to(self.serial.len() - data.len() + nl + 1);
+        }
+    }
+
+    /// Writes `serial[streamed..end]` to stdout. A closed stdout only loses the live copy:
+    /// the output is returned as well.
+    fn stream_to(&mut self, end: usize) {
+        use std::io::Write;
+        if let Some(new) = self.serial.get(self.streamed..end) {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(new).and_then(|()| out.flush());
+            self.streamed = end;
+        }
+    }
+
     /// A write to the bench device's mark register (kiln_legacy::BenchDevice).
     #[cold]
     #[inline(never)]
@@ -191,7 +215,7 @@ fn exit_loop(vcpu: &mut kvm_ioctls::VcpuFd, timeout: Duration) -> Result<String,
                 data,
             ),
             Ok(VcpuExit::IoOut(port, data)) => match port {
-                legacy::COM1_PORT => f.serial.extend_from_slice(data),
+                legacy::COM1_PORT => f.serial_out(data),
                 legacy::POWER_PORT | legacy::QEMU_DEBUG_EXIT_PORT => break,
                 legacy::BENCH_PORT => f.mark(data, &times),
                 _ => {}
@@ -222,5 +246,6 @@ fn exit_loop(vcpu: &mut kvm_ioctls::VcpuFd, timeout: Duration) -> Result<String,
             Err(err) => return Err(format!("floor: KVM_RUN: {err}")),
         }
     }
+    f.stream_to(f.serial.len());
     Ok(String::from_utf8_lossy(&f.serial).into_owned())
 }

@@ -90,6 +90,13 @@ struct ExitsArgs {
     /// the histograms of all rounds are merged.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// Run kiln and the floor at the same time, taking turns on the CPU every MS
+    /// milliseconds (default 10) and lined up kind by kind, so changes in the host's load hit
+    /// both alike: for comparing the VMM's own time per exit with the floor's. Each turn's
+    /// pause shows up in the guest's round-trip histograms as one long round trip (one per
+    /// slice: raise MS or --n to keep them past p99.9).
+    #[arg(long, value_name = "MS", num_args = 0..=1, default_missing_value = "10")]
+    interleave: Option<u64>,
     /// Per-VMM time limit in seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -258,6 +265,9 @@ fn exits(a: ExitsArgs) -> Result<(), String> {
     if a.n == 0 {
         return Err("--n must be at least 1".into());
     }
+    if a.interleave == Some(0) {
+        return Err("--interleave must be at least 1 ms".into());
+    }
     // Check the image names before the minute of measuring, not after.
     let mut images = Vec::new();
     if let Some(p) = &a.histogram {
@@ -294,9 +304,18 @@ fn exits(a: ExitsArgs) -> Result<(), String> {
     for o in &others {
         runs.push((o.name().to_string(), RunResult::default()));
     }
+    // Kinds kiln runs by turns with the floor, not on its own.
+    let paired: Vec<&str> = match a.interleave {
+        Some(_) => floor_kinds.clone(),
+        None => Vec::new(),
+    };
     let rounds = a.rounds.max(1);
     for round in 1..=rounds {
         for (cpus, group) in vcpu_groups(&kinds) {
+            let group: Vec<&str> = group.into_iter().filter(|k| !paired.contains(k)).collect();
+            if group.is_empty() {
+                continue;
+            }
             eprintln!(
                 "== round {round}/{rounds}: kiln ({}), {cpus} vCPU(s): {}",
                 kiln.display(),
@@ -307,7 +326,26 @@ fn exits(a: ExitsArgs) -> Result<(), String> {
             runs[0].1.merge(r);
         }
         let mut slot = 1;
-        if !floor_kinds.is_empty() {
+        if let (false, Some(ms)) = (floor_kinds.is_empty(), a.interleave) {
+            eprintln!(
+                "== round {round}/{rounds}: kiln and the floor by turns ({ms} ms), 1 vCPU: {}",
+                floor_kinds.join(",")
+            );
+            let (k, f) = vmms::run_kiln_and_floor_interleaved(
+                &kiln,
+                &guest_cmdline(&floor_kinds, &a),
+                a.pin,
+                Duration::from_millis(ms),
+                timeout,
+            )?;
+            runs[0]
+                .1
+                .merge(report::parse(&k).map_err(|e| format!("kiln: {e}"))?);
+            runs[slot]
+                .1
+                .merge(report::parse(&f).map_err(|e| format!("floor: {e}"))?);
+            slot += 1;
+        } else if !floor_kinds.is_empty() {
             eprintln!("== round {round}/{rounds}: floor (raw kvm-ioctls loop), 1 vCPU");
             let out = vmms::run_floor(&guest_cmdline(&floor_kinds, &a), a.pin, timeout)?;
             runs[slot]
@@ -342,6 +380,12 @@ fn exits(a: ExitsArgs) -> Result<(), String> {
         a.n, a.warmup, rounds
     );
     print_table(&runs, &kinds);
+    if let Some(ms) = a.interleave {
+        println!(
+            "kiln and the floor ran by turns ({ms} ms slices, lined up by kind) for {}",
+            floor_kinds.join(", ")
+        );
+    }
     let clock = kiln_vcpu::ExitClock::get();
     println!(
         "VMM-side per-exit times (vmm ns/x, vmm typ) on the {} clock{}",
@@ -355,7 +399,7 @@ fn exits(a: ExitsArgs) -> Result<(), String> {
             "tool": "kiln-bench exits",
             "version": env!("CARGO_PKG_VERSION"),
             "host": host,
-            "config": { "kinds": kinds, "n": a.n, "warmup": a.warmup, "rounds": rounds, "pin": a.pin },
+            "config": { "kinds": kinds, "n": a.n, "warmup": a.warmup, "rounds": rounds, "pin": a.pin, "interleave_ms": a.interleave },
             "vmms": runs.iter().map(|(n, r)| (n.clone(), run_json(r))).collect::<serde_json::Map<_, _>>(),
         });
         let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
@@ -374,9 +418,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Exits(a) => exits(a),
-        Command::Floor(a) => floor::run(&a.cmdline, Duration::from_secs(a.timeout)).map(|out| {
-            print!("{out}");
-        }),
+        // The floor streams the guest's output to stdout itself.
+        Command::Floor(a) => floor::run(&a.cmdline, Duration::from_secs(a.timeout)).map(drop),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -124,6 +124,11 @@ pub fn run_kiln(
     pin: Option<usize>,
     timeout: Duration,
 ) -> Result<String, String> {
+    run_until_done(kiln_command(kiln, cmdline, cpus, pin), "kiln", timeout)
+}
+
+/// The command that runs the guest under kiln (see [`run_kiln`]).
+fn kiln_command(kiln: &Path, cmdline: &str, cpus: u32, pin: Option<usize>) -> Command {
     let mut c = Command::new(kiln);
     c.args([
         "--cpus",
@@ -139,20 +144,13 @@ pub fn run_kiln(
     if let Some(cpu) = pin {
         pin_to(&mut c, cpu);
     }
-    run_until_done(c, "kiln", timeout)
+    c
 }
 
 /// Runs the floor (`kiln-bench floor`) in a fresh process, as kiln runs in one: both start
 /// from the same state (new address space, cold caches, pages faulted in on first touch).
 pub fn run_floor(cmdline: &str, pin: Option<usize>, timeout: Duration) -> Result<String, String> {
-    let me = std::env::current_exe().map_err(|e| format!("locating kiln-bench: {e}"))?;
-    let mut c = Command::new(me);
-    c.args(["floor", "--cmdline", cmdline, "--timeout"])
-        .arg(timeout.as_secs().max(1).to_string());
-    if let Some(cpu) = pin {
-        pin_to(&mut c, cpu);
-    }
-    let out = c
+    let out = floor_command(cmdline, pin, timeout)?
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("floor: starting kiln-bench floor: {e}"))?;
@@ -170,6 +168,192 @@ pub fn run_floor(cmdline: &str, pin: Option<usize>, timeout: Duration) -> Result
         return Err(format!("floor: {fail}"));
     }
     Ok(text)
+}
+
+/// The command that runs the floor (see [`run_floor`]).
+fn floor_command(cmdline: &str, pin: Option<usize>, timeout: Duration) -> Result<Command, String> {
+    let me = std::env::current_exe().map_err(|e| format!("locating kiln-bench: {e}"))?;
+    let mut c = Command::new(me);
+    c.args(["floor", "--cmdline", cmdline, "--timeout"])
+        .arg(timeout.as_secs().max(1).to_string());
+    if let Some(cpu) = pin {
+        pin_to(&mut c, cpu);
+    }
+    Ok(c)
+}
+
+/// Runs the guest under kiln (one vCPU) and the floor at the same time, taking turns on the
+/// CPU every `slice` (the other one stopped with `SIGSTOP`), and lined up kind by kind: one
+/// that begins a kind (`KBENCH begin`) ahead of the other waits until the other begins it
+/// too. So both measure each kind under the same host conditions, and a change in the host's
+/// load (other tenants, frequency) hits both alike instead of one run or the other. A pause
+/// lands in the guest's round-trip histograms as one long round trip per slice; the
+/// VMM-side times, which end at `KVM_RUN`, never include one.
+///
+/// Returns (kiln's output, the floor's output).
+pub fn run_kiln_and_floor_interleaved(
+    kiln: &Path,
+    cmdline: &str,
+    pin: Option<usize>,
+    slice: Duration,
+    timeout: Duration,
+) -> Result<(String, String), String> {
+    let cmds = [
+        kiln_command(kiln, cmdline, 1, pin),
+        floor_command(cmdline, pin, timeout)?,
+    ];
+    let [k, f] = run_interleaved(cmds, ["kiln", "floor"], slice, timeout)?;
+    Ok((k, f))
+}
+
+/// One of the processes [`run_interleaved`] drives.
+struct Turn {
+    who: &'static str,
+    child: std::process::Child,
+    /// Its process group (it is the leader).
+    pgid: libc::pid_t,
+    text: String,
+    /// `KBENCH begin` lines seen: how many kinds it has started.
+    begun: usize,
+    done: bool,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Turn {
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill takes no pointers; the group is our child's own.
+        unsafe { libc::kill(-self.pgid, sig) };
+    }
+}
+
+/// Runs two guests by turns (see [`run_kiln_and_floor_interleaved`]) until both print
+/// `KTEST-DONE`; returns their outputs.
+fn run_interleaved(
+    cmds: [Command; 2],
+    names: [&'static str; 2],
+    slice: Duration,
+    timeout: Duration,
+) -> Result<[String; 2], String> {
+    let (tx, rx) = mpsc::channel::<(usize, Option<String>)>();
+    let mut turns = Vec::new();
+    for (i, (mut cmd, who)) in cmds.into_iter().zip(names).enumerate() {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(|e| format!("{who}: {e}"))?;
+        let pgid = libc::pid_t::try_from(child.id()).map_err(|e| format!("{who}: {e}"))?;
+        let out = child.stdout.take().ok_or("no stdout")?;
+        let err = child.stderr.take().ok_or("no stderr")?;
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send((i, Some(line))).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send((i, None));
+        });
+        let stderr = Some(std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut BufReader::new(err), &mut s);
+            s
+        }));
+        turns.push(Turn {
+            who,
+            child,
+            pgid,
+            text: String::new(),
+            begun: 0,
+            done: false,
+            stderr,
+        });
+    }
+    drop(tx);
+    // The second waits for its first turn.
+    turns[1].signal(libc::SIGSTOP);
+    let mut running = 0;
+    let deadline = Instant::now() + timeout;
+    let mut turn_ends = Instant::now() + slice;
+    let result = loop {
+        if turns.iter().all(|t| t.done) {
+            break Ok(());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            break Err(format!("the guests did not finish within {timeout:?}"));
+        }
+        let event = rx.recv_timeout(turn_ends.min(deadline).saturating_duration_since(now));
+        let mut switch = Instant::now() >= turn_ends;
+        match event {
+            Ok((i, Some(line))) => {
+                let t = &mut turns[i];
+                t.text.push_str(&line);
+                t.text.push('\n');
+                if line.starts_with("KBENCH begin ") {
+                    t.begun += 1;
+                } else if line.starts_with("KTEST-DONE") {
+                    t.done = true;
+                    t.signal(libc::SIGKILL);
+                    switch = true;
+                }
+            }
+            // Its output ended without KTEST-DONE: it died.
+            Ok((i, None)) if !turns[i].done => {
+                break Err(format!(
+                    "{}: exited before the guest finished",
+                    turns[i].who
+                ));
+            }
+            Ok((_, None)) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
+        }
+        // One that has begun more kinds than the other (still running) waits for it.
+        let ahead = |a: &Turn, b: &Turn| !b.done && a.begun > b.begun;
+        let other = 1 - running;
+        let may_run = |i: usize| !turns[i].done && !ahead(&turns[i], &turns[1 - i]);
+        if !may_run(running) {
+            switch = true;
+        }
+        if switch {
+            let next = if may_run(other) { other } else { running };
+            if next != running {
+                if !turns[running].done {
+                    turns[running].signal(libc::SIGSTOP);
+                }
+                turns[next].signal(libc::SIGCONT);
+                running = next;
+            }
+            turn_ends = Instant::now() + slice;
+        }
+    };
+    let mut outs = Vec::new();
+    for t in &mut turns {
+        t.signal(libc::SIGKILL);
+        t.signal(libc::SIGCONT);
+        let _ = t.child.wait();
+        let stderr = t
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        if let Err(why) = &result {
+            return Err(format!("{}: {why}\n{}{stderr}", t.who, t.text));
+        }
+        if let Some(fail) = t
+            .text
+            .lines()
+            .find(|l| l.starts_with("KTEST ") && l.contains(" FAIL"))
+        {
+            return Err(format!("{}: {fail}\n{stderr}", t.who));
+        }
+        outs.push(std::mem::take(&mut t.text));
+    }
+    let [a, b]: [String; 2] = outs
+        .try_into()
+        .map_err(|_| "two outputs expected".to_string())?;
+    Ok([a, b])
 }
 
 /// Another VMM to compare with.
@@ -310,5 +494,83 @@ mod tests {
         assert!(run_until_done(silent, "sh", Duration::from_secs(5))
             .unwrap_err()
             .contains("did not finish"));
+    }
+
+    fn sh(script: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        c
+    }
+
+    /// The time on the line starting with `T ` (ns since the epoch).
+    fn stamp(out: &str) -> u128 {
+        out.lines()
+            .find_map(|l| l.strip_prefix("T "))
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no T line in {out:?}"))
+    }
+
+    #[test]
+    fn interleaved_guests_are_lined_up_by_kind() {
+        // `a` begins its kind at once, `b` a second later: `a` must wait for `b` (stopped,
+        // so its short sleep only ends after `b` has begun).
+        let a = sh("echo 'KBENCH begin kind=x'; sleep 0.2; echo T $(date +%s%N); echo KTEST-DONE; sleep 30");
+        let b = sh("sleep 1; echo T $(date +%s%N); echo 'KBENCH begin kind=x'; echo KTEST-DONE");
+        let t = Instant::now();
+        let [oa, ob] = run_interleaved(
+            [a, b],
+            ["a", "b"],
+            Duration::from_millis(10),
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "must not wait for the VMMs to exit"
+        );
+        assert!(
+            oa.contains("KTEST-DONE") && ob.contains("KBENCH begin kind=x"),
+            "{oa}\n{ob}"
+        );
+        assert!(
+            stamp(&oa) >= stamp(&ob),
+            "a ran on before b began the kind: a at {}, b at {}",
+            stamp(&oa),
+            stamp(&ob)
+        );
+    }
+
+    #[test]
+    fn interleaved_runs_report_failures_deaths_and_timeouts() {
+        let ok = || sh("echo KTEST-DONE pass=1 fail=0");
+        let bad = sh("echo KTEST x FAIL why; echo KTEST-DONE pass=0 fail=1");
+        let e = run_interleaved(
+            [ok(), bad],
+            ["a", "b"],
+            Duration::from_millis(5),
+            Duration::from_secs(20),
+        )
+        .unwrap_err();
+        assert!(e.contains("b: KTEST x FAIL why"), "{e}");
+        let dies = sh("echo partial; exit 3");
+        let e = run_interleaved(
+            [dies, ok()],
+            ["a", "b"],
+            Duration::from_millis(5),
+            Duration::from_secs(20),
+        )
+        .unwrap_err();
+        assert!(e.contains("a: exited before the guest finished"), "{e}");
+        let hangs = sh("sleep 30");
+        let t = Instant::now();
+        let e = run_interleaved(
+            [ok(), hangs],
+            ["a", "b"],
+            Duration::from_millis(5),
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(e.contains("did not finish"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(10));
     }
 }

@@ -119,6 +119,61 @@ fn measures_kiln_and_the_floor_and_writes_json() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `--interleave`: kiln and the floor run at the same time by turns; kiln's other kinds run
+/// on their own as before, and every kind is still measured once per round.
+#[test]
+fn interleaved_kiln_and_floor() {
+    if skip_kvm("interleaved_kiln_and_floor") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kiln-bench-il-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("r.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln-bench"))
+        .args(["exits", "--n", "300", "--warmup", "30", "--rounds", "2"])
+        .args([
+            "--kinds",
+            "pio-out,mmio-out,cpuid",
+            "--interleave",
+            "2",
+            "--kiln",
+        ])
+        .arg(kiln())
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run kiln-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("kiln and the floor by turns (2 ms)"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("ran by turns (2 ms slices"), "{stdout}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(doc["config"]["interleave_ms"], 2);
+    for (vmm, kind) in [
+        ("kiln", "pio-out"),
+        ("kiln", "mmio-out"),
+        ("kiln", "cpuid"),
+        ("floor", "pio-out"),
+        ("floor", "mmio-out"),
+    ] {
+        let k = &doc["vmms"][vmm]["kinds"][kind];
+        assert_eq!(k["n"], 600, "{vmm} {kind}: two rounds of 300");
+        if kind != "cpuid" {
+            assert_eq!(
+                k["vmm_typical_ns_per_exit_rounds"].as_array().map(Vec::len),
+                Some(2),
+                "{vmm} {kind}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn bad_arguments_are_named() {
     let run = |args: &[&str]| {
@@ -140,6 +195,11 @@ fn bad_arguments_are_named() {
     assert!(!ok && err.contains("unknown VMM"), "{err}");
     let (ok, err) = run(&["exits", "--n", "0"]);
     assert!(!ok && err.contains("--n"), "{err}");
+    let (ok, err) = run(&["exits", "--interleave", "0"]);
+    assert!(
+        !ok && err.contains("--interleave must be at least 1 ms"),
+        "{err}"
+    );
     let (ok, err) = run(&["exits", "--histogram", "h.gif"]);
     assert!(
         !ok && err.contains("--histogram h.gif: the file name must end in .svg or .png"),

@@ -439,6 +439,11 @@ pub fn run(ctx: &Ctx<'_>, out: &mut LineBuf) -> bool {
         if !wanted {
             continue;
         }
+        // Lets a runner line two VMMs' runs up kind by kind (kiln-bench --interleave).
+        let mut line = LineBuf::new();
+        line.push_str("KBENCH begin kind=");
+        line.push_str(kind);
+        io::serial_line(line.as_bytes());
         hist().clear();
         match measure(ctx, kind, id as u32, n, warmup) {
             Ok(()) => {
