@@ -56,6 +56,13 @@ fn pin_to(cmd: &mut Command, cpu: usize) {
     }
 }
 
+/// The guest's first failed scenario line (`KTEST <name> FAIL ...`), if any.
+fn failed_scenario(output: &str) -> Option<&str> {
+    output
+        .lines()
+        .find(|l| l.starts_with("KTEST ") && l.contains(" FAIL"))
+}
+
 /// Runs `cmd` until the guest prints `KTEST-DONE` (then stops the VMM) or `timeout`; returns
 /// the output. Fails if the guest never finished or a scenario failed.
 pub fn run_until_done(mut cmd: Command, who: &str, timeout: Duration) -> Result<String, String> {
@@ -107,10 +114,7 @@ pub fn run_until_done(mut cmd: Command, who: &str, timeout: Duration) -> Result<
             "{who}: the guest did not finish within {timeout:?}\n{text}{stderr}"
         ));
     }
-    if let Some(fail) = text
-        .lines()
-        .find(|l| l.starts_with("KTEST ") && l.contains(" FAIL"))
-    {
+    if let Some(fail) = failed_scenario(&text) {
         return Err(format!("{who}: {fail}\n{stderr}"));
     }
     Ok(text)
@@ -161,10 +165,7 @@ pub fn run_floor(cmdline: &str, pin: Option<usize>, timeout: Duration) -> Result
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    if let Some(fail) = text
-        .lines()
-        .find(|l| l.starts_with("KTEST ") && l.contains(" FAIL"))
-    {
+    if let Some(fail) = failed_scenario(&text) {
         return Err(format!("floor: {fail}"));
     }
     Ok(text)
@@ -341,11 +342,7 @@ fn run_interleaved(
         if let Err(why) = &result {
             return Err(format!("{}: {why}\n{}{stderr}", t.who, t.text));
         }
-        if let Some(fail) = t
-            .text
-            .lines()
-            .find(|l| l.starts_with("KTEST ") && l.contains(" FAIL"))
-        {
+        if let Some(fail) = failed_scenario(&t.text) {
             return Err(format!("{}: {fail}\n{stderr}", t.who));
         }
         outs.push(std::mem::take(&mut t.text));
