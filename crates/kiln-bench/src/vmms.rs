@@ -242,6 +242,17 @@ fn run_interleaved(
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        // SAFETY: runs in the child between fork and exec and makes one async-signal-safe
+        // call. If kiln-bench dies (Ctrl-C), a child it had stopped would otherwise stay
+        // stopped for good, holding its VM.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = cmd.spawn().map_err(|e| format!("{who}: {e}"))?;
         let pgid = libc::pid_t::try_from(child.id()).map_err(|e| format!("{who}: {e}"))?;
         let out = child.stdout.take().ok_or("no stdout")?;
