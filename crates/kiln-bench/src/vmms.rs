@@ -340,28 +340,39 @@ fn run_interleaved(
             turn_ends = Instant::now() + slice;
         }
     };
-    let mut outs = Vec::new();
-    for t in &mut turns {
+    // Both end before anything is reported, whatever happened.
+    for t in &turns {
         t.signal(libc::SIGKILL);
         t.signal(libc::SIGCONT);
-        let _ = t.child.wait();
-        let stderr = t
-            .stderr
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
-        if let Err(why) = &result {
-            return Err(format!("{}: {why}\n{}{stderr}", t.who, t.text));
-        }
-        if let Some(fail) = failed_scenario(&t.text) {
-            return Err(format!("{}: {fail}\n{stderr}", t.who));
-        }
-        outs.push(std::mem::take(&mut t.text));
     }
-    let [a, b]: [String; 2] = outs
-        .try_into()
-        .map_err(|_| "two outputs expected".to_string())?;
-    Ok([a, b])
+    let mut stderrs = Vec::new();
+    for t in &mut turns {
+        let _ = t.child.wait();
+        stderrs.push(
+            t.stderr
+                .take()
+                .and_then(|h| h.join().ok())
+                .unwrap_or_default(),
+        );
+    }
+    if let Err(why) = result {
+        let detail: String = turns
+            .iter()
+            .zip(&stderrs)
+            .map(|(t, e)| format!("--- {}:\n{}{e}", t.who, t.text))
+            .collect();
+        return Err(format!("{why}\n{detail}"));
+    }
+    for (t, e) in turns.iter().zip(&stderrs) {
+        if let Some(fail) = failed_scenario(&t.text) {
+            return Err(format!("{}: {fail}\n{e}", t.who));
+        }
+    }
+    let mut outs = turns.into_iter().map(|t| t.text);
+    match (outs.next(), outs.next()) {
+        (Some(a), Some(b)) => Ok([a, b]),
+        _ => Err("two outputs expected".into()),
+    }
 }
 
 /// Another VMM to compare with.
