@@ -69,6 +69,13 @@ pub enum Error {
         /// The vCPU.
         index: u32,
     },
+    /// [`VcpuHandle::with_paused_fd`] on a vCPU whose thread has finished: the guest powered
+    /// off, reset or failed, or the vCPU was stopped.
+    #[error("vCPU {index} has stopped (the guest powered off, reset or failed)")]
+    Stopped {
+        /// The vCPU.
+        index: u32,
+    },
     /// The vCPU thread ended (or hung) before it ran a job given to
     /// [`VcpuHandle::with_paused_fd`].
     #[error("vCPU {index}: its thread did not run the job (ended or not answering)")]

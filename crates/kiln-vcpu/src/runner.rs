@@ -503,7 +503,8 @@ impl VcpuHandle {
     /// vCPU ioctls from the thread that runs the vCPU; Firecracker does the same), and
     /// returns its result. Used to save (or inspect) the state of a paused vCPU.
     ///
-    /// Fails with [`Error::NotPaused`] unless the vCPU is Paused, and with
+    /// Fails with [`Error::Stopped`] if the vCPU has finished, [`Error::NotPaused`] unless
+    /// it is Paused, and with
     /// [`Error::VcpuGone`] if its thread ends, or doesn't answer within `timeout`, before the
     /// job ran. The hot loop is untouched: the thread only looks for jobs while paused.
     pub fn with_paused_fd<R: Send + 'static>(
@@ -517,6 +518,11 @@ impl VcpuHandle {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
+            // A finished vCPU is not "not paused": say why it can't run the job (a guest
+            // that powers off while it is being saved or migrated ends up here).
+            if self.state() == VcpuState::Finished || *requested == VcpuState::Finished {
+                return Err(Error::Stopped { index: self.index });
+            }
             if *requested != VcpuState::Paused || self.state() != VcpuState::Paused {
                 return Err(Error::NotPaused { index: self.index });
             }

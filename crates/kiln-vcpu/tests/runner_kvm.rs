@@ -179,5 +179,12 @@ fn jobs_run_on_the_paused_thread_only() {
     std::thread::sleep(Duration::from_millis(20));
     assert!(counter.0.load(Ordering::Relaxed) > at_pause);
     handle.stop();
+    // Finished: a job can't run, and the error says the vCPU stopped.
+    let deadline = std::time::Instant::now() + t;
+    while handle.state() != VcpuState::Finished && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let e = handle.with_paused_fd(t, |_| ()).unwrap_err();
+    assert!(matches!(e, kiln_vcpu::Error::Stopped { index: 0 }), "{e}");
     assert_eq!(handle.join(), StopReason::Requested);
 }
