@@ -4,8 +4,9 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Kinds that need a kiln-specific device or KVM feature other VMMs don't provide.
@@ -63,13 +64,16 @@ fn failed_scenario(output: &str) -> Option<&str> {
         .find(|l| l.starts_with("KTEST ") && l.contains(" FAIL"))
 }
 
-/// Runs `cmd` until the guest prints `KTEST-DONE` (then stops the VMM) or `timeout`; returns
-/// the output. Fails if the guest never finished or a scenario failed.
-pub fn run_until_done(mut cmd: Command, who: &str, timeout: Duration) -> Result<String, String> {
+/// Starts `cmd` in a process group of its own (so signalling the group reaches anything it
+/// starts too), with stdin closed; returns the child, its stdout, and a thread collecting
+/// its stderr.
+fn spawn_piped(
+    mut cmd: Command,
+    who: &str,
+) -> Result<(Child, ChildStdout, JoinHandle<String>), String> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // Its own process group, so stopping it stops anything it started too.
         .process_group(0);
     let mut child = cmd.spawn().map_err(|e| format!("{who}: {e}"))?;
     let out = child.stdout.take().ok_or("no stdout")?;
@@ -79,6 +83,13 @@ pub fn run_until_done(mut cmd: Command, who: &str, timeout: Duration) -> Result<
         let _ = std::io::Read::read_to_string(&mut BufReader::new(err), &mut s);
         s
     });
+    Ok((child, out, err_thread))
+}
+
+/// Runs `cmd` until the guest prints `KTEST-DONE` (then stops the VMM) or `timeout`; returns
+/// the output. Fails if the guest never finished or a scenario failed.
+pub fn run_until_done(cmd: Command, who: &str, timeout: Duration) -> Result<String, String> {
+    let (mut child, out, err_thread) = spawn_piped(cmd, who)?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
@@ -188,8 +199,9 @@ fn floor_command(cmdline: &str, pin: Option<usize>, timeout: Duration) -> Result
 /// that begins a kind (`KBENCH begin`) ahead of the other waits until the other begins it
 /// too. So both measure each kind under the same host conditions, and a change in the host's
 /// load (other tenants, frequency) hits both alike instead of one run or the other. A pause
-/// lands in the guest's round-trip histograms as one long round trip per slice; the
-/// VMM-side times, which end at `KVM_RUN`, never include one.
+/// lands in the guest's round-trip histograms as one long round trip per slice, and in a
+/// VMM-side exit time when it catches the VMM in user space (the typical time leaves such
+/// an exit out).
 ///
 /// Returns (kiln's output, the floor's output).
 pub fn run_kiln_and_floor_interleaved(
@@ -217,7 +229,7 @@ struct Turn {
     /// `KBENCH begin` lines seen: how many kinds it has started.
     begun: usize,
     done: bool,
-    stderr: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<JoinHandle<String>>,
 }
 
 impl Turn {
@@ -238,10 +250,6 @@ fn run_interleaved(
     let (tx, rx) = mpsc::channel::<(usize, Option<String>)>();
     let mut turns = Vec::new();
     for (i, (mut cmd, who)) in cmds.into_iter().zip(names).enumerate() {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
         // SAFETY: runs in the child between fork and exec and makes one async-signal-safe
         // call. If kiln-bench dies (Ctrl-C), a child it had stopped would otherwise stay
         // stopped for good, holding its VM.
@@ -253,10 +261,8 @@ fn run_interleaved(
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|e| format!("{who}: {e}"))?;
+        let (child, out, stderr) = spawn_piped(cmd, who)?;
         let pgid = libc::pid_t::try_from(child.id()).map_err(|e| format!("{who}: {e}"))?;
-        let out = child.stdout.take().ok_or("no stdout")?;
-        let err = child.stderr.take().ok_or("no stderr")?;
         let tx = tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
@@ -266,11 +272,6 @@ fn run_interleaved(
             }
             let _ = tx.send((i, None));
         });
-        let stderr = Some(std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::io::Read::read_to_string(&mut BufReader::new(err), &mut s);
-            s
-        }));
         turns.push(Turn {
             who,
             child,
@@ -278,7 +279,7 @@ fn run_interleaved(
             text: String::new(),
             begun: 0,
             done: false,
-            stderr,
+            stderr: Some(stderr),
         });
     }
     drop(tx);
