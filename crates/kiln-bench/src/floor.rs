@@ -36,8 +36,9 @@ fn set_le(data: &mut [u8], v: u32) {
 
 /// Boots the guest with `cmdline` on one vCPU, run by the calling thread, to power-off;
 /// returns its serial output, which it also writes to stdout line by line as the guest
-/// prints it (so a runner can follow the guest's progress, as it follows kiln's console). `kiln-bench exits` runs it in a fresh process each round
-/// (`kiln-bench floor`, see [`crate::vmms::run_floor`]), as it runs kiln.
+/// prints it (so a runner can follow the guest's progress, as it follows kiln's console).
+/// `kiln-bench exits` runs it in a fresh process each round (`kiln-bench floor`, see
+/// [`crate::vmms::run_floor`]), as it runs kiln.
 pub fn run(cmdline: &str, timeout: Duration) -> Result<String, String> {
     let kvm = Kvm::new().map_err(e("/dev/kvm"))?;
     let vm = kvm.create_vm().map_err(e("KVM_CREATE_VM"))?;

@@ -328,31 +328,34 @@ fn exits(a: ExitsArgs) -> Result<(), String> {
             runs[0].1.merge(r);
         }
         let mut slot = 1;
-        if let (false, Some(ms)) = (floor_kinds.is_empty(), a.interleave) {
-            eprintln!(
-                "== round {round}/{rounds}: kiln and the floor by turns ({ms} ms), 1 vCPU: {}",
-                floor_kinds.join(",")
-            );
-            let (k, f) = vmms::run_kiln_and_floor_interleaved(
-                &kiln,
-                &guest_cmdline(&floor_kinds, &a),
-                a.pin,
-                Duration::from_millis(ms),
-                timeout,
-            )?;
-            runs[0]
-                .1
-                .merge(report::parse(&k).map_err(|e| format!("kiln: {e}"))?);
+        if !floor_kinds.is_empty() {
+            let cmdline = guest_cmdline(&floor_kinds, &a);
+            let floor_out = match a.interleave {
+                Some(ms) => {
+                    eprintln!(
+                        "== round {round}/{rounds}: kiln and the floor by turns ({ms} ms), 1 vCPU: {}",
+                        floor_kinds.join(",")
+                    );
+                    let (k, f) = vmms::run_kiln_and_floor_interleaved(
+                        &kiln,
+                        &cmdline,
+                        a.pin,
+                        Duration::from_millis(ms),
+                        timeout,
+                    )?;
+                    runs[0]
+                        .1
+                        .merge(report::parse(&k).map_err(|e| format!("kiln: {e}"))?);
+                    f
+                }
+                None => {
+                    eprintln!("== round {round}/{rounds}: floor (raw kvm-ioctls loop), 1 vCPU");
+                    vmms::run_floor(&cmdline, a.pin, timeout)?
+                }
+            };
             runs[slot]
                 .1
-                .merge(report::parse(&f).map_err(|e| format!("floor: {e}"))?);
-            slot += 1;
-        } else if !floor_kinds.is_empty() {
-            eprintln!("== round {round}/{rounds}: floor (raw kvm-ioctls loop), 1 vCPU");
-            let out = vmms::run_floor(&guest_cmdline(&floor_kinds, &a), a.pin, timeout)?;
-            runs[slot]
-                .1
-                .merge(report::parse(&out).map_err(|e| format!("floor: {e}"))?);
+                .merge(report::parse(&floor_out).map_err(|e| format!("floor: {e}"))?);
             slot += 1;
         }
         for o in &others {
