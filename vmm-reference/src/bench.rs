@@ -13,12 +13,11 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use kiln_bus::{PioAddress, PioBus};
-
-use crate::devices::PioDev;
 use kiln_irq::{InterruptLine, IrqChip, IrqfdLine};
 use kiln_legacy as legacy;
 use kiln_memory::GuestMemoryMmap;
 
+use crate::devices::PioDev;
 use crate::vm::VmmError;
 
 /// What [`attach`] set up; keep it alive as long as the VM runs.

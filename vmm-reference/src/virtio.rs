@@ -12,8 +12,6 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use kiln_bus::{MmioAddress, MmioBus};
-
-use crate::devices::MmioDev;
 use kiln_irq::IrqChip;
 use kiln_memory::GuestMemoryMmap;
 use kiln_virtio::mmio::{MMIO_SIZE, QUEUE_NOTIFY_OFFSET};
@@ -23,6 +21,7 @@ use kiln_virtio::{
 };
 
 use crate::config::{BalloonArg, DiskArg, NetArg, RateLimitArg, RngArg, VsockArg};
+use crate::devices::MmioDev;
 use crate::vm::VmmError;
 
 /// Base of the first virtio-mmio window; window `i` is at `VIRTIO_MMIO_BASE + i * MMIO_SIZE`

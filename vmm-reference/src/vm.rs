@@ -13,8 +13,6 @@ use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use kiln_bus::{MmioAddress, MmioBus, PioAddress, PioBus};
-
-use crate::devices::{MmioDev, PioDev};
 use kiln_irq::{InterruptLine, IrqChip};
 use kiln_legacy as legacy;
 use kiln_memory::GuestMemoryMmap;
@@ -26,6 +24,7 @@ use crate::config::{
     BUNDLED_GUEST_CMDLINE,
 };
 use crate::control::{ControlReceiver, VmRequest, VmResponse};
+use crate::devices::{MmioDev, PioDev};
 use crate::virtio::VirtioSlot;
 use kiln_seccomp::ThreadKind;
 

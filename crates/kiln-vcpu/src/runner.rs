@@ -520,10 +520,11 @@ impl VcpuHandle {
             };
             // A finished vCPU is not "not paused": say why it can't run the job (a guest
             // that powers off while it is being saved or migrated ends up here).
-            if self.state() == VcpuState::Finished || *requested == VcpuState::Finished {
+            let state = self.state();
+            if state == VcpuState::Finished || *requested == VcpuState::Finished {
                 return Err(Error::Stopped { index: self.index });
             }
-            if *requested != VcpuState::Paused || self.state() != VcpuState::Paused {
+            if *requested != VcpuState::Paused || state != VcpuState::Paused {
                 return Err(Error::NotPaused { index: self.index });
             }
             let job: PausedJob = Box::new(move |fd| {
