@@ -532,10 +532,10 @@ mod tests {
 
     #[test]
     fn interleaved_guests_are_lined_up_by_kind() {
-        // `a` begins its kind at once, `b` a second later: `a` must wait for `b` (stopped,
+        // `a` begins its kind at once, `b` two seconds later: `a` must wait for `b` (stopped,
         // so its short sleep only ends after `b` has begun).
-        let a = sh("echo 'KBENCH begin kind=x'; sleep 0.2; echo T $(date +%s%N); echo KTEST-DONE; sleep 30");
-        let b = sh("sleep 1; echo T $(date +%s%N); echo 'KBENCH begin kind=x'; echo KTEST-DONE");
+        let a = sh("echo 'KBENCH begin kind=x'; sleep 0.5; echo T $(date +%s%N); echo KTEST-DONE; sleep 30");
+        let b = sh("sleep 2; echo T $(date +%s%N); echo 'KBENCH begin kind=x'; echo KTEST-DONE");
         let t = Instant::now();
         let [oa, ob] = run_interleaved(
             [a, b],
