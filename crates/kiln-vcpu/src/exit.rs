@@ -157,7 +157,11 @@ pub fn handle_exit<H: ExitHandler>(exit: VcpuExit<'_>, handler: &H) -> ExitActio
 
 /// [`handle_exit`] with the vCPU's dispatch cache (the run loop keeps one per vCPU, so a
 /// repeated access to one device skips the bus lookup; see [`kiln_bus::DispatchCache`]).
-#[inline]
+///
+/// Always inlined: the run loop's exit path is this function's hit arms, and a call (with
+/// its result returned through memory) would put another frame and a cache line of its own
+/// on it.
+#[inline(always)]
 pub fn handle_exit_cached<'a, H: ExitHandler>(
     exit: VcpuExit<'_>,
     handler: &'a H,

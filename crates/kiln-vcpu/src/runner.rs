@@ -326,7 +326,14 @@ impl<H: ExitHandler + 'static> Vcpu<H> {
         // from it while `self` is used mutably below.
         let handler = Arc::clone(&self.handler);
         loop {
-            let (errno, exited) = match exit_loop(&mut self.fd, &*handler, &times, timing) {
+            // Timed or not is decided here, once: each loop does only its own work per exit.
+            let end = match timing {
+                Some(clock) => exit_loop::<H, true>(&mut self.fd, &*handler, &times, clock),
+                None => {
+                    exit_loop::<H, false>(&mut self.fd, &*handler, &times, ExitClock::monotonic())
+                }
+            };
+            let (errno, exited) = match end {
                 LoopEnd::Stop(kind) => return self.stop_reason(kind),
                 LoopEnd::RunError { errno, exited } => (errno, exited),
             };
@@ -402,14 +409,18 @@ enum LoopEnd {
 /// cache lines: inlined into the thread's start function it was interleaved with the
 /// pause, back-off and start-up code, and after every world switch each extra line (and
 /// page) it spans is another cold miss.
+///
+/// `TIMED` (the exit benchmark's `--exit-bench`) records each exit's user-space time in
+/// `times` on `clock`; without it neither is touched. A constant rather than a flag: the
+/// flag was a branch on every exit of every VM, and one more value the loop kept in its
+/// frame (a stack cache line read inside the timed window).
 #[inline(never)]
-fn exit_loop<H: ExitHandler>(
+fn exit_loop<H: ExitHandler, const TIMED: bool>(
     fd: &mut VcpuFd,
     handler: &H,
     times: &ExitTimes,
-    timing: Option<ExitClock>,
+    clock: ExitClock,
 ) -> LoopEnd {
-    let (clock, timing) = (timing.unwrap_or(ExitClock::monotonic()), timing.is_some());
     // The per-vCPU dispatch cache, in this frame beside the loop's other state (in the
     // caller's frame it was one more cache line to miss after each world switch). It starts
     // empty after every return (a kick, a pause): it is only a cache.
@@ -417,13 +428,13 @@ fn exit_loop<H: ExitHandler>(
     let mut exited_at: u64 = 0;
     let mut exited = false;
     loop {
-        if exited_at != 0 {
+        if TIMED && exited_at != 0 {
             times.record(clock.ns_between(exited_at, clock.now()));
             exited_at = 0;
         }
         match fd.run() {
             Ok(exit) => {
-                if timing {
+                if TIMED {
                     exited_at = clock.now();
                 }
                 exited = true;
