@@ -1168,7 +1168,7 @@ impl Vm {
                 max: max_cpus,
             });
         }
-        let vm = kvm.create_vm().map_err(kvm_err)?;
+        let vm = kiln_vcpu::create_vm(&kvm).map_err(kvm_err)?;
         vm_setup("KVM_SET_TSS_ADDR", vm.set_tss_address(KVM_TSS_ADDRESS))?;
         let chip = IrqChip::create(&vm)?;
         let (mem, restore) = match restore {

@@ -41,7 +41,7 @@ fn set_le(data: &mut [u8], v: u32) {
 /// [`crate::vmms::run_floor`]), as it runs kiln.
 pub fn run(cmdline: &str, timeout: Duration) -> Result<String, String> {
     let kvm = Kvm::new().map_err(e("/dev/kvm"))?;
-    let vm = kvm.create_vm().map_err(e("KVM_CREATE_VM"))?;
+    let vm = kiln_vcpu::create_vm(&kvm).map_err(e("KVM_CREATE_VM"))?;
     vm.set_tss_address(0xfffb_d000)
         .map_err(e("KVM_SET_TSS_ADDR"))?;
     let _chip = kiln_irq::IrqChip::create(&vm).map_err(e("irqchip"))?;

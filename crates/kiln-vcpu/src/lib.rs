@@ -96,6 +96,33 @@ pub enum Error {
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// `KVM_CREATE_VM`, tried again while it fails with `EINTR`.
+///
+/// The ioctl can fail with `EINTR` when a signal is pending while it sets the VM up (the
+/// MMU-notifier registration it does gives up on a pending signal): a `SIGSTOP`/`SIGCONT` from
+/// job control, a debugger or an orchestrator freezing the process is enough — seen when
+/// `kiln-bench exits --interleave` stopped kiln during start-up. The signal is taken on the
+/// way back to user space, so another try goes through; the tries are bounded all the same.
+pub fn create_vm(kvm: &Kvm) -> std::result::Result<VmFd, kvm_ioctls::Error> {
+    retry_on_eintr(|| kvm.create_vm())
+}
+
+/// Calls `f` until it returns anything but `EINTR`, at most [`EINTR_TRIES`] times.
+fn retry_on_eintr<T>(
+    mut f: impl FnMut() -> std::result::Result<T, kvm_ioctls::Error>,
+) -> std::result::Result<T, kvm_ioctls::Error> {
+    let mut tries = 1;
+    loop {
+        match f() {
+            Err(e) if e.errno() == libc::EINTR && tries < EINTR_TRIES => tries += 1,
+            r => return r,
+        }
+    }
+}
+
+/// How often [`create_vm`] tries before it passes `EINTR` on.
+const EINTR_TRIES: u32 = 100;
+
 /// Creates vCPU `index` of `count` in `vm` and gives it its CPUID, MSRs, FPU and local APIC
 /// wiring. Boot registers are set separately ([`regs::setup_boot_regs`]) on the boot vCPU;
 /// the others wait for INIT/SIPI.
@@ -151,4 +178,46 @@ pub fn enable_user_msr_exits(vm: &kvm_ioctls::VmFd) -> Result<bool> {
     vm.enable_cap(&cap)
         .map_err(|e| Error::Kvm("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)", e))?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errno(n: i32) -> kvm_ioctls::Error {
+        kvm_ioctls::Error::new(n)
+    }
+
+    #[test]
+    fn eintr_is_tried_again_and_other_errors_are_not() {
+        let mut calls = 0;
+        let r = retry_on_eintr(|| {
+            calls += 1;
+            if calls < 3 {
+                Err(errno(libc::EINTR))
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(r.ok(), Some(3));
+
+        let mut calls = 0;
+        let r: std::result::Result<(), _> = retry_on_eintr(|| {
+            calls += 1;
+            Err(errno(libc::ENOMEM))
+        });
+        assert_eq!(r.map_err(|e| e.errno()), Err(libc::ENOMEM));
+        assert_eq!(calls, 1, "ENOMEM is not tried again");
+    }
+
+    #[test]
+    fn a_signal_that_never_clears_ends_the_tries() {
+        let mut calls = 0;
+        let r: std::result::Result<(), _> = retry_on_eintr(|| {
+            calls += 1;
+            Err(errno(libc::EINTR))
+        });
+        assert_eq!(r.map_err(|e| e.errno()), Err(libc::EINTR));
+        assert_eq!(calls, EINTR_TRIES);
+    }
 }
