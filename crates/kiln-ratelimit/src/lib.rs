@@ -47,6 +47,9 @@ pub struct TokenBucket {
     one_time_burst: u64,
     /// Tokens owed by an oversized request; refills pay it before growing `budget`.
     debt: u64,
+    /// Part of a token earned but not yet whole, in units of `1 / refill_ns` tokens
+    /// (always below `refill_ns`).
+    frac: u64,
     last_refill: Instant,
 }
 
@@ -76,6 +79,7 @@ impl TokenBucket {
             budget: cfg.size,
             one_time_burst: cfg.one_time_burst,
             debt: 0,
+            frac: 0,
             last_refill: now,
         })
     }
@@ -96,34 +100,38 @@ impl TokenBucket {
     }
 
     /// Adds the tokens earned since the last refill. A clock that goes backwards adds nothing.
+    ///
+    /// The part of a token not yet earned is carried in `frac` exactly, so refilling in many
+    /// small steps earns the same as one step over the same time: what
+    /// [`time_until_at`](Self::time_until_at) promises must hold however often the bucket is
+    /// looked at in between.
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last_refill).as_nanos();
         if elapsed == 0 {
             return;
         }
-        let earned = elapsed.saturating_mul(u128::from(self.size)) / u128::from(self.refill_ns);
-        if earned == 0 {
-            // Keep `last_refill` so the fraction of a token is not lost.
-            return;
-        }
+        self.last_refill = now;
+        let refill_ns = u128::from(self.refill_ns);
+        let acc = elapsed
+            .saturating_mul(u128::from(self.size))
+            .saturating_add(u128::from(self.frac));
+        let earned = acc / refill_ns;
         let room = u128::from(self.debt) + u128::from(self.size - self.budget);
         if earned >= room {
-            // Full: time spent full earns nothing, so restart the clock.
+            // Full: time spent full earns nothing, fractions included.
             self.debt = 0;
             self.budget = self.size;
-            self.last_refill = now;
+            self.frac = 0;
             return;
         }
-        // earned < room <= 2^65, and room fits the arithmetic below.
-        let mut earned = earned as u64;
-        let paid = earned.min(self.debt);
-        self.debt -= paid;
-        earned -= paid;
-        self.budget += earned;
-        // Advance the clock only by the time those whole tokens took, keeping the remainder.
-        let used_ns =
-            (u128::from(paid + earned) * u128::from(self.refill_ns)) / u128::from(self.size);
-        self.last_refill += Duration::from_nanos(u64::try_from(used_ns).unwrap_or(u64::MAX));
+        // The remainder is below `refill_ns`, a u64.
+        self.frac = u64::try_from(acc % refill_ns).unwrap_or(0);
+        // `paid` is at most `debt` and, as `earned < room`, what is left after paying the
+        // debt is below `size - budget`: both fit a u64.
+        let paid = earned.min(u128::from(self.debt));
+        self.debt -= u64::try_from(paid).unwrap_or(self.debt);
+        let rest = u64::try_from(earned - paid).unwrap_or(u64::MAX);
+        self.budget = self.budget.saturating_add(rest).min(self.size);
     }
 
     /// Whether `tokens` could be taken now (after a refill).
@@ -180,11 +188,11 @@ impl TokenBucket {
             u128::from(tokens).saturating_sub(u128::from(b.one_time_burst))
         };
         let missing = u128::from(b.debt) + target.saturating_sub(u128::from(b.budget));
-        // Round up so the caller never wakes a nanosecond early; add the partial token the
-        // clock already holds back.
-        let held = now.saturating_duration_since(b.last_refill).as_nanos();
-        let ns = (missing * u128::from(b.refill_ns)).div_ceil(u128::from(b.size));
-        let ns = ns.saturating_sub(held).max(1);
+        // Round up so the caller never wakes a nanosecond early; the fraction of a token
+        // already earned counts. A clock behind the last refill waits for it first.
+        let need = (missing * u128::from(b.refill_ns)).saturating_sub(u128::from(b.frac));
+        let ahead = b.last_refill.saturating_duration_since(now).as_nanos();
+        let ns = (need.div_ceil(u128::from(b.size)) + ahead).max(1);
         Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 
@@ -437,6 +445,39 @@ mod tests {
     }
 
     proptest! {
+        /// Refilling at any number of intermediate times earns exactly what one refill at the
+        /// end does (CI found a schedule where looking at the bucket in between earned one
+        /// token more than `time_until` had promised to the caller who did not look).
+        #[test]
+        fn refill_is_path_independent(
+            size in 1u64..10_000,
+            refill_ns in 1u64..100_000,
+            debt in 0u64..1_000_000,
+            taken in 0u64..10_000,
+            looks in proptest::collection::vec(0u64..100_000, 0..40),
+        ) {
+            let t0 = Instant::now();
+            let cfg = BucketConfig {
+                size,
+                one_time_burst: 0,
+                refill_time: Duration::from_nanos(refill_ns),
+            };
+            let mut once = TokenBucket::new_at(cfg, t0).unwrap();
+            once.take(taken.min(size));
+            once.debt = debt;
+            let mut often = once.clone();
+            let mut now = t0;
+            for dt in looks {
+                now += Duration::from_nanos(dt);
+                often.refill(now);
+            }
+            once.refill(now);
+            prop_assert_eq!(
+                (once.budget, once.debt, once.frac),
+                (often.budget, often.debt, often.frac)
+            );
+        }
+
         /// Over any schedule, what passed never exceeds burst + size + rate * elapsed
         /// (plus one oversized request's debt), and waiting `time_until` always suffices.
         #[test]
