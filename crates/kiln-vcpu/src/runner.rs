@@ -515,9 +515,8 @@ impl VcpuHandle {
     /// returns its result. Used to save (or inspect) the state of a paused vCPU.
     ///
     /// Fails with [`Error::Stopped`] if the vCPU has finished, [`Error::NotPaused`] unless
-    /// it is Paused, and with
-    /// [`Error::VcpuGone`] if its thread ends, or doesn't answer within `timeout`, before the
-    /// job ran. The hot loop is untouched: the thread only looks for jobs while paused.
+    /// it is Paused, and with [`Error::VcpuGone`] if its thread ends, or doesn't answer
+    /// within `timeout`, before the job ran. The hot loop is untouched: the thread only looks for jobs while paused.
     pub fn with_paused_fd<R: Send + 'static>(
         &self,
         timeout: Duration,
